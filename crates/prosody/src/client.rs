@@ -1,0 +1,144 @@
+//! `Client`: one producer and at most one subscription behind a single configuration.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::runtime::Handle;
+
+use crate::config::Config;
+use crate::consumer::{ConsumerState, PartitionStats, Subscription};
+use crate::error::{Error, Result};
+use crate::handler::EventHandler;
+use crate::mock;
+use crate::producer::Producer;
+
+/// The entry point: sends messages and runs one subscription.
+///
+/// ```no_run
+/// # async fn run() -> prosody::Result<()> {
+/// use prosody::{Client, Config};
+///
+/// let config = Config::builder().mock(true).group_id("billing").subscribed_topics(["orders"]).build()?;
+/// let client = Client::new(config)?;
+/// client.send("orders", "customer-7", &serde_json::json!({"total": 12}), &[]).await?;
+/// # Ok(()) }
+/// ```
+pub struct Client {
+    config: Arc<Config>,
+    bootstrap_servers: String,
+    runtime: Handle,
+    producer: Mutex<Option<Arc<Producer>>>,
+    subscription: Mutex<Option<Subscription>>,
+}
+
+impl Client {
+    /// Creates a client. Must be called inside a tokio runtime, which will run the handlers.
+    pub fn new(config: Config) -> Result<Self> {
+        let runtime = Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        let bootstrap_servers = if config.mock {
+            mock::bootstrap_servers()?
+        } else {
+            config.bootstrap_servers.join(",")
+        };
+        Ok(Self {
+            config: Arc::new(config),
+            bootstrap_servers,
+            runtime,
+            producer: Mutex::new(None),
+            subscription: Mutex::new(None),
+        })
+    }
+
+    /// The configuration this client was built with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The brokers this client talks to (the mock cluster's address in mock mode).
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap_servers
+    }
+
+    /// The `source-system` header value this client writes.
+    pub fn source_system(&self) -> &str {
+        &self.config.source_system
+    }
+
+    /// The producer, created on first use so consume-only clients never open one.
+    pub fn producer(&self) -> Result<Arc<Producer>> {
+        let mut producer = lock(&self.producer);
+        if let Some(producer) = producer.as_ref() {
+            return Ok(Arc::clone(producer));
+        }
+        let created = Arc::new(Producer::new(&self.config, &self.bootstrap_servers)?);
+        *producer = Some(Arc::clone(&created));
+        Ok(created)
+    }
+
+    /// Sends a JSON payload and waits for the broker's acknowledgement.
+    pub async fn send(&self, topic: &str, key: &str, payload: &serde_json::Value, headers: &[(String, String)]) -> Result<()> {
+        self.producer()?.send(topic, key, payload, headers).await
+    }
+
+    /// Starts consuming `subscribed_topics` as `group_id` with `handler`.
+    pub fn subscribe<H: EventHandler>(&self, handler: H) -> Result<()> {
+        let mut subscription = lock(&self.subscription);
+        if subscription.is_some() {
+            return Err(Error::AlreadySubscribed);
+        }
+        if self.config.group_id.is_none() {
+            return Err(Error::config("group_id", "required to subscribe"));
+        }
+        if self.config.subscribed_topics.is_empty() {
+            return Err(Error::config("subscribed_topics", "required to subscribe"));
+        }
+        if self.config.mock {
+            for topic in &self.config.subscribed_topics {
+                mock::ensure_topic(topic)?;
+            }
+        }
+        *subscription = Some(Subscription::start(
+            Arc::clone(&self.config),
+            &self.bootstrap_servers,
+            handler,
+            self.runtime.clone(),
+        )?);
+        Ok(())
+    }
+
+    /// Stops consuming gracefully: in-flight handlers get until near the end of
+    /// `shutdown_timeout`, then are cancelled; progress is committed and the group left.
+    /// Does nothing when not subscribed.
+    pub async fn unsubscribe(&self) -> Result<()> {
+        let Some(subscription) = lock(&self.subscription).take() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || subscription.shutdown_blocking())
+            .await
+            .map_err(|_| Error::NoRuntime)
+    }
+
+    /// Whether this client can consume, and whether it is.
+    pub fn consumer_state(&self) -> ConsumerState {
+        if lock(&self.subscription).is_some() {
+            ConsumerState::Running
+        } else if self.config.group_id.is_some() && !self.config.subscribed_topics.is_empty() {
+            ConsumerState::Configured
+        } else {
+            ConsumerState::Unconfigured
+        }
+    }
+
+    /// Partitions currently assigned to this client.
+    pub fn assigned_partitions(&self) -> usize {
+        lock(&self.subscription).as_ref().map_or(0, Subscription::assigned_partitions)
+    }
+
+    /// Buffer statistics per assigned partition.
+    pub fn partition_stats(&self) -> Vec<PartitionStats> {
+        lock(&self.subscription).as_ref().map_or_else(Vec::new, Subscription::stats)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

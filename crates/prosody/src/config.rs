@@ -1,0 +1,524 @@
+//! Client configuration: typed options, `PROSODY_*` environment fallbacks and validation.
+//!
+//! Every option can be set three ways, strongest first: a builder call, a raw
+//! [`OptionValue`] through [`ConfigBuilder::set`] (what the Ruby bridge uses), or
+//! the environment variable `PROSODY_<UPPER_NAME>`. Validation errors name the option.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::duration::{parse_duration, seconds_to_duration};
+use crate::error::{Error, Result};
+
+/// Names of every option [`ConfigBuilder::set`] accepts, in options-table order.
+pub const OPTION_NAMES: &[&str] = &[
+    "bootstrap_servers",
+    "group_id",
+    "subscribed_topics",
+    "source_system",
+    "mock",
+    "max_concurrency",
+    "max_uncommitted",
+    "commit_interval",
+    "poll_interval",
+    "send_timeout",
+    "shutdown_timeout",
+    "kafka",
+];
+
+const ENV_PREFIX: &str = "PROSODY_";
+const KAFKA_ENV_PREFIX: &str = "PROSODY_KAFKA_";
+
+/// An option value before validation, as it arrives from Ruby, the environment or a builder.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OptionValue {
+    /// Text; lists may be comma separated, durations may carry a unit.
+    Str(String),
+    /// A list of strings.
+    List(Vec<String>),
+    /// An integer; for durations, whole seconds.
+    Int(i64),
+    /// A float; for durations, seconds.
+    Float(f64),
+    /// A flag.
+    Bool(bool),
+    /// Key/value pairs (the `kafka` passthrough).
+    Map(BTreeMap<String, String>),
+}
+
+impl From<&str> for OptionValue {
+    fn from(value: &str) -> Self {
+        Self::Str(value.to_owned())
+    }
+}
+
+impl From<String> for OptionValue {
+    fn from(value: String) -> Self {
+        Self::Str(value)
+    }
+}
+
+impl From<Duration> for OptionValue {
+    fn from(value: Duration) -> Self {
+        Self::Float(value.as_secs_f64())
+    }
+}
+
+/// Validated client configuration. Build one with [`Config::builder`].
+#[derive(Clone)]
+pub struct Config {
+    pub(crate) bootstrap_servers: Vec<String>,
+    pub(crate) group_id: Option<String>,
+    pub(crate) subscribed_topics: Vec<String>,
+    pub(crate) source_system: String,
+    pub(crate) mock: bool,
+    pub(crate) max_concurrency: usize,
+    pub(crate) max_uncommitted: usize,
+    pub(crate) commit_interval: Duration,
+    pub(crate) poll_interval: Duration,
+    pub(crate) send_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) kafka: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The kafka passthrough may hold credentials; show only its keys.
+        f.debug_struct("Config")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("group_id", &self.group_id)
+            .field("subscribed_topics", &self.subscribed_topics)
+            .field("source_system", &self.source_system)
+            .field("mock", &self.mock)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("max_uncommitted", &self.max_uncommitted)
+            .field("commit_interval", &self.commit_interval)
+            .field("poll_interval", &self.poll_interval)
+            .field("send_timeout", &self.send_timeout)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("kafka", &self.kafka.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Config {
+    /// Starts a builder with nothing set; unset options fall back to the environment, then defaults.
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder::default()
+    }
+
+    /// Kafka brokers (the mock cluster's address in mock mode is filled in by the client).
+    pub fn bootstrap_servers(&self) -> &[String] {
+        &self.bootstrap_servers
+    }
+
+    /// The consumer group, if this client consumes.
+    pub fn group_id(&self) -> Option<&str> {
+        self.group_id.as_deref()
+    }
+
+    /// Topics the consumer subscribes to.
+    pub fn subscribed_topics(&self) -> &[String] {
+        &self.subscribed_topics
+    }
+
+    /// Written as the `source-system` header on every sent message.
+    pub fn source_system(&self) -> &str {
+        &self.source_system
+    }
+
+    /// Whether the client runs against the in-process mock cluster.
+    pub fn mock(&self) -> bool {
+        self.mock
+    }
+
+    /// Handlers running at once across all partitions.
+    pub fn max_concurrency(&self) -> usize {
+        self.max_concurrency
+    }
+
+    /// Buffered, unfinished messages per partition before it pauses.
+    pub fn max_uncommitted(&self) -> usize {
+        self.max_uncommitted
+    }
+
+    /// How often progress is committed.
+    pub fn commit_interval(&self) -> Duration {
+        self.commit_interval
+    }
+
+    /// How long one poll waits for a message.
+    pub fn poll_interval(&self) -> Duration {
+        self.poll_interval
+    }
+
+    /// How long `send` waits for the broker's acknowledgement.
+    pub fn send_timeout(&self) -> Duration {
+        self.send_timeout
+    }
+
+    /// Budget for `unsubscribe` and for a revoked partition's handlers to stop.
+    pub fn shutdown_timeout(&self) -> Duration {
+        self.shutdown_timeout
+    }
+
+    /// Extra librdkafka settings passed through unchanged.
+    pub fn kafka(&self) -> &BTreeMap<String, String> {
+        &self.kafka
+    }
+}
+
+/// Collects options; [`ConfigBuilder::build`] applies environment fallbacks and validates.
+#[derive(Debug, Default, Clone)]
+pub struct ConfigBuilder {
+    values: BTreeMap<String, OptionValue>,
+}
+
+macro_rules! setter {
+    ($(#[$doc:meta])* $name:ident: $ty:ty) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.values.insert(stringify!($name).to_owned(), value.into());
+            self
+        }
+    };
+}
+
+impl ConfigBuilder {
+    /// Sets an option by name. Unknown names are rejected with a [`Error::Configuration`].
+    pub fn set(mut self, option: &str, value: OptionValue) -> Result<Self> {
+        if !OPTION_NAMES.contains(&option) {
+            return Err(Error::config(option, "unknown option"));
+        }
+        self.values.insert(option.to_owned(), value);
+        Ok(self)
+    }
+
+    /// Kafka brokers, e.g. `"localhost:9092"` or a comma-separated list.
+    pub fn bootstrap_servers(mut self, servers: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        let servers = servers.into_iter().map(Into::into).collect();
+        self.values.insert("bootstrap_servers".to_owned(), OptionValue::List(servers));
+        self
+    }
+
+    /// Topics to consume.
+    pub fn subscribed_topics(mut self, topics: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        let topics = topics.into_iter().map(Into::into).collect();
+        self.values.insert("subscribed_topics".to_owned(), OptionValue::List(topics));
+        self
+    }
+
+    setter!(
+        /// The consumer group.
+        group_id: &str
+    );
+    setter!(
+        /// The `source-system` header value; defaults to the group id.
+        source_system: &str
+    );
+    setter!(
+        /// How long a send waits for the broker's acknowledgement.
+        send_timeout: Duration
+    );
+    setter!(
+        /// How often progress is committed.
+        commit_interval: Duration
+    );
+    setter!(
+        /// How long one poll waits.
+        poll_interval: Duration
+    );
+    setter!(
+        /// Budget for unsubscribe and revocation.
+        shutdown_timeout: Duration
+    );
+
+    /// Runs against the in-process mock cluster when true.
+    pub fn mock(mut self, mock: bool) -> Self {
+        self.values.insert("mock".to_owned(), OptionValue::Bool(mock));
+        self
+    }
+
+    /// Handlers running at once across all partitions.
+    pub fn max_concurrency(mut self, value: usize) -> Self {
+        self.values.insert("max_concurrency".to_owned(), OptionValue::Int(clamp_i64(value)));
+        self
+    }
+
+    /// Buffered, unfinished messages per partition before it pauses.
+    pub fn max_uncommitted(mut self, value: usize) -> Self {
+        self.values.insert("max_uncommitted".to_owned(), OptionValue::Int(clamp_i64(value)));
+        self
+    }
+
+    /// Adds one librdkafka setting, e.g. `("security.protocol", "SSL")`.
+    pub fn kafka(mut self, key: &str, value: &str) -> Self {
+        let entry = self
+            .values
+            .entry("kafka".to_owned())
+            .or_insert_with(|| OptionValue::Map(BTreeMap::new()));
+        if let OptionValue::Map(map) = entry {
+            map.insert(key.to_owned(), value.to_owned());
+        }
+        self
+    }
+
+    /// Validates, falling back to `PROSODY_*` environment variables for unset options.
+    pub fn build(self) -> Result<Config> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        self.build_with_env(env)
+    }
+
+    /// Like [`build`](Self::build) with an explicit environment, for tests and embedding.
+    pub fn build_with_env(self, env: impl IntoIterator<Item = (String, String)>) -> Result<Config> {
+        let mut kafka_from_env = BTreeMap::new();
+        let mut options_from_env = BTreeMap::new();
+        for (name, value) in env {
+            if let Some(setting) = name.strip_prefix(KAFKA_ENV_PREFIX) {
+                kafka_from_env.insert(setting.to_ascii_lowercase().replace('_', "."), value);
+            } else if let Some(option) = name.strip_prefix(ENV_PREFIX) {
+                let option = option.to_ascii_lowercase();
+                if OPTION_NAMES.contains(&option.as_str()) && option != "kafka" {
+                    options_from_env.insert(option, OptionValue::Str(value));
+                }
+            }
+        }
+        let mut values = options_from_env;
+        values.extend(self.values);
+        Options { values }.validate(kafka_from_env)
+    }
+}
+
+fn clamp_i64(value: usize) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Options merged from every source, read out one by one with their types checked.
+struct Options {
+    values: BTreeMap<String, OptionValue>,
+}
+
+impl Options {
+    fn validate(mut self, kafka_from_env: BTreeMap<String, String>) -> Result<Config> {
+        let mock = self.flag("mock")?.unwrap_or(false);
+        let bootstrap_servers = self.list("bootstrap_servers")?.unwrap_or_default();
+        if bootstrap_servers.is_empty() && !mock {
+            return Err(Error::config(
+                "bootstrap_servers",
+                "required unless mock is true (or set PROSODY_BOOTSTRAP_SERVERS)",
+            ));
+        }
+        let group_id = self.string("group_id")?;
+        let subscribed_topics = self.list("subscribed_topics")?.unwrap_or_default();
+        let source_system = match (self.string("source_system")?, &group_id) {
+            (Some(source), _) => source,
+            (None, Some(group)) => group.clone(),
+            (None, None) => {
+                return Err(Error::config(
+                    "source_system",
+                    "required when group_id is not set (it names this client in the source-system header)",
+                ))
+            }
+        };
+        let mut kafka = kafka_from_env;
+        if let Some(map) = self.map("kafka")? {
+            kafka.extend(map);
+        }
+        let config = Config {
+            bootstrap_servers,
+            group_id,
+            subscribed_topics,
+            source_system,
+            mock,
+            max_concurrency: self.positive("max_concurrency")?.unwrap_or(32),
+            max_uncommitted: self.positive("max_uncommitted")?.unwrap_or(64),
+            commit_interval: self.nonzero_duration("commit_interval")?.unwrap_or(Duration::from_secs(1)),
+            poll_interval: self.nonzero_duration("poll_interval")?.unwrap_or(Duration::from_millis(100)),
+            send_timeout: self.nonzero_duration("send_timeout")?.unwrap_or(Duration::from_secs(1)),
+            shutdown_timeout: self.duration("shutdown_timeout")?.unwrap_or(Duration::from_secs(30)),
+            kafka,
+        };
+        Ok(config)
+    }
+
+    fn take(&mut self, name: &str) -> Option<OptionValue> {
+        self.values.remove(name)
+    }
+
+    fn string(&mut self, name: &str) -> Result<Option<String>> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(OptionValue::Str(text)) if text.trim().is_empty() => Err(Error::config(name, "must not be empty")),
+            Some(OptionValue::Str(text)) => Ok(Some(text.trim().to_owned())),
+            Some(other) => Err(Error::config(name, format!("expected a string, got {}", describe(&other)))),
+        }
+    }
+
+    fn list(&mut self, name: &str) -> Result<Option<Vec<String>>> {
+        let items = match self.take(name) {
+            None => return Ok(None),
+            Some(OptionValue::Str(text)) => text.split(',').map(str::to_owned).collect::<Vec<_>>(),
+            Some(OptionValue::List(items)) => items,
+            Some(other) => {
+                return Err(Error::config(
+                    name,
+                    format!("expected a string or a list of strings, got {}", describe(&other)),
+                ))
+            }
+        };
+        let items: Vec<String> = items.iter().map(|item| item.trim().to_owned()).collect();
+        if items.iter().any(String::is_empty) {
+            return Err(Error::config(name, "contains an empty entry"));
+        }
+        Ok(Some(items))
+    }
+
+    fn flag(&mut self, name: &str) -> Result<Option<bool>> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(OptionValue::Bool(flag)) => Ok(Some(flag)),
+            Some(OptionValue::Str(text)) => match text.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" => Ok(Some(true)),
+                "false" | "0" | "no" => Ok(Some(false)),
+                _ => Err(Error::config(name, format!("expected true or false, got `{text}`"))),
+            },
+            Some(other) => Err(Error::config(name, format!("expected true or false, got {}", describe(&other)))),
+        }
+    }
+
+    fn positive(&mut self, name: &str) -> Result<Option<usize>> {
+        let number = match self.take(name) {
+            None => return Ok(None),
+            Some(OptionValue::Int(number)) => number,
+            Some(OptionValue::Str(text)) => text
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| Error::config(name, format!("expected a whole number, got `{text}`")))?,
+            Some(other) => return Err(Error::config(name, format!("expected a whole number, got {}", describe(&other)))),
+        };
+        match usize::try_from(number) {
+            Ok(value) if value > 0 => Ok(Some(value)),
+            _ => Err(Error::config(name, format!("must be at least 1, got {number}"))),
+        }
+    }
+
+    fn duration(&mut self, name: &str) -> Result<Option<Duration>> {
+        let parsed = match self.take(name) {
+            None => return Ok(None),
+            Some(OptionValue::Str(text)) => parse_duration(&text),
+            Some(OptionValue::Float(seconds)) => seconds_to_duration(seconds),
+            #[allow(clippy::cast_precision_loss)] // durations in seconds are far below 2^52
+            Some(OptionValue::Int(seconds)) => seconds_to_duration(seconds as f64),
+            Some(other) => Err(format!("expected seconds or a string like \"250ms\", got {}", describe(&other))),
+        };
+        parsed.map(Some).map_err(|reason| Error::config(name, reason))
+    }
+
+    fn nonzero_duration(&mut self, name: &str) -> Result<Option<Duration>> {
+        match self.duration(name)? {
+            Some(duration) if duration.is_zero() => Err(Error::config(name, "must be greater than zero")),
+            other => Ok(other),
+        }
+    }
+
+    fn map(&mut self, name: &str) -> Result<Option<BTreeMap<String, String>>> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(OptionValue::Map(map)) => Ok(Some(map)),
+            Some(other) => Err(Error::config(name, format!("expected a map of settings, got {}", describe(&other)))),
+        }
+    }
+}
+
+fn describe(value: &OptionValue) -> &'static str {
+    match value {
+        OptionValue::Str(_) => "a string",
+        OptionValue::List(_) => "a list",
+        OptionValue::Int(_) => "an integer",
+        OptionValue::Float(_) => "a float",
+        OptionValue::Bool(_) => "a boolean",
+        OptionValue::Map(_) => "a map",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    fn error_option(result: Result<Config>) -> String {
+        match result {
+            Err(Error::Configuration { option, .. }) => option,
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let config = Config::builder().mock(true).group_id("g").build_with_env(no_env()).unwrap();
+        assert_eq!(config.max_concurrency, 32);
+        assert_eq!(config.max_uncommitted, 64);
+        assert_eq!(config.commit_interval, Duration::from_secs(1));
+        assert_eq!(config.poll_interval, Duration::from_millis(100));
+        assert_eq!(config.send_timeout, Duration::from_secs(1));
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(config.source_system, "g");
+    }
+
+    #[test]
+    fn environment_is_a_fallback() {
+        let env = vec![
+            ("PROSODY_BOOTSTRAP_SERVERS".to_owned(), "a:9092, b:9092".to_owned()),
+            ("PROSODY_GROUP_ID".to_owned(), "from-env".to_owned()),
+            ("PROSODY_COMMIT_INTERVAL".to_owned(), "250ms".to_owned()),
+            ("PROSODY_MAX_CONCURRENCY".to_owned(), "7".to_owned()),
+            ("PROSODY_KAFKA_SECURITY_PROTOCOL".to_owned(), "SSL".to_owned()),
+        ];
+        let config = Config::builder().group_id("explicit").build_with_env(env).unwrap();
+        assert_eq!(config.bootstrap_servers, vec!["a:9092", "b:9092"]);
+        assert_eq!(config.group_id.as_deref(), Some("explicit"));
+        assert_eq!(config.commit_interval, Duration::from_millis(250));
+        assert_eq!(config.max_concurrency, 7);
+        assert_eq!(config.kafka.get("security.protocol").map(String::as_str), Some("SSL"));
+    }
+
+    #[test]
+    fn errors_name_the_option() {
+        let base = || Config::builder().mock(true).group_id("g");
+        assert_eq!(error_option(base().max_concurrency(0).build_with_env(no_env())), "max_concurrency");
+        assert_eq!(
+            error_option(base().set("commit_interval", "soon".into()).and_then(|b| b.build_with_env(no_env()))),
+            "commit_interval"
+        );
+        assert_eq!(
+            error_option(base().set("colour", "red".into()).and_then(|b| b.build_with_env(no_env()))),
+            "colour"
+        );
+        assert_eq!(error_option(Config::builder().group_id("g").build_with_env(no_env())), "bootstrap_servers");
+        assert_eq!(error_option(Config::builder().mock(true).build_with_env(no_env())), "source_system");
+        assert_eq!(
+            error_option(base().set("mock", OptionValue::Str("maybe".into())).and_then(|b| b.build_with_env(no_env()))),
+            "mock"
+        );
+        assert_eq!(
+            error_option(base().set("send_timeout", OptionValue::Float(0.0)).and_then(|b| b.build_with_env(no_env()))),
+            "send_timeout"
+        );
+    }
+
+    #[test]
+    fn debug_hides_kafka_values() {
+        let config = Config::builder()
+            .mock(true)
+            .group_id("g")
+            .kafka("sasl.password", "hunter2")
+            .build_with_env(no_env())
+            .unwrap();
+        let shown = format!("{config:?}");
+        assert!(shown.contains("sasl.password"));
+        assert!(!shown.contains("hunter2"));
+    }
+}

@@ -1,0 +1,286 @@
+//! The consumer: a poll thread that feeds per-partition managers.
+//!
+//! ```text
+//! poll thread ──► PartitionManager (one per assigned partition)
+//!                   ├─ key queue ──► runner task ──► handler   (one runner per busy key)
+//!                   └─ OffsetTracker ──► commit every commit_interval
+//! ```
+//! The poll thread owns the rdkafka consumer; librdkafka runs rebalance callbacks
+//! on it (see [`hooks`]). Runners live on the tokio runtime.
+
+mod dispatch;
+mod hooks;
+mod offsets;
+mod partition;
+mod shared;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer as _};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+use tracing::{debug, error, info, warn};
+
+pub use partition::PartitionStats;
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::handler::EventHandler;
+use crate::message::Header;
+use hooks::{commit, Hooks};
+use partition::{Accepted, Fetched};
+use shared::{KafkaConsumer, Shared, TopicPartition};
+
+/// Where the consumer is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumerState {
+    /// No group id or no topics configured: this client can only produce.
+    Unconfigured,
+    /// Configured but not subscribed.
+    Configured,
+    /// Subscribed and consuming.
+    Running,
+}
+
+/// A running subscription. Dropping it without [`Subscription::shutdown`] stops
+/// the poll thread without the graceful wait.
+pub(crate) struct Subscription {
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Subscription {
+    pub(crate) fn start<H: EventHandler>(
+        config: Arc<Config>,
+        bootstrap_servers: &str,
+        handler: H,
+        runtime: Handle,
+    ) -> Result<Self> {
+        let group_id = config.group_id.clone().unwrap_or_default();
+        let mut client = ClientConfig::new();
+        client
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        for (key, value) in &config.kafka {
+            client.set(key, value);
+        }
+        // Prosody owns offsets: these are not negotiable through the passthrough.
+        client
+            .set("bootstrap.servers", bootstrap_servers)
+            .set("group.id", &group_id)
+            .set("client.id", &config.source_system)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
+        let consumer: Arc<KafkaConsumer> = Arc::new(client.create_with_context(Hooks::new())?);
+        let shared = Shared::new(Arc::clone(&config), Arc::new(handler), runtime);
+        consumer.context().set_shared(Arc::clone(&shared));
+        shared.attach(&consumer);
+        let topics: Vec<&str> = config.subscribed_topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        info!(group_id, topics = ?topics, "subscribed");
+
+        let (stop, stopped) = oneshot::channel();
+        let poll_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("prosody-poll".to_owned())
+            .spawn(move || PollLoop::new(consumer, poll_shared, stopped).run())
+            .map_err(|error| crate::Error::Mock(format!("cannot start the poll thread: {error}")))?;
+        Ok(Self {
+            shared,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    pub(crate) fn assigned_partitions(&self) -> usize {
+        self.shared.partitions().len()
+    }
+
+    pub(crate) fn stats(&self) -> Vec<PartitionStats> {
+        let mut stats: Vec<_> = self.shared.managers().iter().map(|manager| manager.stats()).collect();
+        stats.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        stats
+    }
+
+    /// Graceful stop: see [`PollLoop::shut_down`]. Blocks; call from a blocking context.
+    pub(crate) fn shutdown_blocking(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                error!("the poll thread panicked during shutdown");
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            self.shared.cancellation.cancel();
+            let _ = stop.send(());
+        }
+    }
+}
+
+struct PollLoop {
+    consumer: Arc<KafkaConsumer>,
+    shared: Arc<Shared>,
+    stopped: oneshot::Receiver<()>,
+    last_commit: Instant,
+    committed: HashMap<TopicPartition, (i64, String)>,
+}
+
+impl PollLoop {
+    fn new(consumer: Arc<KafkaConsumer>, shared: Arc<Shared>, stopped: oneshot::Receiver<()>) -> Self {
+        Self {
+            consumer,
+            shared,
+            stopped,
+            last_commit: Instant::now(),
+            committed: HashMap::new(),
+        }
+    }
+
+    fn run(mut self) {
+        let poll_interval = self.shared.config.poll_interval;
+        loop {
+            match self.stopped.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => {}
+                _ => break,
+            }
+            match self.consumer.poll(poll_interval) {
+                Some(Ok(message)) => self.dispatch(&message),
+                Some(Err(error)) => warn!("consume error: {error}"),
+                None => {}
+            }
+            if self.last_commit.elapsed() >= self.shared.config.commit_interval {
+                self.commit_progress();
+            }
+        }
+        self.shut_down();
+    }
+
+    fn dispatch(&self, message: &BorrowedMessage<'_>) {
+        let topic = message.topic();
+        let partition = message.partition();
+        let manager = self.shared.partitions().get(&(Arc::from(topic), partition)).cloned();
+        let Some(manager) = manager else {
+            debug!(topic, partition, "dropping a message for a partition that is not assigned");
+            return;
+        };
+        let offset = message.offset();
+        match manager.accept(fetched(message)) {
+            Accepted::Continue => {}
+            Accepted::Pause => self.set_paused(topic, partition, true),
+            Accepted::Refused => {
+                // librdkafka had prefetched past the pause: rewind so the message comes again.
+                debug!(topic, partition, offset, "buffer full; rewinding to fetch this message again");
+                self.set_paused(topic, partition, true);
+                if let Err(error) = self.consumer.seek(topic, partition, Offset::Offset(offset), Duration::ZERO) {
+                    warn!(topic, partition, offset, "cannot rewind: {error}");
+                }
+            }
+        }
+    }
+
+    fn set_paused(&self, topic: &str, partition: i32, paused: bool) {
+        let mut list = TopicPartitionList::new();
+        list.add_partition(topic, partition);
+        let result = if paused { self.consumer.pause(&list) } else { self.consumer.resume(&list) };
+        if let Err(error) = result {
+            warn!(topic, partition, paused, "cannot change fetch state: {error}");
+        }
+    }
+
+    /// Commits partitions whose commit point moved since their last commit.
+    fn commit_progress(&mut self) {
+        self.last_commit = Instant::now();
+        if self.shared.take_recommit() {
+            self.committed.clear();
+        }
+        let managers = self.shared.managers();
+        self.committed.retain(|key, _| managers.iter().any(|m| (m.topic(), m.partition()) == (&key.0, key.1)));
+        let moved: Vec<_> = managers
+            .into_iter()
+            .filter(|manager| {
+                let Some(point) = manager.commit_point() else { return false };
+                let key = (Arc::clone(manager.topic()), manager.partition());
+                self.committed.insert(key, point.clone()).as_ref() != Some(&point)
+            })
+            .collect();
+        if !moved.is_empty() {
+            commit(&self.consumer, &moved, false, CommitMode::Async);
+        }
+    }
+
+    /// Stops fetching, lets in-flight handlers finish until near the end of
+    /// `shutdown_timeout`, cancels what is left, commits, and leaves the group.
+    fn shut_down(self) {
+        let budget = self.shared.config.shutdown_timeout;
+        let cancel_at = budget.saturating_sub((budget / 5).min(Duration::from_secs(5)));
+        let started = Instant::now();
+        let managers = self.shared.managers();
+        info!(partitions = managers.len(), "unsubscribing: waiting for in-flight handlers");
+        if let Ok(assignment) = self.consumer.assignment() {
+            let _ = self.consumer.pause(&assignment);
+        }
+        for manager in &managers {
+            manager.drain();
+        }
+        self.wait_until_idle(&managers, started + cancel_at);
+        if managers.iter().any(|manager| !manager.is_idle()) {
+            warn!("shutdown budget nearly spent; cancelling the remaining handlers");
+            self.shared.cancellation.cancel();
+            self.wait_until_idle(&managers, started + budget);
+        }
+        commit(&self.consumer, &managers, true, CommitMode::Sync);
+        self.shared.partitions().clear();
+        self.consumer.unsubscribe();
+        self.shared.cancellation.cancel();
+        info!(elapsed = ?started.elapsed(), "unsubscribed");
+    }
+
+    /// Keeps polling (so the group session stays alive) until every manager is idle or `deadline`.
+    fn wait_until_idle(&self, managers: &[Arc<partition::PartitionManager>], deadline: Instant) {
+        while managers.iter().any(|manager| !manager.is_idle()) && Instant::now() < deadline {
+            // Messages fetched now are not accepted: they stay uncommitted and run next time.
+            let _ = self.consumer.poll(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Copies what the handler needs out of librdkafka's buffer.
+fn fetched(message: &BorrowedMessage<'_>) -> Fetched {
+    let key = match message.key() {
+        None => Err("it has no key"),
+        Some(bytes) => std::str::from_utf8(bytes).map(Arc::from).map_err(|_| "its key is not valid UTF-8"),
+    };
+    let headers: Arc<[Header]> = match message.headers() {
+        Some(headers) => headers
+            .iter()
+            .map(|header| (header.key.to_owned(), header.value.map(<[u8]>::to_vec)))
+            .collect(),
+        None => Arc::from([]),
+    };
+    let timestamp = message
+        .timestamp()
+        .to_millis()
+        .and_then(|millis| u64::try_from(millis).ok())
+        .map(|millis| UNIX_EPOCH + Duration::from_millis(millis));
+    Fetched {
+        offset: message.offset(),
+        key,
+        payload: message.payload().map(<[u8]>::to_vec),
+        timestamp: timestamp.filter(|time| *time > SystemTime::UNIX_EPOCH),
+        headers,
+    }
+}

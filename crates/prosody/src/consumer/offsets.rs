@@ -1,0 +1,223 @@
+//! Which offsets of a partition are safe to commit, and which finished out of order.
+//!
+//! Kafka commits one number per partition: "everything below this is done". With
+//! keys running concurrently, later offsets often finish before earlier ones. The
+//! tracker commits the lowest unfinished offset (the watermark) and writes the
+//! finished offsets above it into the commit's metadata, so a consumer that takes
+//! the partition over skips them instead of running them again.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+/// Metadata prefix; the version lets a later format coexist with this one.
+const METADATA_PREFIX: &str = "prosody1:";
+
+/// Brokers cap offset metadata (offset.metadata.max.bytes, 4096 by default).
+const METADATA_BUDGET: usize = 3_000;
+
+/// What to do with a newly fetched offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// Hand it to the handler.
+    Run,
+    /// A previous owner finished it; count it as done without running it.
+    AlreadyDone,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct OffsetTracker {
+    /// Accepted and not yet finished.
+    pending: BTreeSet<i64>,
+    /// Finished at or above the watermark (the watermark itself is never in here).
+    finished: BTreeSet<i64>,
+    /// Finished by a previous owner and not fetched yet (from commit metadata).
+    inherited: BTreeSet<i64>,
+    /// One past the highest offset seen.
+    next_unseen: Option<i64>,
+}
+
+impl OffsetTracker {
+    /// Starts from what a previous owner committed: its offset and metadata.
+    pub(crate) fn resume_from(committed: Option<i64>, metadata: &str) -> Self {
+        let inherited = committed.map(|base| decode(base, metadata)).unwrap_or_default();
+        Self {
+            inherited,
+            ..Self::default()
+        }
+    }
+
+    /// Records a fetched offset.
+    pub(crate) fn admit(&mut self, offset: i64) -> Admission {
+        self.next_unseen = Some(self.next_unseen.map_or(offset + 1, |next| next.max(offset + 1)));
+        if self.inherited.remove(&offset) {
+            self.finished.insert(offset);
+            self.prune();
+            Admission::AlreadyDone
+        } else {
+            self.pending.insert(offset);
+            Admission::Run
+        }
+    }
+
+    /// Records that the handler finished `offset`.
+    pub(crate) fn finish(&mut self, offset: i64) {
+        if self.pending.remove(&offset) {
+            self.finished.insert(offset);
+            self.prune();
+        }
+    }
+
+    /// Accepted offsets not finished yet.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The offset to commit: everything below it is finished.
+    pub(crate) fn watermark(&self) -> Option<i64> {
+        self.pending.first().copied().or(self.next_unseen)
+    }
+
+    /// The offset to commit and the metadata naming finished offsets above it.
+    pub(crate) fn commit_point(&self) -> Option<(i64, String)> {
+        let watermark = self.watermark()?;
+        let above = self
+            .finished
+            .iter()
+            .chain(self.inherited.iter())
+            .copied()
+            .filter(|&offset| offset > watermark)
+            .collect::<BTreeSet<_>>();
+        Some((watermark, encode(watermark, &above)))
+    }
+
+    fn prune(&mut self) {
+        if let Some(watermark) = self.watermark() {
+            self.finished = self.finished.split_off(&watermark);
+        }
+    }
+}
+
+/// Encodes offsets as ranges of distances from `base`: "prosody1:2-4,7".
+fn encode(base: i64, offsets: &BTreeSet<i64>) -> String {
+    let mut text = String::from(METADATA_PREFIX);
+    let mut iter = offsets.iter().map(|offset| offset - base).peekable();
+    let mut first = true;
+    while let Some(start) = iter.next() {
+        let mut end = start;
+        while iter.peek() == Some(&(end + 1)) {
+            end += 1;
+            iter.next();
+        }
+        let before = text.len();
+        if !first {
+            text.push(',');
+        }
+        if start == end {
+            let _ = write!(text, "{start}");
+        } else {
+            let _ = write!(text, "{start}-{end}");
+        }
+        if text.len() > METADATA_BUDGET {
+            // Whatever does not fit is simply run again: at-least-once still holds.
+            text.truncate(before);
+            break;
+        }
+        first = false;
+    }
+    text
+}
+
+/// Decodes [`encode`]'s output; anything unrecognised means "nothing inherited".
+fn decode(base: i64, metadata: &str) -> BTreeSet<i64> {
+    let Some(body) = metadata.strip_prefix(METADATA_PREFIX) else {
+        return BTreeSet::new();
+    };
+    let mut offsets = BTreeSet::new();
+    for part in body.split(',').filter(|part| !part.is_empty()) {
+        let (start, end) = match part.split_once('-') {
+            Some((start, end)) => (start.parse::<i64>(), end.parse::<i64>()),
+            None => (part.parse::<i64>(), part.parse::<i64>()),
+        };
+        let (Ok(start), Ok(end)) = (start, end) else {
+            return BTreeSet::new();
+        };
+        if start <= 0 || end < start || end - start > 1_000_000 {
+            return BTreeSet::new();
+        }
+        offsets.extend((start..=end).map(|delta| base + delta));
+    }
+    offsets
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watermark_stops_at_the_lowest_unfinished_offset() {
+        let mut tracker = OffsetTracker::default();
+        for offset in 10..15 {
+            assert_eq!(tracker.admit(offset), Admission::Run);
+        }
+        tracker.finish(12);
+        tracker.finish(14);
+        assert_eq!(tracker.watermark(), Some(10));
+        tracker.finish(10);
+        assert_eq!(tracker.watermark(), Some(11));
+        assert_eq!(tracker.commit_point(), Some((11, "prosody1:1,3".to_owned())));
+        tracker.finish(11);
+        tracker.finish(13);
+        assert_eq!(tracker.commit_point(), Some((15, "prosody1:".to_owned())));
+        assert_eq!(tracker.pending(), 0);
+    }
+
+    #[test]
+    fn gaps_in_offsets_do_not_hold_the_watermark() {
+        let mut tracker = OffsetTracker::default();
+        tracker.admit(3);
+        tracker.admit(9);
+        tracker.finish(3);
+        assert_eq!(tracker.watermark(), Some(9));
+        tracker.finish(9);
+        assert_eq!(tracker.watermark(), Some(10));
+    }
+
+    #[test]
+    fn a_new_owner_skips_what_the_old_one_finished() {
+        let mut old = OffsetTracker::default();
+        for offset in 0..6 {
+            old.admit(offset);
+        }
+        for offset in [1, 2, 3, 5] {
+            old.finish(offset);
+        }
+        let (committed, metadata) = old.commit_point().unwrap();
+        assert_eq!((committed, metadata.as_str()), (0, "prosody1:1-3,5"));
+
+        let mut new = OffsetTracker::resume_from(Some(committed), &metadata);
+        let admissions: Vec<_> = (0..6).map(|offset| new.admit(offset)).collect();
+        use Admission::{AlreadyDone as Done, Run};
+        assert_eq!(admissions, vec![Run, Done, Done, Done, Run, Done]);
+        // Inherited offsets not fetched yet are carried into the next commit.
+        let mut partial = OffsetTracker::resume_from(Some(committed), &metadata);
+        partial.admit(0);
+        assert_eq!(partial.commit_point(), Some((0, "prosody1:1-3,5".to_owned())));
+    }
+
+    #[test]
+    fn garbage_metadata_inherits_nothing() {
+        for metadata in ["", "other", "prosody1:x", "prosody1:5-2", "prosody1:0", "prosody1:-3"] {
+            assert!(decode(0, metadata).is_empty(), "{metadata}");
+        }
+    }
+
+    #[test]
+    fn metadata_stays_within_budget() {
+        let offsets: BTreeSet<i64> = (1..20_000).step_by(2).collect();
+        let text = encode(0, &offsets);
+        assert!(text.len() <= METADATA_BUDGET);
+        let decoded = decode(0, &text);
+        assert!(!decoded.is_empty());
+        assert!(decoded.iter().all(|offset| offsets.contains(offset)));
+    }
+}

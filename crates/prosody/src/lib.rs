@@ -1,0 +1,30 @@
+//! Prosody: a Kafka consumer and producer that runs different keys of one partition
+//! concurrently while keeping each key strictly in order.
+//!
+//! # Layout
+//! - [`config`]: options, `PROSODY_*` environment fallbacks, validation ([`Config`]).
+//! - `client`: [`Client`], one producer plus at most one subscription.
+//! - `producer`: [`Producer`], JSON messages with the `source-system` header.
+//! - `consumer`: the poll thread, per-partition managers, per-key queues, offset tracking.
+//! - `handler`: the [`EventHandler`] trait users implement and its [`Context`].
+//! - `message`: [`Message`], what handlers receive.
+//! - [`mock`]: the in-process mock Kafka cluster behind `mock: true`.
+//! - `error`: [`Error`], the crate's one error type.
+
+pub mod config;
+mod client;
+mod consumer;
+mod duration;
+mod error;
+mod handler;
+mod message;
+pub mod mock;
+mod producer;
+
+pub use client::Client;
+pub use config::{Config, ConfigBuilder, OptionValue};
+pub use consumer::{ConsumerState, PartitionStats};
+pub use error::{Error, Result};
+pub use handler::{ClassifyError, Context, EventHandler};
+pub use message::{Header, Message};
+pub use producer::{Producer, SOURCE_SYSTEM_HEADER};

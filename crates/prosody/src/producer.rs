@@ -1,0 +1,93 @@
+//! Sending JSON messages with a key, headers and the `source-system` header.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::mock;
+
+/// Header naming the system that produced a message; consumers skip their own.
+pub const SOURCE_SYSTEM_HEADER: &str = "source-system";
+
+/// An idempotent producer of JSON messages.
+pub struct Producer {
+    inner: FutureProducer,
+    source_system: String,
+    send_timeout: Duration,
+    mock: bool,
+}
+
+impl Producer {
+    pub(crate) fn new(config: &Config, bootstrap_servers: &str) -> Result<Self> {
+        let mut client = ClientConfig::new();
+        for (key, value) in config.kafka() {
+            client.set(key, value);
+        }
+        client
+            .set("bootstrap.servers", bootstrap_servers)
+            .set("client.id", config.source_system())
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", millis(config.send_timeout()).to_string());
+        Ok(Self {
+            inner: client.create()?,
+            source_system: config.source_system().to_owned(),
+            send_timeout: config.send_timeout(),
+            mock: config.mock(),
+        })
+    }
+
+    /// Sends `payload` as JSON and resolves once the broker acknowledged it.
+    ///
+    /// Fails with [`Error::SendTimeout`] after `send_timeout`, [`Error::Payload`]
+    /// when `payload` cannot be encoded, or [`Error::Kafka`] when the broker refuses it.
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &serde_json::Value,
+        headers: &[(String, String)],
+    ) -> Result<()> {
+        let bytes = serde_json::to_vec(payload)?;
+        if self.mock {
+            mock::ensure_topic(topic)?;
+        }
+        let mut wire_headers = OwnedHeaders::new_with_capacity(headers.len() + 1).insert(Header {
+            key: SOURCE_SYSTEM_HEADER,
+            value: Some(self.source_system.as_str()),
+        });
+        for (name, value) in headers.iter().filter(|(name, _)| name != SOURCE_SYSTEM_HEADER) {
+            wire_headers = wire_headers.insert(Header {
+                key: name.as_str(),
+                value: Some(value.as_str()),
+            });
+        }
+        let record = FutureRecord::to(topic).key(key).payload(&bytes).headers(wire_headers);
+        let timed_out = || Error::SendTimeout {
+            topic: topic.to_owned(),
+            timeout: self.send_timeout,
+        };
+        let delivery = tokio::time::timeout(self.send_timeout, self.inner.send(record, Timeout::After(self.send_timeout)));
+        match delivery.await {
+            Err(_) => Err(timed_out()),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => Err(timed_out()),
+            Ok(Err((error, _))) => Err(error.into()),
+        }
+    }
+
+    /// The value written in the `source-system` header.
+    pub fn source_system(&self) -> &str {
+        &self.source_system
+    }
+}
+
+pub(crate) fn millis(duration: Duration) -> u128 {
+    duration.as_millis().max(1)
+}
