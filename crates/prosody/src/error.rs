@@ -10,6 +10,7 @@ use rdkafka::error::KafkaError;
 /// error type (see [`crate::ClassifyError`]), and Prosody decides what to do
 /// with them.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An option is missing, malformed or impossible. `option` is the option's name.
     #[error("invalid option `{option}`: {reason}")]

@@ -1,1 +1,46 @@
-//! placeholder
+//! The native half of the `prosody` gem: conversion, threading and error mapping
+//! around the `prosody` core crate. No Kafka logic lives here.
+//!
+//! # Layout
+//! - `bridge`: the Ruby-thread executor (command queue + bridge thread) and `RubyOwned`.
+//! - `gvl`: the only place that releases the GVL.
+//! - `process`: lazy start, fork detection, running work off the caller's stack.
+//! - `runtime`: the process-wide tokio runtime.
+//! - `client`: `Prosody::Native::Client`.
+//! - `handler`: `RubyHandler` (core handler → Ruby processor), `Native::Context`, `Native::Completion`.
+//! - `convert`: Ruby ↔ JSON and option values.
+//! - `errors`: Rust errors → `Prosody::Error` subclasses, in one place.
+//! - `logging`: native logs → `Prosody.logger`.
+//! - `mock`: mock-cluster helpers.
+
+mod bridge;
+mod client;
+mod convert;
+mod errors;
+mod gvl;
+mod handler;
+mod logging;
+mod mock;
+mod process;
+mod runtime;
+
+/// Holds the entry point Ruby calls on `require`; the macro's exported
+/// `Init_prosody_native` carries no docs, hence the allowance on this module only.
+#[allow(missing_docs)]
+mod entry {
+    use magnus::{prelude::*, Error, Ruby};
+
+    use crate::{client, handler, logging, mock};
+
+    /// Defines `Prosody::Native` when Ruby loads the extension.
+    #[magnus::init]
+    fn init(ruby: &Ruby) -> Result<(), Error> {
+        let prosody = ruby.define_module("Prosody")?;
+        let native = prosody.define_module("Native")?;
+        logging::init(ruby, native)?;
+        client::init(ruby, native)?;
+        handler::init(ruby, native)?;
+        mock::init(ruby, native)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,88 @@
+//! Mapping Rust errors to the `Prosody::Error` hierarchy (defined in lib/prosody/errors.rb).
+//!
+//! This is the one place that decides which Ruby class a failure becomes.
+
+use magnus::{exception::ExceptionClass, prelude::*, Error, Exception, RModule, Ruby, Value};
+
+/// Ruby exception classes the native code raises, by name under `Prosody`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    Base,
+    Configuration,
+    InvalidMessage,
+    Send,
+    SendTimeout,
+    Kafka,
+    State,
+    MockCluster,
+    Bridge,
+}
+
+impl Kind {
+    fn class_name(self) -> &'static str {
+        match self {
+            Self::Base => "Error",
+            Self::Configuration => "ConfigurationError",
+            Self::InvalidMessage => "InvalidMessageError",
+            Self::Send => "SendError",
+            Self::SendTimeout => "SendTimeoutError",
+            Self::Kafka => "KafkaError",
+            Self::State => "StateError",
+            Self::MockCluster => "MockClusterError",
+            Self::Bridge => "BridgeError",
+        }
+    }
+}
+
+fn class(ruby: &Ruby, kind: Kind) -> ExceptionClass {
+    let lookup = || -> Result<ExceptionClass, Error> {
+        let prosody: RModule = ruby.class_object().const_get("Prosody")?;
+        prosody.const_get(kind.class_name())
+    };
+    // lib/prosody/errors.rb is required before the extension; fall back to
+    // StandardError rather than fail while reporting another failure.
+    lookup().unwrap_or_else(|_| ruby.exception_standard_error())
+}
+
+/// A Ruby error of the given kind, ready to return from a native method.
+pub(crate) fn error(ruby: &Ruby, kind: Kind, message: impl Into<String>) -> Error {
+    Error::new(class(ruby, kind), message.into())
+}
+
+/// The Ruby error for a core error.
+pub(crate) fn from_core(ruby: &Ruby, error: &prosody::Error) -> Error {
+    self::error(ruby, kind_of(error), error.to_string())
+}
+
+fn kind_of(error: &prosody::Error) -> Kind {
+    match error {
+        prosody::Error::Configuration { .. } => Kind::Configuration,
+        prosody::Error::Kafka(_) => Kind::Kafka,
+        prosody::Error::SendTimeout { .. } => Kind::SendTimeout,
+        prosody::Error::Payload(_) => Kind::InvalidMessage,
+        prosody::Error::AlreadySubscribed => Kind::State,
+        prosody::Error::Mock(_) => Kind::MockCluster,
+        prosody::Error::NoRuntime => Kind::Bridge,
+        _ => Kind::Base,
+    }
+}
+
+/// An exception object (not raised) for a core error, to push onto a result queue.
+/// Broker failures while sending become `SendError`, so `rescue Prosody::SendError`
+/// catches every way a send can fail.
+pub(crate) fn exception_for(ruby: &Ruby, error: &prosody::Error, sending: bool) -> Value {
+    let kind = match (kind_of(error), sending) {
+        (Kind::Kafka, true) => Kind::Send,
+        (kind, _) => kind,
+    };
+    exception(ruby, kind, error.to_string())
+}
+
+/// An exception instance of the given kind (falls back to RuntimeError, which cannot fail).
+pub(crate) fn exception(ruby: &Ruby, kind: Kind, message: String) -> Value {
+    class(ruby, kind)
+        .new_instance((message.clone(),))
+        .or_else(|_| ruby.exception_runtime_error().new_instance((message.clone(),)))
+        .map(|exception: Exception| exception.as_value())
+        .unwrap_or_else(|_| ruby.str_new(&message).as_value())
+}

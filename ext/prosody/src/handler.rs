@@ -1,0 +1,214 @@
+//! Running Rust-side handler calls in Ruby: `RubyHandler`, `Native::Context`, `Native::Completion`.
+//!
+//! A call travels as a bridge job that builds the Ruby message and hands it to the
+//! Ruby `AsyncTaskProcessor` (`submit`), which runs the user's handler in a fiber
+//! and reports back through a `Completion`. Cancellation sends `cancel(task_id)`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::UNIX_EPOCH;
+
+use magnus::{method, prelude::*, Error, RClass, RModule, Ruby, Value};
+use prosody::{ClassifyError, Context, EventHandler, Message};
+use tokio::sync::oneshot;
+use tracing::warn;
+
+use crate::bridge::owned::RubyOwned;
+use crate::bridge::{self};
+use crate::convert::from_json;
+
+/// Why a Ruby handler call did not succeed.
+#[derive(Debug, thiserror::Error)]
+#[error("{class}: {message}")]
+pub(crate) struct HandlerFailure {
+    class: String,
+    message: String,
+    permanent: bool,
+}
+
+impl HandlerFailure {
+    fn internal(message: &str) -> Self {
+        Self {
+            class: "Prosody::BridgeError".to_owned(),
+            message: message.to_owned(),
+            permanent: false,
+        }
+    }
+}
+
+impl ClassifyError for HandlerFailure {
+    fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+}
+
+type Outcome = Result<(), HandlerFailure>;
+type SharedSender = Arc<Mutex<Option<oneshot::Sender<Outcome>>>>;
+
+/// Delivers `outcome` unless an outcome was delivered already.
+fn deliver(sender: &SharedSender, outcome: Outcome) -> bool {
+    let taken = sender.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    match taken {
+        Some(sender) => {
+            let _ = sender.send(outcome);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The core's view of a Ruby `AsyncTaskProcessor`.
+pub(crate) struct RubyHandler {
+    processor: Arc<RubyOwned>,
+    next_task: AtomicU64,
+}
+
+impl RubyHandler {
+    pub(crate) fn new(processor: RubyOwned) -> Self {
+        Self {
+            processor: Arc::new(processor),
+            next_task: AtomicU64::new(1),
+        }
+    }
+}
+
+impl EventHandler for RubyHandler {
+    type Error = HandlerFailure;
+
+    async fn on_message(&self, context: Context, message: Message) -> Outcome {
+        let (sender, mut receiver) = oneshot::channel();
+        let sender: SharedSender = Arc::new(Mutex::new(Some(sender)));
+        let task_id = self.next_task.fetch_add(1, Ordering::Relaxed);
+        let processor = Arc::clone(&self.processor);
+        let token = context.cancellation_token().clone();
+        let job_sender = Arc::clone(&sender);
+        let submitted = bridge::run(move |ruby| {
+            if let Err(error) = submit(ruby, &processor, task_id, context, &message, &job_sender) {
+                warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), "cannot hand the message to Ruby: {error}");
+                deliver(&job_sender, Err(HandlerFailure::internal(&error.to_string())));
+            }
+        });
+        if !submitted {
+            return Err(HandlerFailure::internal("the Ruby bridge is not running"));
+        }
+        tokio::select! {
+            outcome = &mut receiver => return outcome.unwrap_or_else(|_| Err(HandlerFailure::internal("the handler was dropped without reporting"))),
+            () = token.cancelled() => {}
+        }
+        let processor = Arc::clone(&self.processor);
+        bridge::run(move |ruby| {
+            if let Err(error) = processor.get(ruby).funcall::<_, _, Value>("cancel", (task_id,)) {
+                warn!("cannot cancel handler task {task_id}: {error}");
+            }
+        });
+        receiver
+            .await
+            .unwrap_or_else(|_| Err(HandlerFailure::internal("the handler was dropped without reporting")))
+    }
+}
+
+fn submit(ruby: &Ruby, processor: &RubyOwned, task_id: u64, context: Context, message: &Message, sender: &SharedSender) -> Result<(), Error> {
+    let message = ruby_message(ruby, message)?;
+    let context = NativeContext(context);
+    let completion = Completion {
+        sender: Arc::clone(sender),
+    };
+    processor
+        .get(ruby)
+        .funcall::<_, _, Value>("submit", (task_id, context, message, completion))?;
+    Ok(())
+}
+
+fn ruby_message(ruby: &Ruby, message: &Message) -> Result<Value, Error> {
+    let prosody: RModule = ruby.class_object().const_get("Prosody")?;
+    let class: RClass = prosody.const_get("Message")?;
+    let timestamp = match message.timestamp().and_then(|time| time.duration_since(UNIX_EPOCH).ok()) {
+        Some(since_epoch) => {
+            let seconds = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
+            ruby.time_nano_new(seconds, i64::from(since_epoch.subsec_nanos()))?.as_value()
+        }
+        None => ruby.qnil().as_value(),
+    };
+    let headers = ruby.hash_new();
+    for (name, value) in message.headers() {
+        let value = match value {
+            None => ruby.qnil().as_value(),
+            Some(bytes) => match std::str::from_utf8(bytes) {
+                Ok(text) => ruby.str_new(text).as_value(),
+                Err(_) => ruby.str_from_slice(bytes).as_value(),
+            },
+        };
+        headers.aset(ruby.str_new(name), value)?;
+    }
+    let payload = from_json(ruby, message.payload())?;
+    class.new_instance((
+        message.topic(),
+        message.partition(),
+        message.offset(),
+        message.key(),
+        timestamp,
+        payload,
+        headers,
+    ))
+}
+
+/// `Prosody::Native::Context`: the core's per-call context, seen from Ruby.
+#[magnus::wrap(class = "Prosody::Native::Context", free_immediately, size)]
+pub(crate) struct NativeContext(Context);
+
+impl NativeContext {
+    fn should_cancel(&self) -> bool {
+        self.0.should_cancel()
+    }
+}
+
+/// `Prosody::Native::Completion`: reports one handler call's outcome, once.
+#[magnus::wrap(class = "Prosody::Native::Completion", free_immediately, size)]
+pub(crate) struct Completion {
+    sender: SharedSender,
+}
+
+impl Completion {
+    /// `nil` for success, an exception for failure; returns false if already completed.
+    fn complete(ruby: &Ruby, rb_self: &Self, error: Value) -> Result<bool, Error> {
+        let outcome = if error.is_nil() {
+            Ok(())
+        } else {
+            Err(describe(ruby, error)?)
+        };
+        Ok(deliver(&rb_self.sender, outcome))
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        // Garbage-collected without a word: never leave the Rust side waiting.
+        deliver(&self.sender, Err(HandlerFailure::internal("the handler's completion was discarded")));
+    }
+}
+
+fn describe(ruby: &Ruby, error: Value) -> Result<HandlerFailure, Error> {
+    let prosody: RModule = ruby.class_object().const_get("Prosody")?;
+    let permanent_class: RClass = prosody.const_get("PermanentError")?;
+    let class = class_name(error);
+    let message: String = error.funcall("message", ()).unwrap_or_default();
+    Ok(HandlerFailure {
+        class,
+        message,
+        permanent: error.is_kind_of(permanent_class),
+    })
+}
+
+fn class_name(value: Value) -> String {
+    value.class().inspect()
+}
+
+pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
+    let context = native.define_class("Context", ruby.class_object())?;
+    context.undef_default_alloc_func();
+    context.define_method("should_cancel?", method!(NativeContext::should_cancel, 0))?;
+    let completion = native.define_class("Completion", ruby.class_object())?;
+    completion.undef_default_alloc_func();
+    completion.define_method("complete", method!(Completion::complete, 1))?;
+    Ok(())
+}
