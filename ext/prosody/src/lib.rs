@@ -33,7 +33,7 @@ mod entry {
     use crate::{client, handler, logging, mock};
 
     /// Defines `Prosody::Native` when Ruby loads the extension.
-    #[magnus::init]
+    #[magnus::init(name = "prosody_native")]
     fn init(ruby: &Ruby) -> Result<(), Error> {
         let prosody = ruby.define_module("Prosody")?;
         let native = prosody.define_module("Native")?;
