@@ -166,6 +166,24 @@ impl Config {
     pub fn kafka(&self) -> &BTreeMap<String, String> {
         &self.kafka
     }
+
+    /// A librdkafka client configuration carrying the passthrough settings.
+    ///
+    /// librdkafka's own logs flow through tracing at info level, or at debug level
+    /// when the passthrough asks for `debug` contexts (e.g. `debug: "fetch"`).
+    pub(crate) fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut client = rdkafka::ClientConfig::new();
+        let level = if self.kafka.contains_key("debug") {
+            rdkafka::config::RDKafkaLogLevel::Debug
+        } else {
+            rdkafka::config::RDKafkaLogLevel::Info
+        };
+        client.set_log_level(level);
+        for (key, value) in &self.kafka {
+            client.set(key, value);
+        }
+        client
+    }
 }
 
 /// Collects options; [`ConfigBuilder::build`] applies environment fallbacks and validates.

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -26,10 +25,7 @@ pub struct Producer {
 
 impl Producer {
     pub(crate) fn new(config: &Config, bootstrap_servers: &str) -> Result<Self> {
-        let mut client = ClientConfig::new();
-        for (key, value) in config.kafka() {
-            client.set(key, value);
-        }
+        let mut client = config.client_config();
         client
             .set("bootstrap.servers", bootstrap_servers)
             .set("client.id", config.source_system())

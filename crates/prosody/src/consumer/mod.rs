@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
@@ -64,12 +63,12 @@ impl Subscription {
         runtime: Handle,
     ) -> Result<Self> {
         let group_id = config.group_id.clone().unwrap_or_default();
-        let mut client = ClientConfig::new();
-        client
-            .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "cooperative-sticky");
-        for (key, value) in &config.kafka {
-            client.set(key, value);
+        let mut client = config.client_config();
+        // Defaults the passthrough may override.
+        for (key, value) in [("auto.offset.reset", "earliest"), ("partition.assignment.strategy", "cooperative-sticky")] {
+            if !config.kafka.contains_key(key) {
+                client.set(key, value);
+            }
         }
         // Prosody owns offsets: these are not negotiable through the passthrough.
         client
