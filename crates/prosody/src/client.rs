@@ -75,7 +75,13 @@ impl Client {
     }
 
     /// Sends a JSON payload and waits for the broker's acknowledgement.
-    pub async fn send(&self, topic: &str, key: &str, payload: &serde_json::Value, headers: &[(String, String)]) -> Result<()> {
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &serde_json::Value,
+        headers: &[(String, String)],
+    ) -> Result<()> {
         self.producer()?.send(topic, key, payload, headers).await
     }
 
@@ -130,15 +136,21 @@ impl Client {
 
     /// Partitions currently assigned to this client.
     pub fn assigned_partitions(&self) -> usize {
-        lock(&self.subscription).as_ref().map_or(0, Subscription::assigned_partitions)
+        lock(&self.subscription)
+            .as_ref()
+            .map_or(0, Subscription::assigned_partitions)
     }
 
     /// Buffer statistics per assigned partition.
     pub fn partition_stats(&self) -> Vec<PartitionStats> {
-        lock(&self.subscription).as_ref().map_or_else(Vec::new, Subscription::stats)
+        lock(&self.subscription)
+            .as_ref()
+            .map_or_else(Vec::new, Subscription::stats)
     }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -213,16 +213,24 @@ impl ConfigBuilder {
     }
 
     /// Kafka brokers, e.g. `"localhost:9092"` or a comma-separated list.
-    pub fn bootstrap_servers(mut self, servers: impl IntoIterator<Item = impl Into<String>>) -> Self {
+    pub fn bootstrap_servers(
+        mut self,
+        servers: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
         let servers = servers.into_iter().map(Into::into).collect();
-        self.values.insert("bootstrap_servers".to_owned(), OptionValue::List(servers));
+        self.values
+            .insert("bootstrap_servers".to_owned(), OptionValue::List(servers));
         self
     }
 
     /// Topics to consume.
-    pub fn subscribed_topics(mut self, topics: impl IntoIterator<Item = impl Into<String>>) -> Self {
+    pub fn subscribed_topics(
+        mut self,
+        topics: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
         let topics = topics.into_iter().map(Into::into).collect();
-        self.values.insert("subscribed_topics".to_owned(), OptionValue::List(topics));
+        self.values
+            .insert("subscribed_topics".to_owned(), OptionValue::List(topics));
         self
     }
 
@@ -253,19 +261,26 @@ impl ConfigBuilder {
 
     /// Runs against the in-process mock cluster when true.
     pub fn mock(mut self, mock: bool) -> Self {
-        self.values.insert("mock".to_owned(), OptionValue::Bool(mock));
+        self.values
+            .insert("mock".to_owned(), OptionValue::Bool(mock));
         self
     }
 
     /// Handlers running at once across all partitions.
     pub fn max_concurrency(mut self, value: usize) -> Self {
-        self.values.insert("max_concurrency".to_owned(), OptionValue::Int(clamp_i64(value)));
+        self.values.insert(
+            "max_concurrency".to_owned(),
+            OptionValue::Int(clamp_i64(value)),
+        );
         self
     }
 
     /// Buffered, unfinished messages per partition before it pauses.
     pub fn max_uncommitted(mut self, value: usize) -> Self {
-        self.values.insert("max_uncommitted".to_owned(), OptionValue::Int(clamp_i64(value)));
+        self.values.insert(
+            "max_uncommitted".to_owned(),
+            OptionValue::Int(clamp_i64(value)),
+        );
         self
     }
 
@@ -350,10 +365,18 @@ impl Options {
             mock,
             max_concurrency: self.positive("max_concurrency")?.unwrap_or(32),
             max_uncommitted: self.positive("max_uncommitted")?.unwrap_or(64),
-            commit_interval: self.nonzero_duration("commit_interval")?.unwrap_or(Duration::from_secs(1)),
-            poll_interval: self.nonzero_duration("poll_interval")?.unwrap_or(Duration::from_millis(100)),
-            send_timeout: self.nonzero_duration("send_timeout")?.unwrap_or(Duration::from_secs(1)),
-            shutdown_timeout: self.duration("shutdown_timeout")?.unwrap_or(Duration::from_secs(30)),
+            commit_interval: self
+                .nonzero_duration("commit_interval")?
+                .unwrap_or(Duration::from_secs(1)),
+            poll_interval: self
+                .nonzero_duration("poll_interval")?
+                .unwrap_or(Duration::from_millis(100)),
+            send_timeout: self
+                .nonzero_duration("send_timeout")?
+                .unwrap_or(Duration::from_secs(1)),
+            shutdown_timeout: self
+                .duration("shutdown_timeout")?
+                .unwrap_or(Duration::from_secs(30)),
             kafka,
         };
         Ok(config)
@@ -366,9 +389,14 @@ impl Options {
     fn string(&mut self, name: &str) -> Result<Option<String>> {
         match self.take(name) {
             None => Ok(None),
-            Some(OptionValue::Str(text)) if text.trim().is_empty() => Err(Error::config(name, "must not be empty")),
+            Some(OptionValue::Str(text)) if text.trim().is_empty() => {
+                Err(Error::config(name, "must not be empty"))
+            }
             Some(OptionValue::Str(text)) => Ok(Some(text.trim().to_owned())),
-            Some(other) => Err(Error::config(name, format!("expected a string, got {}", describe(&other)))),
+            Some(other) => Err(Error::config(
+                name,
+                format!("expected a string, got {}", describe(&other)),
+            )),
         }
     }
 
@@ -380,7 +408,10 @@ impl Options {
             Some(other) => {
                 return Err(Error::config(
                     name,
-                    format!("expected a string or a list of strings, got {}", describe(&other)),
+                    format!(
+                        "expected a string or a list of strings, got {}",
+                        describe(&other)
+                    ),
                 ))
             }
         };
@@ -398,9 +429,15 @@ impl Options {
             Some(OptionValue::Str(text)) => match text.trim().to_ascii_lowercase().as_str() {
                 "true" | "1" | "yes" => Ok(Some(true)),
                 "false" | "0" | "no" => Ok(Some(false)),
-                _ => Err(Error::config(name, format!("expected true or false, got `{text}`"))),
+                _ => Err(Error::config(
+                    name,
+                    format!("expected true or false, got `{text}`"),
+                )),
             },
-            Some(other) => Err(Error::config(name, format!("expected true or false, got {}", describe(&other)))),
+            Some(other) => Err(Error::config(
+                name,
+                format!("expected true or false, got {}", describe(&other)),
+            )),
         }
     }
 
@@ -408,15 +445,22 @@ impl Options {
         let number = match self.take(name) {
             None => return Ok(None),
             Some(OptionValue::Int(number)) => number,
-            Some(OptionValue::Str(text)) => text
-                .trim()
-                .parse::<i64>()
-                .map_err(|_| Error::config(name, format!("expected a whole number, got `{text}`")))?,
-            Some(other) => return Err(Error::config(name, format!("expected a whole number, got {}", describe(&other)))),
+            Some(OptionValue::Str(text)) => text.trim().parse::<i64>().map_err(|_| {
+                Error::config(name, format!("expected a whole number, got `{text}`"))
+            })?,
+            Some(other) => {
+                return Err(Error::config(
+                    name,
+                    format!("expected a whole number, got {}", describe(&other)),
+                ))
+            }
         };
         match usize::try_from(number) {
             Ok(value) if value > 0 => Ok(Some(value)),
-            _ => Err(Error::config(name, format!("must be at least 1, got {number}"))),
+            _ => Err(Error::config(
+                name,
+                format!("must be at least 1, got {number}"),
+            )),
         }
     }
 
@@ -427,14 +471,21 @@ impl Options {
             Some(OptionValue::Float(seconds)) => seconds_to_duration(seconds),
             #[allow(clippy::cast_precision_loss)] // durations in seconds are far below 2^52
             Some(OptionValue::Int(seconds)) => seconds_to_duration(seconds as f64),
-            Some(other) => Err(format!("expected seconds or a string like \"250ms\", got {}", describe(&other))),
+            Some(other) => Err(format!(
+                "expected seconds or a string like \"250ms\", got {}",
+                describe(&other)
+            )),
         };
-        parsed.map(Some).map_err(|reason| Error::config(name, reason))
+        parsed
+            .map(Some)
+            .map_err(|reason| Error::config(name, reason))
     }
 
     fn nonzero_duration(&mut self, name: &str) -> Result<Option<Duration>> {
         match self.duration(name)? {
-            Some(duration) if duration.is_zero() => Err(Error::config(name, "must be greater than zero")),
+            Some(duration) if duration.is_zero() => {
+                Err(Error::config(name, "must be greater than zero"))
+            }
             other => Ok(other),
         }
     }
@@ -443,7 +494,10 @@ impl Options {
         match self.take(name) {
             None => Ok(None),
             Some(OptionValue::Map(map)) => Ok(Some(map)),
-            Some(other) => Err(Error::config(name, format!("expected a map of settings, got {}", describe(&other)))),
+            Some(other) => Err(Error::config(
+                name,
+                format!("expected a map of settings, got {}", describe(&other)),
+            )),
         }
     }
 }
@@ -476,7 +530,11 @@ mod tests {
 
     #[test]
     fn defaults_apply() {
-        let config = Config::builder().mock(true).group_id("g").build_with_env(no_env()).unwrap();
+        let config = Config::builder()
+            .mock(true)
+            .group_id("g")
+            .build_with_env(no_env())
+            .unwrap();
         assert_eq!(config.max_concurrency, 32);
         assert_eq!(config.max_uncommitted, 64);
         assert_eq!(config.commit_interval, Duration::from_secs(1));
@@ -489,40 +547,77 @@ mod tests {
     #[test]
     fn environment_is_a_fallback() {
         let env = vec![
-            ("PROSODY_BOOTSTRAP_SERVERS".to_owned(), "a:9092, b:9092".to_owned()),
+            (
+                "PROSODY_BOOTSTRAP_SERVERS".to_owned(),
+                "a:9092, b:9092".to_owned(),
+            ),
             ("PROSODY_GROUP_ID".to_owned(), "from-env".to_owned()),
             ("PROSODY_COMMIT_INTERVAL".to_owned(), "250ms".to_owned()),
             ("PROSODY_MAX_CONCURRENCY".to_owned(), "7".to_owned()),
-            ("PROSODY_KAFKA_SECURITY_PROTOCOL".to_owned(), "SSL".to_owned()),
+            (
+                "PROSODY_KAFKA_SECURITY_PROTOCOL".to_owned(),
+                "SSL".to_owned(),
+            ),
         ];
-        let config = Config::builder().group_id("explicit").build_with_env(env).unwrap();
+        let config = Config::builder()
+            .group_id("explicit")
+            .build_with_env(env)
+            .unwrap();
         assert_eq!(config.bootstrap_servers, vec!["a:9092", "b:9092"]);
         assert_eq!(config.group_id.as_deref(), Some("explicit"));
         assert_eq!(config.commit_interval, Duration::from_millis(250));
         assert_eq!(config.max_concurrency, 7);
-        assert_eq!(config.kafka.get("security.protocol").map(String::as_str), Some("SSL"));
+        assert_eq!(
+            config.kafka.get("security.protocol").map(String::as_str),
+            Some("SSL")
+        );
     }
 
     #[test]
     fn errors_name_the_option() {
         let base = || Config::builder().mock(true).group_id("g");
-        assert_eq!(error_option(base().max_concurrency(0).build_with_env(no_env())), "max_concurrency");
         assert_eq!(
-            error_option(base().set("commit_interval", "soon".into()).and_then(|b| b.build_with_env(no_env()))),
+            error_option(base().max_concurrency(0).build_with_env(no_env())),
+            "max_concurrency"
+        );
+        assert_eq!(
+            error_option(
+                base()
+                    .set("commit_interval", "soon".into())
+                    .and_then(|b| b.build_with_env(no_env()))
+            ),
             "commit_interval"
         );
         assert_eq!(
-            error_option(base().set("colour", "red".into()).and_then(|b| b.build_with_env(no_env()))),
+            error_option(
+                base()
+                    .set("colour", "red".into())
+                    .and_then(|b| b.build_with_env(no_env()))
+            ),
             "colour"
         );
-        assert_eq!(error_option(Config::builder().group_id("g").build_with_env(no_env())), "bootstrap_servers");
-        assert_eq!(error_option(Config::builder().mock(true).build_with_env(no_env())), "source_system");
         assert_eq!(
-            error_option(base().set("mock", OptionValue::Str("maybe".into())).and_then(|b| b.build_with_env(no_env()))),
+            error_option(Config::builder().group_id("g").build_with_env(no_env())),
+            "bootstrap_servers"
+        );
+        assert_eq!(
+            error_option(Config::builder().mock(true).build_with_env(no_env())),
+            "source_system"
+        );
+        assert_eq!(
+            error_option(
+                base()
+                    .set("mock", OptionValue::Str("maybe".into()))
+                    .and_then(|b| b.build_with_env(no_env()))
+            ),
             "mock"
         );
         assert_eq!(
-            error_option(base().set("send_timeout", OptionValue::Float(0.0)).and_then(|b| b.build_with_env(no_env()))),
+            error_option(
+                base()
+                    .set("send_timeout", OptionValue::Float(0.0))
+                    .and_then(|b| b.build_with_env(no_env()))
+            ),
             "send_timeout"
         );
     }

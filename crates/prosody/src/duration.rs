@@ -29,7 +29,8 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Converts a non-negative, finite number of seconds to a [`Duration`].
 pub(crate) fn seconds_to_duration(seconds: f64) -> Result<Duration, String> {
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{seconds} is not a valid number of seconds"))
+    Duration::try_from_secs_f64(seconds)
+        .map_err(|_| format!("{seconds} is not a valid number of seconds"))
 }
 
 #[cfg(test)]

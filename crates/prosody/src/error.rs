@@ -64,9 +64,14 @@ impl Error {
     pub fn is_retriable(&self) -> bool {
         match self {
             Self::SendTimeout { .. } => true,
-            Self::Kafka(error) => error
-                .rdkafka_error_code()
-                .is_some_and(|code| !matches!(code, rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge | rdkafka::types::RDKafkaErrorCode::InvalidMessage | rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed)),
+            Self::Kafka(error) => error.rdkafka_error_code().is_some_and(|code| {
+                !matches!(
+                    code,
+                    rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge
+                        | rdkafka::types::RDKafkaErrorCode::InvalidMessage
+                        | rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed
+                )
+            }),
             _ => false,
         }
     }

@@ -49,7 +49,11 @@ pub trait EventHandler: Send + Sync + 'static {
     type Error: std::error::Error + ClassifyError + Send + Sync + 'static;
 
     /// Processes one message. Watch `context` for cancellation on long work.
-    fn on_message(&self, context: Context, message: Message) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn on_message(
+        &self,
+        context: Context,
+        message: Message,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
 /// Per-call context: cancellation now; timers will hang off it too.

@@ -11,8 +11,8 @@
 //! - [`mock`]: the in-process mock Kafka cluster behind `mock: true`.
 //! - `error`: [`Error`], the crate's one error type.
 
-pub mod config;
 mod client;
+pub mod config;
 mod consumer;
 mod duration;
 mod error;

@@ -56,9 +56,10 @@ fn start() -> std::result::Result<MockCluster, String> {
     }
     // SAFETY: `cluster` is non-null and alive; the returned string is owned by the
     // cluster and copied out immediately.
-    let bootstrap_servers = unsafe { CStr::from_ptr(rdsys::rd_kafka_mock_cluster_bootstraps(cluster)) }
-        .to_string_lossy()
-        .into_owned();
+    let bootstrap_servers =
+        unsafe { CStr::from_ptr(rdsys::rd_kafka_mock_cluster_bootstraps(cluster)) }
+            .to_string_lossy()
+            .into_owned();
     // SAFETY: `cluster` is non-null and alive. The default 3 s join delay only
     // slows tests and demos; there is no real cluster to wait for.
     unsafe { rdsys::rd_kafka_mock_group_initial_rebalance_delay_ms(cluster, 0) };
@@ -80,19 +81,28 @@ pub fn bootstrap_servers() -> Result<String> {
 /// Returns whether this call created it; an existing topic keeps its partition count.
 pub fn create_topic(topic: &str, partitions: i32) -> Result<bool> {
     if partitions < 1 {
-        return Err(Error::Mock(format!("a topic needs at least one partition, got {partitions}")));
+        return Err(Error::Mock(format!(
+            "a topic needs at least one partition, got {partitions}"
+        )));
     }
     let cluster = cluster()?;
-    let mut topics = cluster.topics.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut topics = cluster
+        .topics
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if topics.contains(topic) {
         return Ok(false);
     }
-    let name = CString::new(topic).map_err(|_| Error::Mock(format!("topic name `{topic}` contains a NUL byte")))?;
+    let name = CString::new(topic)
+        .map_err(|_| Error::Mock(format!("topic name `{topic}` contains a NUL byte")))?;
     // SAFETY: the cluster is alive for the whole process and `name` outlives the call.
-    let code = unsafe { rdsys::rd_kafka_mock_topic_create(cluster.cluster, name.as_ptr(), partitions, 1) };
+    let code =
+        unsafe { rdsys::rd_kafka_mock_topic_create(cluster.cluster, name.as_ptr(), partitions, 1) };
     let code = RDKafkaErrorCode::from(code);
     if code != RDKafkaErrorCode::NoError && code != RDKafkaErrorCode::TopicAlreadyExists {
-        return Err(Error::Mock(format!("cannot create topic `{topic}`: {code}")));
+        return Err(Error::Mock(format!(
+            "cannot create topic `{topic}`: {code}"
+        )));
     }
     topics.insert(topic.to_owned());
     Ok(code == RDKafkaErrorCode::NoError)

@@ -30,7 +30,10 @@ impl Producer {
             .set("bootstrap.servers", bootstrap_servers)
             .set("client.id", config.source_system())
             .set("enable.idempotence", "true")
-            .set("message.timeout.ms", millis(config.send_timeout()).to_string());
+            .set(
+                "message.timeout.ms",
+                millis(config.send_timeout()).to_string(),
+            );
         Ok(Self {
             inner: client.create()?,
             source_system: config.source_system().to_owned(),
@@ -58,22 +61,33 @@ impl Producer {
             key: SOURCE_SYSTEM_HEADER,
             value: Some(self.source_system.as_str()),
         });
-        for (name, value) in headers.iter().filter(|(name, _)| name != SOURCE_SYSTEM_HEADER) {
+        for (name, value) in headers
+            .iter()
+            .filter(|(name, _)| name != SOURCE_SYSTEM_HEADER)
+        {
             wire_headers = wire_headers.insert(Header {
                 key: name.as_str(),
                 value: Some(value.as_str()),
             });
         }
-        let record = FutureRecord::to(topic).key(key).payload(&bytes).headers(wire_headers);
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(&bytes)
+            .headers(wire_headers);
         let timed_out = || Error::SendTimeout {
             topic: topic.to_owned(),
             timeout: self.send_timeout,
         };
-        let delivery = tokio::time::timeout(self.send_timeout, self.inner.send(record, Timeout::After(self.send_timeout)));
+        let delivery = tokio::time::timeout(
+            self.send_timeout,
+            self.inner.send(record, Timeout::After(self.send_timeout)),
+        );
         match delivery.await {
             Err(_) => Err(timed_out()),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => Err(timed_out()),
+            Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
+                Err(timed_out())
+            }
             Ok(Err((error, _))) => Err(error.into()),
         }
     }

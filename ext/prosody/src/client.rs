@@ -40,7 +40,9 @@ impl NativeClient {
         ensure_started(ruby)?;
         let mut builder = Config::builder();
         for (name, value) in convert::options(ruby, options)? {
-            builder = builder.set(&name, value).map_err(|error| from_core(ruby, &error))?;
+            builder = builder
+                .set(&name, value)
+                .map_err(|error| from_core(ruby, &error))?;
         }
         let config = builder.build().map_err(|error| from_core(ruby, &error))?;
         let client = off_ruby_stack(ruby, move || {
@@ -61,7 +63,15 @@ impl NativeClient {
         }
     }
 
-    fn send_message(ruby: &Ruby, rb_self: &Self, topic: String, key: String, payload: Value, headers: Value, queue: Value) -> Result<(), Error> {
+    fn send_message(
+        ruby: &Ruby,
+        rb_self: &Self,
+        topic: String,
+        key: String,
+        payload: Value,
+        headers: Value,
+        queue: Value,
+    ) -> Result<(), Error> {
         ensure_started(ruby)?;
         let payload = convert::to_json(ruby, payload)?;
         let headers = convert::headers(ruby, headers)?;
@@ -154,7 +164,10 @@ pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     class.define_method("subscribe", method!(NativeClient::subscribe, 2))?;
     class.define_method("unsubscribe", method!(NativeClient::unsubscribe, 1))?;
     class.define_method("consumer_state", method!(NativeClient::consumer_state, 0))?;
-    class.define_method("assigned_partitions", method!(NativeClient::assigned_partitions, 0))?;
+    class.define_method(
+        "assigned_partitions",
+        method!(NativeClient::assigned_partitions, 0),
+    )?;
     class.define_method("source_system", method!(NativeClient::source_system, 0))?;
     class.define_method("partition_stats", method!(NativeClient::partition_stats, 0))?;
     Ok(())

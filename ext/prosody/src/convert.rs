@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use magnus::value::ReprValue;
-use magnus::{Error, Float, IntoValue, Integer, RArray, RHash, RString, Ruby, Symbol, Value};
+use magnus::{Error, Float, Integer, IntoValue, RArray, RHash, RString, Ruby, Symbol, Value};
 use prosody::OptionValue;
 use serde_json::{Map, Number, Value as Json};
 
@@ -22,7 +22,11 @@ pub(crate) fn to_json(ruby: &Ruby, value: Value) -> Result<Json, Error> {
 
 fn to_json_at(ruby: &Ruby, value: Value, depth: usize) -> Result<Json, Error> {
     if depth > MAX_DEPTH {
-        return Err(error(ruby, Kind::InvalidMessage, format!("payload nests deeper than {MAX_DEPTH} levels")));
+        return Err(error(
+            ruby,
+            Kind::InvalidMessage,
+            format!("payload nests deeper than {MAX_DEPTH} levels"),
+        ));
     }
     if value.is_nil() {
         return Ok(Json::Null);
@@ -45,13 +49,25 @@ fn to_json_at(ruby: &Ruby, value: Value, depth: usize) -> Result<Json, Error> {
             Err(_) => integer
                 .to_u64()
                 .map(|number| Json::Number(number.into()))
-                .map_err(|_| error(ruby, Kind::InvalidMessage, "payload integer does not fit in 64 bits")),
+                .map_err(|_| {
+                    error(
+                        ruby,
+                        Kind::InvalidMessage,
+                        "payload integer does not fit in 64 bits",
+                    )
+                }),
         };
     }
     if let Some(float) = Float::from_value(value) {
         return Number::from_f64(float.to_f64())
             .map(Json::Number)
-            .ok_or_else(|| error(ruby, Kind::InvalidMessage, "payload contains NaN or Infinity, which JSON cannot carry"));
+            .ok_or_else(|| {
+                error(
+                    ruby,
+                    Kind::InvalidMessage,
+                    "payload contains NaN or Infinity, which JSON cannot carry",
+                )
+            });
     }
     if let Some(array) = RArray::from_value(value) {
         let mut items = Vec::with_capacity(array.len());
@@ -106,13 +122,21 @@ fn key_name(ruby: &Ruby, key: Value) -> Result<String, Error> {
     Err(error(
         ruby,
         Kind::InvalidMessage,
-        format!("payload hash key {} is not a String or Symbol", class_name(key)),
+        format!(
+            "payload hash key {} is not a String or Symbol",
+            class_name(key)
+        ),
     ))
 }
 
 fn utf8(ruby: &Ruby, text: RString) -> Result<String, Error> {
-    text.to_string()
-        .map_err(|_| error(ruby, Kind::InvalidMessage, "payload string is not valid UTF-8"))
+    text.to_string().map_err(|_| {
+        error(
+            ruby,
+            Kind::InvalidMessage,
+            "payload string is not valid UTF-8",
+        )
+    })
 }
 
 fn class_name(value: Value) -> String {
@@ -157,13 +181,21 @@ pub(crate) fn headers(ruby: &Ruby, value: Value) -> Result<Vec<(String, String)>
         return Ok(Vec::new());
     }
     let Some(hash) = RHash::from_value(value) else {
-        return Err(error(ruby, Kind::InvalidMessage, "headers must be a Hash of String => String"));
+        return Err(error(
+            ruby,
+            Kind::InvalidMessage,
+            "headers must be a Hash of String => String",
+        ));
     };
     let mut pairs = Vec::with_capacity(hash.len());
     hash.foreach(|key: Value, item: Value| {
         let key = key_name(ruby, key)?;
         let Some(item) = RString::from_value(item) else {
-            return Err(error(ruby, Kind::InvalidMessage, format!("header `{key}` must have a String value")));
+            return Err(error(
+                ruby,
+                Kind::InvalidMessage,
+                format!("header `{key}` must have a String value"),
+            ));
         };
         pairs.push((key, utf8(ruby, item)?));
         Ok(magnus::r_hash::ForEach::Continue)
@@ -175,9 +207,20 @@ pub(crate) fn headers(ruby: &Ruby, value: Value) -> Result<Vec<(String, String)>
 pub(crate) fn options(ruby: &Ruby, hash: RHash) -> Result<Vec<(String, OptionValue)>, Error> {
     let mut pairs = Vec::with_capacity(hash.len());
     hash.foreach(|name: Value, value: Value| {
-        let name = key_name(ruby, name).map_err(|_| error(ruby, Kind::Configuration, "option names must be Strings or Symbols"))?;
-        let converted = option_value(ruby, value)
-            .map_err(|reason| error(ruby, Kind::Configuration, format!("invalid option `{name}`: {reason}")))?;
+        let name = key_name(ruby, name).map_err(|_| {
+            error(
+                ruby,
+                Kind::Configuration,
+                "option names must be Strings or Symbols",
+            )
+        })?;
+        let converted = option_value(ruby, value).map_err(|reason| {
+            error(
+                ruby,
+                Kind::Configuration,
+                format!("invalid option `{name}`: {reason}"),
+            )
+        })?;
         if let Some(converted) = converted {
             pairs.push((name, converted));
         }
@@ -198,13 +241,22 @@ fn option_value(ruby: &Ruby, value: Value) -> Result<Option<OptionValue>, String
         return Ok(Some(OptionValue::Bool(false)));
     }
     if let Some(text) = RString::from_value(value) {
-        return text.to_string().map(|text| Some(OptionValue::Str(text))).map_err(|_| "not valid UTF-8".to_owned());
+        return text
+            .to_string()
+            .map(|text| Some(OptionValue::Str(text)))
+            .map_err(|_| "not valid UTF-8".to_owned());
     }
     if let Some(symbol) = Symbol::from_value(value) {
-        return symbol.name().map(|name| Some(OptionValue::Str(name.into_owned()))).map_err(|error| error.to_string());
+        return symbol
+            .name()
+            .map(|name| Some(OptionValue::Str(name.into_owned())))
+            .map_err(|error| error.to_string());
     }
     if let Some(integer) = Integer::from_value(value) {
-        return integer.to_i64().map(|number| Some(OptionValue::Int(number))).map_err(|_| "integer out of range".to_owned());
+        return integer
+            .to_i64()
+            .map(|number| Some(OptionValue::Int(number)))
+            .map_err(|_| "integer out of range".to_owned());
     }
     if let Some(float) = Float::from_value(value) {
         return Ok(Some(OptionValue::Float(float.to_f64())));

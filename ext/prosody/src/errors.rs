@@ -82,7 +82,10 @@ pub(crate) fn exception_for(ruby: &Ruby, error: &prosody::Error, sending: bool) 
 pub(crate) fn exception(ruby: &Ruby, kind: Kind, message: String) -> Value {
     class(ruby, kind)
         .new_instance((message.clone(),))
-        .or_else(|_| ruby.exception_runtime_error().new_instance((message.clone(),)))
+        .or_else(|_| {
+            ruby.exception_runtime_error()
+                .new_instance((message.clone(),))
+        })
         .map(|exception: Exception| exception.as_value())
         .unwrap_or_else(|_| ruby.str_new(&message).as_value())
 }

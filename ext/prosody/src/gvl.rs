@@ -70,7 +70,12 @@ where
     // as described above; `call` outlives this blocking call. The `2` variant
     // neither raises nor checks interrupts, so Ruby never longjmps out of here.
     unsafe {
-        rb_sys::rb_thread_call_without_gvl2(Some(run::<F, R, U>), data, Some(unblock_fn::<F, R, U>), data);
+        rb_sys::rb_thread_call_without_gvl2(
+            Some(run::<F, R, U>),
+            data,
+            Some(unblock_fn::<F, R, U>),
+            data,
+        );
     }
     match call.result {
         Some(Ok(result)) => Some(result),

@@ -47,7 +47,10 @@ type SharedSender = Arc<Mutex<Option<oneshot::Sender<Outcome>>>>;
 
 /// Delivers `outcome` unless an outcome was delivered already.
 fn deliver(sender: &SharedSender, outcome: Outcome) -> bool {
-    let taken = sender.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    let taken = sender
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
     match taken {
         Some(sender) => {
             let _ = sender.send(outcome);
@@ -84,8 +87,16 @@ impl EventHandler for RubyHandler {
         let job_sender = Arc::clone(&sender);
         let submitted = bridge::run(move |ruby| {
             if let Err(error) = submit(ruby, &processor, task_id, context, &message, &job_sender) {
-                warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), "cannot hand the message to Ruby: {error}");
-                deliver(&job_sender, Err(HandlerFailure::internal(&error.to_string())));
+                warn!(
+                    topic = message.topic(),
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    "cannot hand the message to Ruby: {error}"
+                );
+                deliver(
+                    &job_sender,
+                    Err(HandlerFailure::internal(&error.to_string())),
+                );
             }
         });
         if !submitted {
@@ -97,17 +108,29 @@ impl EventHandler for RubyHandler {
         }
         let processor = Arc::clone(&self.processor);
         bridge::run(move |ruby| {
-            if let Err(error) = processor.get(ruby).funcall::<_, _, Value>("cancel", (task_id,)) {
+            if let Err(error) = processor
+                .get(ruby)
+                .funcall::<_, _, Value>("cancel", (task_id,))
+            {
                 warn!("cannot cancel handler task {task_id}: {error}");
             }
         });
-        receiver
-            .await
-            .unwrap_or_else(|_| Err(HandlerFailure::internal("the handler was dropped without reporting")))
+        receiver.await.unwrap_or_else(|_| {
+            Err(HandlerFailure::internal(
+                "the handler was dropped without reporting",
+            ))
+        })
     }
 }
 
-fn submit(ruby: &Ruby, processor: &RubyOwned, task_id: u64, context: Context, message: &Message, sender: &SharedSender) -> Result<(), Error> {
+fn submit(
+    ruby: &Ruby,
+    processor: &RubyOwned,
+    task_id: u64,
+    context: Context,
+    message: &Message,
+    sender: &SharedSender,
+) -> Result<(), Error> {
     let message = ruby_message(ruby, message)?;
     let context = NativeContext(context);
     let completion = Completion {
@@ -122,10 +145,14 @@ fn submit(ruby: &Ruby, processor: &RubyOwned, task_id: u64, context: Context, me
 fn ruby_message(ruby: &Ruby, message: &Message) -> Result<Value, Error> {
     let prosody: RModule = ruby.class_object().const_get("Prosody")?;
     let class: RClass = prosody.const_get("Message")?;
-    let timestamp = match message.timestamp().and_then(|time| time.duration_since(UNIX_EPOCH).ok()) {
+    let timestamp = match message
+        .timestamp()
+        .and_then(|time| time.duration_since(UNIX_EPOCH).ok())
+    {
         Some(since_epoch) => {
             let seconds = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
-            ruby.time_nano_new(seconds, i64::from(since_epoch.subsec_nanos()))?.as_value()
+            ruby.time_nano_new(seconds, i64::from(since_epoch.subsec_nanos()))?
+                .as_value()
         }
         None => ruby.qnil().as_value(),
     };
@@ -183,7 +210,12 @@ impl Completion {
 impl Drop for Completion {
     fn drop(&mut self) {
         // Garbage-collected without a word: never leave the Rust side waiting.
-        deliver(&self.sender, Err(HandlerFailure::internal("the handler's completion was discarded")));
+        deliver(
+            &self.sender,
+            Err(HandlerFailure::internal(
+                "the handler's completion was discarded",
+            )),
+        );
     }
 }
 

@@ -58,7 +58,8 @@ fn deliver(ruby: &Ruby, severity: u8, text: &str) {
         .class_object()
         .const_get::<_, RModule>("Prosody")
         .and_then(|prosody| prosody.funcall::<_, _, Value>("logger", ()));
-    let delivered = logger.and_then(|logger| logger.funcall::<_, _, Value>("add", (severity, text, "prosody")));
+    let delivered =
+        logger.and_then(|logger| logger.funcall::<_, _, Value>("add", (severity, text, "prosody")));
     if delivered.is_err() {
         // The logger itself failed; stderr is the last place left to say anything.
         eprintln!("prosody: {text}");
@@ -99,7 +100,10 @@ impl Line {
 }
 
 fn set_log_level(severity: i64) {
-    MIN_SEVERITY.store(u8::try_from(severity.clamp(0, 5)).unwrap_or(1), Ordering::Relaxed);
+    MIN_SEVERITY.store(
+        u8::try_from(severity.clamp(0, 5)).unwrap_or(1),
+        Ordering::Relaxed,
+    );
 }
 
 pub(crate) fn init(_ruby: &Ruby, native: RModule) -> Result<(), Error> {

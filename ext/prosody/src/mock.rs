@@ -10,7 +10,8 @@ fn bootstrap_servers(ruby: &Ruby) -> Result<String, Error> {
 }
 
 fn create_topic(ruby: &Ruby, name: String, partitions: i32) -> Result<bool, Error> {
-    off_ruby_stack(ruby, move || prosody::mock::create_topic(&name, partitions))?.map_err(|error| from_core(ruby, &error))
+    off_ruby_stack(ruby, move || prosody::mock::create_topic(&name, partitions))?
+        .map_err(|error| from_core(ruby, &error))
 }
 
 pub(crate) fn init(_ruby: &Ruby, native: RModule) -> Result<(), Error> {

@@ -36,19 +36,34 @@ pub(crate) fn ensure_started(ruby: &Ruby) -> Result<(), Error> {
 ///
 /// For calls that may go deep into librdkafka or tokio and may be made from a
 /// fiber, whose machine stack is small. `work` must not touch Ruby.
-pub(crate) fn off_ruby_stack<R: Send + 'static>(ruby: &Ruby, work: impl FnOnce() -> R + Send + 'static) -> Result<R, Error> {
+pub(crate) fn off_ruby_stack<R: Send + 'static>(
+    ruby: &Ruby,
+    work: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, Error> {
     let (sender, receiver) = crossbeam_channel::bounded(1);
     std::thread::Builder::new()
         .name("prosody-call".to_owned())
         .spawn(move || {
             let _ = sender.send(work());
         })
-        .map_err(|problem| error(ruby, Kind::Bridge, format!("cannot start a thread: {problem}")))?;
+        .map_err(|problem| {
+            error(
+                ruby,
+                Kind::Bridge,
+                format!("cannot start a thread: {problem}"),
+            )
+        })?;
     // The worker never touches Ruby, so an interrupt cannot leave it stuck: if
     // Ruby refuses to release the GVL (interrupt pending), wait with it held.
     let received = match without_gvl(|| receiver.recv(), || {}) {
         Some(received) => received,
         None => receiver.recv(),
     };
-    received.map_err(|_| error(ruby, Kind::Bridge, "the worker thread ended without a result"))
+    received.map_err(|_| {
+        error(
+            ruby,
+            Kind::Bridge,
+            "the worker thread ended without a result",
+        )
+    })
 }

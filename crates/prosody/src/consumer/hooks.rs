@@ -24,7 +24,9 @@ pub(crate) struct Hooks {
 
 impl Hooks {
     pub(crate) fn new() -> Self {
-        Self { shared: OnceLock::new() }
+        Self {
+            shared: OnceLock::new(),
+        }
     }
 
     pub(crate) fn set_shared(&self, shared: Arc<Shared>) {
@@ -35,11 +37,16 @@ impl Hooks {
 impl ClientContext for Hooks {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
                 error!(target: "librdkafka", facility, "{message}");
             }
             RDKafkaLogLevel::Warning => warn!(target: "librdkafka", facility, "{message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => info!(target: "librdkafka", facility, "{message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                info!(target: "librdkafka", facility, "{message}")
+            }
             RDKafkaLogLevel::Debug => debug!(target: "librdkafka", facility, "{message}"),
         }
     }
@@ -58,13 +65,18 @@ impl ConsumerContext for Hooks {
             let mut partitions = shared.partitions();
             list.elements()
                 .iter()
-                .filter_map(|element| partitions.remove(&(Arc::from(element.topic()), element.partition())))
+                .filter_map(|element| {
+                    partitions.remove(&(Arc::from(element.topic()), element.partition()))
+                })
                 .collect()
         };
         if revoked.is_empty() {
             return;
         }
-        info!(partitions = revoked.len(), "partitions revoked; cancelling their handlers");
+        info!(
+            partitions = revoked.len(),
+            "partitions revoked; cancelling their handlers"
+        );
         for manager in &revoked {
             manager.cancel();
         }
@@ -91,6 +103,7 @@ impl ConsumerContext for Hooks {
                 (*list).clone()
             }
         };
+        let owner = shared.consumer();
         let mut partitions = shared.partitions();
         for element in committed.elements() {
             let offset = match element.offset() {
@@ -99,10 +112,26 @@ impl ConsumerContext for Hooks {
             };
             let tracker = OffsetTracker::resume_from(offset, element.metadata());
             let topic: Arc<str> = Arc::from(element.topic());
-            let manager = PartitionManager::new(Arc::clone(shared), Arc::clone(&topic), element.partition(), tracker);
+            let manager = PartitionManager::new(
+                Arc::clone(shared),
+                Arc::clone(&topic),
+                element.partition(),
+                tracker,
+            );
+            // Messages already on the main queue still arrive there; the poll loop handles both.
+            if let Some(mut queue) = owner
+                .as_ref()
+                .and_then(|owner| owner.split_partition_queue(&topic, element.partition()))
+            {
+                let waker = Arc::clone(shared);
+                queue.set_nonempty_callback(move || waker.wake());
+                manager.attach_queue(queue);
+            }
             partitions.insert((topic, element.partition()), manager);
         }
         info!(assigned = partitions.len(), "partitions assigned");
+        drop(partitions);
+        shared.wake();
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
@@ -116,14 +145,30 @@ impl ConsumerContext for Hooks {
 }
 
 /// Commits the given partitions' commit points; `release` marks them handed back.
-pub(crate) fn commit(consumer: &BaseConsumer<Hooks>, managers: &[Arc<PartitionManager>], release: bool, mode: CommitMode) {
+pub(crate) fn commit(
+    consumer: &BaseConsumer<Hooks>,
+    managers: &[Arc<PartitionManager>],
+    release: bool,
+    mode: CommitMode,
+) {
     let mut list = TopicPartitionList::new();
     for manager in managers {
-        let point = if release { manager.release() } else { manager.commit_point() };
-        let Some((offset, metadata)) = point else { continue };
-        match list.add_partition_offset(manager.topic(), manager.partition(), Offset::Offset(offset)) {
+        let point = if release {
+            manager.release()
+        } else {
+            manager.commit_point()
+        };
+        let Some((offset, metadata)) = point else {
+            continue;
+        };
+        match list.add_partition_offset(
+            manager.topic(),
+            manager.partition(),
+            Offset::Offset(offset),
+        ) {
             Ok(()) => {
-                if let Some(mut element) = list.find_partition(manager.topic(), manager.partition()) {
+                if let Some(mut element) = list.find_partition(manager.topic(), manager.partition())
+                {
                     element.set_metadata(metadata);
                 }
             }

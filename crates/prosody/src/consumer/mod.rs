@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::Offset;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
@@ -65,7 +65,10 @@ impl Subscription {
         let group_id = config.group_id.clone().unwrap_or_default();
         let mut client = config.client_config();
         // Defaults the passthrough may override.
-        for (key, value) in [("auto.offset.reset", "earliest"), ("partition.assignment.strategy", "cooperative-sticky")] {
+        for (key, value) in [
+            ("auto.offset.reset", "earliest"),
+            ("partition.assignment.strategy", "cooperative-sticky"),
+        ] {
             if !config.kafka.contains_key(key) {
                 client.set(key, value);
             }
@@ -77,11 +80,31 @@ impl Subscription {
             .set("client.id", &config.source_system)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false");
-        let consumer: Arc<KafkaConsumer> = Arc::new(client.create_with_context(Hooks::new())?);
+        // librdkafka prefetches up to `queued.min.messages` per partition (100k by
+        // default), then re-checks every `fetch.queue.backoff.ms` (1 s by default).
+        // A smaller prefetch bounds memory under a large backlog; the short re-check
+        // keeps a drained prefetch from stalling the partition for a second.
+        let prefetch = (config.max_uncommitted * 16).max(10_000).to_string();
+        for (key, value) in [
+            ("queued.min.messages", prefetch.as_str()),
+            ("fetch.queue.backoff.ms", "10"),
+        ] {
+            if !config.kafka.contains_key(key) {
+                client.set(key, value);
+            }
+        }
+        let mut consumer: KafkaConsumer = client.create_with_context(Hooks::new())?;
         let shared = Shared::new(Arc::clone(&config), Arc::new(handler), runtime);
+        let waker = Arc::clone(&shared);
+        consumer.set_nonempty_callback(move || waker.wake());
+        let consumer = Arc::new(consumer);
         consumer.context().set_shared(Arc::clone(&shared));
         shared.attach(&consumer);
-        let topics: Vec<&str> = config.subscribed_topics.iter().map(String::as_str).collect();
+        let topics: Vec<&str> = config
+            .subscribed_topics
+            .iter()
+            .map(String::as_str)
+            .collect();
         consumer.subscribe(&topics)?;
         info!(group_id, topics = ?topics, "subscribed");
 
@@ -90,7 +113,9 @@ impl Subscription {
         let thread = std::thread::Builder::new()
             .name("prosody-poll".to_owned())
             .spawn(move || PollLoop::new(consumer, poll_shared, stopped).run())
-            .map_err(|error| crate::Error::Mock(format!("cannot start the poll thread: {error}")))?;
+            .map_err(|error| {
+                crate::Error::Mock(format!("cannot start the poll thread: {error}"))
+            })?;
         Ok(Self {
             shared,
             stop: Some(stop),
@@ -103,7 +128,12 @@ impl Subscription {
     }
 
     pub(crate) fn stats(&self) -> Vec<PartitionStats> {
-        let mut stats: Vec<_> = self.shared.managers().iter().map(|manager| manager.stats()).collect();
+        let mut stats: Vec<_> = self
+            .shared
+            .managers()
+            .iter()
+            .map(|manager| manager.stats())
+            .collect();
         stats.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
         stats
     }
@@ -112,6 +142,7 @@ impl Subscription {
     pub(crate) fn shutdown_blocking(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+            self.shared.wake();
         }
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
@@ -126,6 +157,7 @@ impl Drop for Subscription {
         if let Some(stop) = self.stop.take() {
             self.shared.cancellation.cancel();
             let _ = stop.send(());
+            self.shared.wake();
         }
     }
 }
@@ -139,7 +171,11 @@ struct PollLoop {
 }
 
 impl PollLoop {
-    fn new(consumer: Arc<KafkaConsumer>, shared: Arc<Shared>, stopped: oneshot::Receiver<()>) -> Self {
+    fn new(
+        consumer: Arc<KafkaConsumer>,
+        shared: Arc<Shared>,
+        stopped: oneshot::Receiver<()>,
+    ) -> Self {
         Self {
             consumer,
             shared,
@@ -149,54 +185,71 @@ impl PollLoop {
         }
     }
 
+    /// Serves librdkafka events (rebalances run here), moves prefetched messages
+    /// into partitions with room, commits, and sleeps until woken or `poll_interval`.
     fn run(mut self) {
         let poll_interval = self.shared.config.poll_interval;
-        loop {
-            match self.stopped.try_recv() {
-                Err(oneshot::error::TryRecvError::Empty) => {}
-                _ => break,
+        while let Err(oneshot::error::TryRecvError::Empty) = self.stopped.try_recv() {
+            let mut progressed = false;
+            while let Some(event) = self.consumer.poll(Duration::ZERO) {
+                match event {
+                    Ok(message) => self.dispatch(&message),
+                    Err(error) => warn!("consume error: {error}"),
+                }
+                progressed = true;
             }
-            match self.consumer.poll(poll_interval) {
-                Some(Ok(message)) => self.dispatch(&message),
-                Some(Err(error)) => warn!("consume error: {error}"),
-                None => {}
+            for manager in self.shared.managers() {
+                progressed |= manager.fill() > 0;
             }
             if self.last_commit.elapsed() >= self.shared.config.commit_interval {
                 self.commit_progress();
+            }
+            if !progressed {
+                let _ = self
+                    .shared
+                    .wakeups
+                    .recv_timeout(poll_interval.min(self.until_commit()));
             }
         }
         self.shut_down();
     }
 
+    fn until_commit(&self) -> Duration {
+        self.shared
+            .config
+            .commit_interval
+            .saturating_sub(self.last_commit.elapsed())
+    }
+
+    /// A message that arrived on the main queue (fetched before its partition got
+    /// its own queue): hand it over, or rewind so it is fetched again.
     fn dispatch(&self, message: &BorrowedMessage<'_>) {
         let topic = message.topic();
         let partition = message.partition();
-        let manager = self.shared.partitions().get(&(Arc::from(topic), partition)).cloned();
+        let manager = self
+            .shared
+            .partitions()
+            .get(&(Arc::from(topic), partition))
+            .cloned();
         let Some(manager) = manager else {
-            debug!(topic, partition, "dropping a message for a partition that is not assigned");
+            debug!(
+                topic,
+                partition, "dropping a message for a partition that is not assigned"
+            );
             return;
         };
         let offset = message.offset();
-        match manager.accept(fetched(message)) {
-            Accepted::Continue => {}
-            Accepted::Pause => self.set_paused(topic, partition, true),
-            Accepted::Refused => {
-                // librdkafka had prefetched past the pause: rewind so the message comes again.
-                debug!(topic, partition, offset, "buffer full; rewinding to fetch this message again");
-                self.set_paused(topic, partition, true);
-                if let Err(error) = self.consumer.seek(topic, partition, Offset::Offset(offset), Duration::ZERO) {
-                    warn!(topic, partition, offset, "cannot rewind: {error}");
-                }
+        if manager.accept(fetched(message)) == Accepted::Refused {
+            debug!(
+                topic,
+                partition, offset, "buffer full; rewinding to fetch this message again"
+            );
+            if let Err(error) =
+                self.consumer
+                    .seek(topic, partition, Offset::Offset(offset), Duration::ZERO)
+            {
+                warn!(topic, partition, offset, "cannot rewind: {error}");
             }
-        }
-    }
-
-    fn set_paused(&self, topic: &str, partition: i32, paused: bool) {
-        let mut list = TopicPartitionList::new();
-        list.add_partition(topic, partition);
-        let result = if paused { self.consumer.pause(&list) } else { self.consumer.resume(&list) };
-        if let Err(error) = result {
-            warn!(topic, partition, paused, "cannot change fetch state: {error}");
         }
     }
 
@@ -207,11 +260,17 @@ impl PollLoop {
             self.committed.clear();
         }
         let managers = self.shared.managers();
-        self.committed.retain(|key, _| managers.iter().any(|m| (m.topic(), m.partition()) == (&key.0, key.1)));
+        self.committed.retain(|key, _| {
+            managers
+                .iter()
+                .any(|m| (m.topic(), m.partition()) == (&key.0, key.1))
+        });
         let moved: Vec<_> = managers
             .into_iter()
             .filter(|manager| {
-                let Some(point) = manager.commit_point() else { return false };
+                let Some(point) = manager.commit_point() else {
+                    return false;
+                };
                 let key = (Arc::clone(manager.topic()), manager.partition());
                 self.committed.insert(key, point.clone()).as_ref() != Some(&point)
             })
@@ -228,7 +287,10 @@ impl PollLoop {
         let cancel_at = budget.saturating_sub((budget / 5).min(Duration::from_secs(5)));
         let started = Instant::now();
         let managers = self.shared.managers();
-        info!(partitions = managers.len(), "unsubscribing: waiting for in-flight handlers");
+        info!(
+            partitions = managers.len(),
+            "unsubscribing: waiting for in-flight handlers"
+        );
         if let Ok(assignment) = self.consumer.assignment() {
             let _ = self.consumer.pause(&assignment);
         }
@@ -252,16 +314,19 @@ impl PollLoop {
     fn wait_until_idle(&self, managers: &[Arc<partition::PartitionManager>], deadline: Instant) {
         while managers.iter().any(|manager| !manager.is_idle()) && Instant::now() < deadline {
             // Messages fetched now are not accepted: they stay uncommitted and run next time.
-            let _ = self.consumer.poll(Duration::from_millis(20));
+            let _ = self.consumer.poll(Duration::ZERO);
+            let _ = self.shared.wakeups.recv_timeout(Duration::from_millis(20));
         }
     }
 }
 
 /// Copies what the handler needs out of librdkafka's buffer.
-fn fetched(message: &BorrowedMessage<'_>) -> Fetched {
+pub(crate) fn fetched(message: &BorrowedMessage<'_>) -> Fetched {
     let key = match message.key() {
         None => Err("it has no key"),
-        Some(bytes) => std::str::from_utf8(bytes).map(Arc::from).map_err(|_| "its key is not valid UTF-8"),
+        Some(bytes) => std::str::from_utf8(bytes)
+            .map(Arc::from)
+            .map_err(|_| "its key is not valid UTF-8"),
     };
     let headers: Arc<[Header]> = match message.headers() {
         Some(headers) => headers

@@ -39,7 +39,9 @@ pub(crate) struct OffsetTracker {
 impl OffsetTracker {
     /// Starts from what a previous owner committed: its offset and metadata.
     pub(crate) fn resume_from(committed: Option<i64>, metadata: &str) -> Self {
-        let inherited = committed.map(|base| decode(base, metadata)).unwrap_or_default();
+        let inherited = committed
+            .map(|base| decode(base, metadata))
+            .unwrap_or_default();
         Self {
             inherited,
             ..Self::default()
@@ -48,7 +50,10 @@ impl OffsetTracker {
 
     /// Records a fetched offset.
     pub(crate) fn admit(&mut self, offset: i64) -> Admission {
-        self.next_unseen = Some(self.next_unseen.map_or(offset + 1, |next| next.max(offset + 1)));
+        self.next_unseen = Some(
+            self.next_unseen
+                .map_or(offset + 1, |next| next.max(offset + 1)),
+        );
         if self.inherited.remove(&offset) {
             self.finished.insert(offset);
             self.prune();
@@ -164,7 +169,10 @@ mod tests {
         assert_eq!(tracker.watermark(), Some(10));
         tracker.finish(10);
         assert_eq!(tracker.watermark(), Some(11));
-        assert_eq!(tracker.commit_point(), Some((11, "prosody1:1,3".to_owned())));
+        assert_eq!(
+            tracker.commit_point(),
+            Some((11, "prosody1:1,3".to_owned()))
+        );
         tracker.finish(11);
         tracker.finish(13);
         assert_eq!(tracker.commit_point(), Some((15, "prosody1:".to_owned())));
@@ -201,12 +209,22 @@ mod tests {
         // Inherited offsets not fetched yet are carried into the next commit.
         let mut partial = OffsetTracker::resume_from(Some(committed), &metadata);
         partial.admit(0);
-        assert_eq!(partial.commit_point(), Some((0, "prosody1:1-3,5".to_owned())));
+        assert_eq!(
+            partial.commit_point(),
+            Some((0, "prosody1:1-3,5".to_owned()))
+        );
     }
 
     #[test]
     fn garbage_metadata_inherits_nothing() {
-        for metadata in ["", "other", "prosody1:x", "prosody1:5-2", "prosody1:0", "prosody1:-3"] {
+        for metadata in [
+            "",
+            "other",
+            "prosody1:x",
+            "prosody1:5-2",
+            "prosody1:0",
+            "prosody1:-3",
+        ] {
             assert!(decode(0, metadata).is_empty(), "{metadata}");
         }
     }

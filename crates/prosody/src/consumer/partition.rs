@@ -14,7 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
 
+use rdkafka::consumer::base_consumer::PartitionQueue;
+
 use super::dispatch::Outcome;
+use super::hooks::Hooks;
 use super::offsets::{Admission, OffsetTracker};
 use super::shared::Shared;
 use crate::handler::Context;
@@ -30,15 +33,13 @@ pub(crate) struct Fetched {
     pub(crate) headers: Arc<[Header]>,
 }
 
-/// What the poll loop must do after handing a message over.
+/// Whether a message was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Accepted {
-    /// Keep fetching.
-    Continue,
-    /// The buffer is full now: pause the partition.
-    Pause,
-    /// The buffer was already full (a prefetched message slipped through the
-    /// pause): not taken; fetch it again from this offset after resuming.
+    /// Taken (queued, or counted as done).
+    Taken,
+    /// Not taken: the buffer is full or the partition is stopping. The caller
+    /// must make sure it is fetched again.
     Refused,
 }
 
@@ -53,11 +54,11 @@ pub struct PartitionStats {
     pub buffered: usize,
     /// The most `buffered` has ever been.
     pub max_buffered: usize,
-    /// Whether fetching is paused for backpressure.
+    /// Whether consumption is paused because the buffer is full.
     pub paused: bool,
-    /// Times fetching was paused.
+    /// Times consumption paused.
     pub pauses: u64,
-    /// Times fetching was resumed.
+    /// Times consumption resumed.
     pub resumes: u64,
     /// Messages whose handler finished (or which were skipped as done).
     pub finished: u64,
@@ -85,10 +86,17 @@ pub(crate) struct PartitionManager {
     /// Stop everything: handlers see `should_cancel`.
     cancellation: CancellationToken,
     runners: TaskTracker,
+    /// librdkafka's prefetch queue for this partition; read only by the poll thread.
+    queue: Mutex<Option<PartitionQueue<Hooks>>>,
 }
 
 impl PartitionManager {
-    pub(crate) fn new(shared: Arc<Shared>, topic: Arc<str>, partition: i32, offsets: OffsetTracker) -> Arc<Self> {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        topic: Arc<str>,
+        partition: i32,
+        offsets: OffsetTracker,
+    ) -> Arc<Self> {
         let cancellation = shared.cancellation.child_token();
         Arc::new(Self {
             topic,
@@ -107,28 +115,76 @@ impl PartitionManager {
             draining: cancellation.child_token(),
             cancellation,
             runners: TaskTracker::new(),
+            queue: Mutex::new(None),
         })
+    }
+
+    /// Gives the manager its own prefetch queue (see [`fill`](Self::fill)).
+    pub(crate) fn attach_queue(&self, queue: PartitionQueue<Hooks>) {
+        *self
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(queue);
+    }
+
+    /// Moves messages from librdkafka's prefetch queue into key queues while the
+    /// buffer has room. Returns how many were taken.
+    ///
+    /// This is how backpressure works without pausing the partition in Kafka:
+    /// librdkafka keeps prefetching (bounded by `queued.min.messages` and
+    /// `queued.max.messages.kbytes`) and Prosody stops reading when its buffer is
+    /// full, so a drained buffer refills at memory speed instead of waiting for a
+    /// new fetch round trip.
+    pub(crate) fn fill(self: &Arc<Self>) -> usize {
+        let queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(queue) = queue.as_ref() else {
+            return 0;
+        };
+        let mut taken = 0;
+        while self.has_room() {
+            match queue.poll(Duration::ZERO) {
+                None => break,
+                Some(Err(error)) => {
+                    warn!(topic = %self.topic, partition = self.partition, "fetch error: {error}")
+                }
+                Some(Ok(message)) => {
+                    if self.accept(super::fetched(&message)) == Accepted::Taken {
+                        taken += 1;
+                    }
+                }
+            }
+        }
+        taken
+    }
+
+    fn has_room(&self) -> bool {
+        let state = self.state();
+        !state.released
+            && !self.draining.is_cancelled()
+            && state.offsets.pending() < self.shared.config.max_uncommitted
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock leaves plain data behind; keep going.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Takes a fetched message into its key's queue, starting a runner if the key was idle.
     pub(crate) fn accept(self: &Arc<Self>, fetched: Fetched) -> Accepted {
         let max = self.shared.config.max_uncommitted;
         let mut state = self.state();
-        if state.released || self.draining.is_cancelled() {
-            return Accepted::Refused;
-        }
-        if state.offsets.pending() >= max {
+        if state.released || self.draining.is_cancelled() || state.offsets.pending() >= max {
             return Accepted::Refused;
         }
         if state.offsets.admit(fetched.offset) == Admission::AlreadyDone {
             debug!(topic = %self.topic, partition = self.partition, offset = fetched.offset, "skipping offset finished before the last rebalance");
             state.finished += 1;
-            return Accepted::Continue;
+            return Accepted::Taken;
         }
         let key = match &fetched.key {
             Ok(key) => Arc::clone(key),
@@ -136,7 +192,7 @@ impl PartitionManager {
                 error!(topic = %self.topic, partition = self.partition, offset = fetched.offset, "skipping message: {problem}");
                 state.offsets.finish(fetched.offset);
                 state.finished += 1;
-                return Accepted::Continue;
+                return Accepted::Taken;
             }
         };
         let buffered = state.offsets.pending();
@@ -146,16 +202,15 @@ impl PartitionManager {
             Entry::Vacant(slot) => {
                 slot.insert(VecDeque::new());
                 let manager = Arc::clone(self);
-                self.runners.spawn_on(manager.run_key(key, fetched), &self.shared.runtime);
+                self.runners
+                    .spawn_on(manager.run_key(key, fetched), &self.shared.runtime);
             }
         }
         if buffered >= max && !state.paused {
             state.paused = true;
             state.pauses += 1;
-            Accepted::Pause
-        } else {
-            Accepted::Continue
         }
+        Accepted::Taken
     }
 
     /// Drains one key's queue in order; exits when it is empty or the partition stops.
@@ -232,12 +287,14 @@ impl PartitionManager {
         }
     }
 
+    /// Resumes a full partition once a quarter of its buffer is free again, so
+    /// refills come in batches rather than one message at a time.
     fn resume_if_drained(&self, state: &mut State) {
-        let threshold = self.shared.config.max_uncommitted / 2;
-        if state.paused && !state.released && state.offsets.pending() <= threshold {
+        let max = self.shared.config.max_uncommitted;
+        if state.paused && !state.released && state.offsets.pending() <= max - max.div_ceil(4) {
             state.paused = false;
             state.resumes += 1;
-            self.shared.resume(&self.topic, self.partition);
+            self.shared.wake();
         }
     }
 
@@ -254,7 +311,9 @@ impl PartitionManager {
     /// Waits up to `budget` for runners to exit; false if some are still running.
     pub(crate) async fn wait_idle(&self, budget: Duration) -> bool {
         self.runners.close();
-        tokio::time::timeout(budget, self.runners.wait()).await.is_ok()
+        tokio::time::timeout(budget, self.runners.wait())
+            .await
+            .is_ok()
     }
 
     /// Whether no handler of this partition is running.
@@ -265,6 +324,13 @@ impl PartitionManager {
     /// Marks the partition as handed back: no pause/resume calls from now on.
     /// Returns the offset to commit and its metadata.
     pub(crate) fn release(&self) -> Option<(i64, String)> {
+        // The queue holds the consumer alive; let it go with the partition.
+        drop(
+            self.queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
         let mut state = self.state();
         state.released = true;
         let abandoned = self.runners.len();

@@ -4,12 +4,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::TopicPartitionList;
+use crossbeam_channel::{Receiver, Sender};
+use rdkafka::consumer::BaseConsumer;
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
 use super::dispatch::DynHandler;
 use super::hooks::Hooks;
@@ -31,11 +30,22 @@ pub(crate) struct Shared {
     consumer: OnceLock<Weak<KafkaConsumer>>,
     /// Set when a commit failed, so the next tick commits every partition again.
     pub(crate) recommit: AtomicBool,
+    /// Wakes the poll thread: a queue became non-empty, a full buffer drained, or stop.
+    waker: Sender<()>,
+    pub(crate) wakeups: Receiver<()>,
 }
 
 impl Shared {
-    pub(crate) fn new(config: Arc<Config>, handler: Arc<dyn DynHandler>, runtime: Handle) -> Arc<Self> {
+    pub(crate) fn new(
+        config: Arc<Config>,
+        handler: Arc<dyn DynHandler>,
+        runtime: Handle,
+    ) -> Arc<Self> {
+        // One pending wake-up is enough: the poll thread looks at everything when it wakes.
+        let (waker, wakeups) = crossbeam_channel::bounded(1);
         Arc::new(Self {
+            waker,
+            wakeups,
             permits: Arc::new(Semaphore::new(config.max_concurrency)),
             config,
             handler,
@@ -51,25 +61,27 @@ impl Shared {
         let _ = self.consumer.set(Arc::downgrade(consumer));
     }
 
-    pub(crate) fn partitions(&self) -> MutexGuard<'_, HashMap<TopicPartition, Arc<PartitionManager>>> {
-        self.partitions.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// The consumer, while the poll thread still owns it.
+    pub(crate) fn consumer(&self) -> Option<Arc<KafkaConsumer>> {
+        self.consumer.get().and_then(Weak::upgrade)
+    }
+
+    /// Wakes the poll thread; cheap and callable from any thread, including librdkafka's.
+    pub(crate) fn wake(&self) {
+        let _ = self.waker.try_send(());
+    }
+
+    pub(crate) fn partitions(
+        &self,
+    ) -> MutexGuard<'_, HashMap<TopicPartition, Arc<PartitionManager>>> {
+        self.partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Every assigned partition's manager, outside the map's lock.
     pub(crate) fn managers(&self) -> Vec<Arc<PartitionManager>> {
         self.partitions().values().cloned().collect()
-    }
-
-    /// Resumes fetching a partition; called by key runners as its buffer drains.
-    pub(crate) fn resume(&self, topic: &str, partition: i32) {
-        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
-            return;
-        };
-        let mut list = TopicPartitionList::new();
-        list.add_partition(topic, partition);
-        if let Err(error) = consumer.resume(&list) {
-            warn!(topic, partition, "cannot resume partition: {error}");
-        }
     }
 
     pub(crate) fn take_recommit(&self) -> bool {

@@ -39,7 +39,9 @@ impl RubyOwned {
 
 impl Drop for RubyOwned {
     fn drop(&mut self) {
-        let Some(value) = self.value.take() else { return };
+        let Some(value) = self.value.take() else {
+            return;
+        };
         if !gvl_released() && Ruby::get().is_ok() {
             drop(value);
             return;
