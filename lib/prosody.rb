@@ -1,0 +1,19 @@
+# frozen_string_literal: true
+
+# Prosody: Kafka consumer/producer with per-key ordering and cross-key
+# concurrency inside a partition. This file only loads the pieces; see
+# Prosody::Client for where to start.
+
+require_relative "prosody/version"
+# The native extension looks up the exception classes by name, so they must
+# exist before it loads.
+require_relative "prosody/errors"
+require "prosody/prosody_native"
+require_relative "prosody/logging"
+require_relative "prosody/configuration"
+require_relative "prosody/message"
+require_relative "prosody/event_handler"
+require_relative "prosody/context"
+require_relative "prosody/async_task_processor"
+require_relative "prosody/client"
+require_relative "prosody/mock_cluster"

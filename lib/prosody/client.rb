@@ -1,0 +1,166 @@
+# frozen_string_literal: true
+
+module Prosody
+  # Sends messages and runs a handler over the subscribed topics.
+  #
+  # Blocking calls ({#send_message}, {#subscribe}, {#unsubscribe}) wait in a way
+  # that suits the caller: inside an Async reactor they suspend only the calling
+  # fiber; on a plain thread (Puma, Sidekiq) they block only that thread.
+  #
+  # @example Produce
+  #   client = Prosody::Client.new(bootstrap_servers: "kafka:9092")
+  #   client.send_message("invoices", "acct-42", { "amount" => 1200 })
+  #
+  # @example Consume
+  #   client = Prosody::Client.new(bootstrap_servers: "kafka:9092", group_id: "billing", subscribed_topics: "invoices")
+  #   client.subscribe(InvoiceHandler.new)
+  #   # ... later, on shutdown:
+  #   client.unsubscribe
+  class Client
+    # @overload initialize(config)
+    #   @param config [Configuration]
+    # @overload initialize(**options)
+    #   @param options [Hash{Symbol=>Object}] the keyword options of {Configuration}
+    # @raise [ConfigurationError] naming the option at fault
+    # @raise [BridgeError] when used in a child process forked after Prosody started
+    def initialize(config = nil, **options)
+      @config = configuration(config, options)
+      @native = Native::Client.new(@config.to_native)
+      @processor = nil
+      @lifecycle = Mutex.new
+    end
+
+    # @return [Configuration] the options this client was built with (without environment fallbacks)
+    attr_reader :config
+
+    # Sends one message and returns once the broker acknowledged it.
+    #
+    # @param topic [String]
+    # @param key [String] messages with the same key are handled in order
+    # @param payload [Object] any JSON value: Hash (String or Symbol keys), Array, String, Numeric, true, false, nil
+    # @param headers [Hash{String=>String}] extra record headers
+    # @return [nil]
+    # @raise [InvalidMessageError] for a missing key or topic, a payload that is not JSON, or bad headers
+    # @raise [SendTimeoutError] when the broker did not acknowledge within send_timeout
+    # @raise [SendError] when the broker refused the message
+    # @example
+    #   client.send_message("invoices", "acct-42", { amount: 1200 }, headers: { "origin" => "web" })
+    def send_message(topic, key, payload, headers: {})
+      check_text(topic, "topic")
+      check_text(key, "key")
+      raise InvalidMessageError, "headers must be a Hash of String => String, got #{headers.class}" unless headers.is_a?(Hash)
+
+      await { |queue| @native.send_message(topic, key, payload, headers, queue) }
+    end
+
+    # Starts consuming the subscribed topics with `handler`; returns once the
+    # consumer has joined its group.
+    #
+    # @param handler [EventHandler]
+    # @return [nil]
+    # @raise [ConfigurationError] if group_id or subscribed_topics is missing, or handler is not an {EventHandler}
+    # @raise [StateError] if this client is already subscribed
+    def subscribe(handler)
+      unless handler.is_a?(EventHandler)
+        raise ConfigurationError, "subscribe needs a Prosody::EventHandler, got #{handler.class}"
+      end
+
+      @lifecycle.synchronize { start_processor(handler) }
+      nil
+    end
+
+    # Stops consuming: in-flight handlers finish or are cancelled (within
+    # shutdown_timeout), progress is committed and the group is left.
+    # Does nothing when not subscribed.
+    #
+    # @return [nil]
+    # @raise [StateError] when called from inside a handler (it would wait for itself)
+    def unsubscribe
+      if @processor&.processor_thread?
+        raise StateError, "unsubscribe cannot be called from inside a handler; call it from another thread or fiber"
+      end
+
+      @lifecycle.synchronize { stop_processor }
+      nil
+    end
+
+    # @return [Symbol] :unconfigured (producer only), :configured (can subscribe) or :running (subscribed)
+    def consumer_state
+      @native.consumer_state
+    end
+
+    # @return [Integer] partitions currently assigned to this client
+    def assigned_partitions
+      @native.assigned_partitions
+    end
+
+    # @return [String] the `source-system` header written on every sent message
+    def source_system
+      @native.source_system
+    end
+
+    # Buffer statistics per assigned partition.
+    #
+    # @return [Array<Hash{Symbol=>Object}>] each with :topic, :partition, :buffered,
+    #   :max_buffered, :paused, :pauses, :resumes and :finished
+    def partition_stats
+      @native.partition_stats
+    end
+
+    # @return [String]
+    def inspect
+      "#<#{self.class.name} state=#{consumer_state} source_system=#{source_system.inspect}>"
+    end
+
+    private
+
+    def configuration(config, options)
+      case config
+      when nil then Configuration.new(**options)
+      when Configuration then options.empty? ? config : config.merge(**options)
+      else raise ConfigurationError, "Prosody::Client.new takes a Prosody::Configuration or keyword options, got #{config.class}"
+      end
+    end
+
+    def check_text(value, name)
+      return if value.is_a?(String) && !value.empty?
+
+      shown = value.nil? ? "nil" : "#{value.class} #{value.inspect}"
+      raise InvalidMessageError, "#{name} must be a non-empty String, got #{shown}"
+    end
+
+    def start_processor(handler)
+      processor = AsyncTaskProcessor.new(handler).start
+      subscribed = false
+      begin
+        await { |queue| @native.subscribe(processor, queue) }
+        subscribed = true
+      ensure
+        # Whatever stopped the subscription (an error, Async::Stop, Interrupt),
+        # do not leave the processor thread behind.
+        processor.stop unless subscribed
+      end
+      @processor = processor
+    end
+
+    def stop_processor
+      await { |queue| @native.unsubscribe(queue) }
+    ensure
+      processor = @processor
+      @processor = nil
+      processor&.stop
+    end
+
+    # Calls a native method that answers later on a queue: nil for success, an
+    # exception for failure. Thread::Queue#pop suspends only the current fiber
+    # under a fiber scheduler (Async) and only the current thread otherwise.
+    def await
+      queue = Thread::Queue.new
+      yield queue
+      result = queue.pop
+      raise result if result.is_a?(Exception)
+
+      result
+    end
+  end
+end

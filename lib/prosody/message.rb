@@ -1,0 +1,75 @@
+# frozen_string_literal: true
+
+module Prosody
+  # One Kafka record as a handler sees it. Built by the native side; immutable.
+  #
+  # @example
+  #   def on_message(context, message)
+  #     Invoice.charge(message.payload.fetch("amount")) if message.key.start_with?("acct-")
+  #   end
+  class Message
+    # @return [String]
+    attr_reader :topic
+    # @return [Integer]
+    attr_reader :partition
+    # @return [Integer]
+    attr_reader :offset
+    # @return [String] the record key; messages with the same key are handled in order
+    attr_reader :key
+    # @return [Time, nil] the record timestamp, when the broker provided one
+    attr_reader :timestamp
+    # @return [Object] the decoded JSON payload (Hashes have String keys)
+    attr_reader :payload
+    # @return [Hash{String=>String}] record headers (frozen)
+    attr_reader :headers
+
+    # Positional because the native bridge calls it once per record.
+    #
+    # @param topic [String]
+    # @param partition [Integer]
+    # @param offset [Integer]
+    # @param key [String]
+    # @param timestamp [Time, nil]
+    # @param payload [Object] decoded JSON
+    # @param headers [Hash{String=>String}]
+    def initialize(topic, partition, offset, key, timestamp, payload, headers) # rubocop:disable Metrics/ParameterLists
+      @topic = topic
+      @partition = partition
+      @offset = offset
+      @key = key
+      @timestamp = timestamp
+      @payload = payload
+      @headers = headers.freeze
+      freeze
+    end
+
+    # @return [Hash{Symbol=>Object}]
+    def to_h
+      {
+        topic: topic, partition: partition, offset: offset, key: key,
+        timestamp: timestamp, payload: payload, headers: headers
+      }
+    end
+
+    # Messages are equal when every field is.
+    #
+    # @param other [Object]
+    # @return [Boolean]
+    def ==(other)
+      other.is_a?(Message) && to_h == other.to_h
+    end
+    alias eql? ==
+
+    # @return [Integer]
+    def hash
+      [self.class, topic, partition, offset, key].hash
+    end
+
+    # Shows where the message came from; the payload is left out, it may be large or private.
+    #
+    # @return [String]
+    def inspect
+      "#<#{self.class.name} #{topic}/#{partition}@#{offset} key=#{key.inspect} timestamp=#{timestamp.inspect}>"
+    end
+  end
+end
