@@ -102,12 +102,18 @@ impl Client {
                 mock::ensure_topic(topic)?;
             }
         }
-        *subscription = Some(Subscription::start(
+        let dead_letters = match self.config.failure_topic {
+            Some(_) => Some(self.producer()?),
+            None => None,
+        };
+        let started = Subscription::start(
             Arc::clone(&self.config),
             &self.bootstrap_servers,
             handler,
+            dead_letters,
             self.runtime.clone(),
-        )?);
+        )?;
+        *subscription = Some(started);
         Ok(())
     }
 
@@ -139,6 +145,20 @@ impl Client {
         lock(&self.subscription)
             .as_ref()
             .map_or(0, Subscription::assigned_partitions)
+    }
+
+    /// True when a partition has had work but finished nothing for `stall_threshold`.
+    pub fn is_stalled(&self) -> bool {
+        lock(&self.subscription)
+            .as_ref()
+            .is_some_and(Subscription::is_stalled)
+    }
+
+    /// Where the `/readyz` and `/livez` probe server listens while subscribed.
+    pub fn probe_address(&self) -> Option<std::net::SocketAddr> {
+        lock(&self.subscription)
+            .as_ref()
+            .and_then(Subscription::probe_address)
     }
 
     /// Buffer statistics per assigned partition.

@@ -23,8 +23,45 @@ pub const OPTION_NAMES: &[&str] = &[
     "poll_interval",
     "send_timeout",
     "shutdown_timeout",
+    "mode",
+    "max_retries",
+    "retry_base",
+    "max_retry_delay",
+    "failure_topic",
+    "timeout",
+    "stall_threshold",
+    "probe_port",
     "kafka",
 ];
+
+/// What happens to a message whose handler keeps failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Retry transient failures forever; send permanent failures to `failure_topic`
+    /// when set, else log and skip them.
+    Pipeline,
+    /// Retry `max_retries` times, then send the message to `failure_topic` (required).
+    LowLatency,
+    /// Retry `max_retries` times, then log and skip.
+    BestEffort,
+}
+
+impl Mode {
+    fn parse(text: &str) -> Option<Self> {
+        match text
+            .trim()
+            .trim_start_matches(':')
+            .to_ascii_lowercase()
+            .replace('-', "_")
+            .as_str()
+        {
+            "pipeline" => Some(Self::Pipeline),
+            "low_latency" => Some(Self::LowLatency),
+            "best_effort" => Some(Self::BestEffort),
+            _ => None,
+        }
+    }
+}
 
 const ENV_PREFIX: &str = "PROSODY_";
 const KAFKA_ENV_PREFIX: &str = "PROSODY_KAFKA_";
@@ -78,6 +115,14 @@ pub struct Config {
     pub(crate) poll_interval: Duration,
     pub(crate) send_timeout: Duration,
     pub(crate) shutdown_timeout: Duration,
+    pub(crate) mode: Mode,
+    pub(crate) max_retries: u32,
+    pub(crate) retry_base: Duration,
+    pub(crate) max_retry_delay: Duration,
+    pub(crate) failure_topic: Option<String>,
+    pub(crate) timeout: Duration,
+    pub(crate) stall_threshold: Duration,
+    pub(crate) probe_port: Option<u16>,
     pub(crate) kafka: BTreeMap<String, String>,
 }
 
@@ -96,6 +141,14 @@ impl std::fmt::Debug for Config {
             .field("poll_interval", &self.poll_interval)
             .field("send_timeout", &self.send_timeout)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("mode", &self.mode)
+            .field("max_retries", &self.max_retries)
+            .field("retry_base", &self.retry_base)
+            .field("max_retry_delay", &self.max_retry_delay)
+            .field("failure_topic", &self.failure_topic)
+            .field("timeout", &self.timeout)
+            .field("stall_threshold", &self.stall_threshold)
+            .field("probe_port", &self.probe_port)
             .field("kafka", &self.kafka.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -160,6 +213,46 @@ impl Config {
     /// Budget for `unsubscribe` and for a revoked partition's handlers to stop.
     pub fn shutdown_timeout(&self) -> Duration {
         self.shutdown_timeout
+    }
+
+    /// What happens to messages whose handler keeps failing.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Retries before giving up (`low_latency`, `best_effort`).
+    pub fn max_retries(&self) -> u32 {
+        self.max_retries
+    }
+
+    /// First retry delay; doubles per attempt, with jitter.
+    pub fn retry_base(&self) -> Duration {
+        self.retry_base
+    }
+
+    /// Longest delay between retries.
+    pub fn max_retry_delay(&self) -> Duration {
+        self.max_retry_delay
+    }
+
+    /// Dead-letter topic.
+    pub fn failure_topic(&self) -> Option<&str> {
+        self.failure_topic.as_deref()
+    }
+
+    /// Handler deadline; a handler past it is cancelled and the attempt counts as transient.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// A partition with work and no progress for this long is stalled.
+    pub fn stall_threshold(&self) -> Duration {
+        self.stall_threshold
+    }
+
+    /// Port of the `/readyz` and `/livez` probe server, if enabled.
+    pub fn probe_port(&self) -> Option<u16> {
+        self.probe_port
     }
 
     /// Extra librdkafka settings passed through unchanged.
@@ -357,7 +450,66 @@ impl Options {
         if let Some(map) = self.map("kafka")? {
             kafka.extend(map);
         }
+        let mode = match self.take("mode") {
+            None => Mode::Pipeline,
+            Some(OptionValue::Str(text)) => Mode::parse(&text).ok_or_else(|| {
+                Error::config(
+                    "mode",
+                    format!("expected pipeline, low_latency or best_effort, got `{text}`"),
+                )
+            })?,
+            Some(other) => {
+                return Err(Error::config(
+                    "mode",
+                    format!("expected a mode name, got {}", describe(&other)),
+                ))
+            }
+        };
+        let failure_topic = self.string("failure_topic")?;
+        if mode == Mode::LowLatency && failure_topic.is_none() {
+            return Err(Error::config(
+                "failure_topic",
+                "required in low_latency mode (failed messages go there)",
+            ));
+        }
+        let stall_threshold = self
+            .nonzero_duration("stall_threshold")?
+            .unwrap_or(Duration::from_secs(300));
+        let timeout = self
+            .nonzero_duration("timeout")?
+            .unwrap_or(stall_threshold.mul_f64(0.8));
+        let retry_base = self
+            .nonzero_duration("retry_base")?
+            .unwrap_or(Duration::from_millis(20));
+        let max_retry_delay = self
+            .nonzero_duration("max_retry_delay")?
+            .unwrap_or(Duration::from_secs(300));
+        if max_retry_delay < retry_base {
+            return Err(Error::config(
+                "max_retry_delay",
+                "must not be shorter than retry_base",
+            ));
+        }
+        let max_retries = match self.take("max_retries") {
+            None => 3,
+            Some(value) => {
+                let mut single = Options {
+                    values: BTreeMap::from([("max_retries".to_owned(), value)]),
+                };
+                u32::try_from(single.count("max_retries")?)
+                    .map_err(|_| Error::config("max_retries", "too large"))?
+            }
+        };
+        let probe_port = self.port("probe_port")?;
         let config = Config {
+            mode,
+            max_retries,
+            retry_base,
+            max_retry_delay,
+            failure_topic,
+            timeout,
+            stall_threshold,
+            probe_port,
             bootstrap_servers,
             group_id,
             subscribed_topics,
@@ -439,6 +591,57 @@ impl Options {
                 format!("expected true or false, got {}", describe(&other)),
             )),
         }
+    }
+
+    /// A whole number that may be zero.
+    fn count(&mut self, name: &str) -> Result<u64> {
+        let number = match self.take(name) {
+            Some(OptionValue::Int(number)) => number,
+            Some(OptionValue::Str(text)) => text.trim().parse::<i64>().map_err(|_| {
+                Error::config(name, format!("expected a whole number, got `{text}`"))
+            })?,
+            Some(other) => {
+                return Err(Error::config(
+                    name,
+                    format!("expected a whole number, got {}", describe(&other)),
+                ))
+            }
+            None => 0,
+        };
+        u64::try_from(number)
+            .map_err(|_| Error::config(name, format!("must not be negative, got {number}")))
+    }
+
+    /// A TCP port; `false`, `"false"` or `"none"` disable it (`None`). Default 8000.
+    fn port(&mut self, name: &str) -> Result<Option<u16>> {
+        let number = match self.take(name) {
+            None => return Ok(Some(8000)),
+            Some(OptionValue::Bool(false)) => return Ok(None),
+            Some(OptionValue::Str(text))
+                if matches!(
+                    text.trim().to_ascii_lowercase().as_str(),
+                    "none" | "false" | "off"
+                ) =>
+            {
+                return Ok(None)
+            }
+            Some(OptionValue::Str(text)) => text.trim().parse::<i64>().map_err(|_| {
+                Error::config(
+                    name,
+                    format!("expected a port number or none, got `{text}`"),
+                )
+            })?,
+            Some(OptionValue::Int(number)) => number,
+            Some(other) => {
+                return Err(Error::config(
+                    name,
+                    format!("expected a port number or false, got {}", describe(&other)),
+                ))
+            }
+        };
+        u16::try_from(number)
+            .map(Some)
+            .map_err(|_| Error::config(name, format!("{number} is not a port number (0-65535)")))
     }
 
     fn positive(&mut self, name: &str) -> Result<Option<usize>> {
@@ -542,6 +745,58 @@ mod tests {
         assert_eq!(config.send_timeout, Duration::from_secs(1));
         assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(config.source_system, "g");
+        assert_eq!(config.mode, Mode::Pipeline);
+        assert_eq!(config.max_retries, 3);
+        assert_eq!(config.retry_base, Duration::from_millis(20));
+        assert_eq!(config.stall_threshold, Duration::from_secs(300));
+        assert_eq!(config.timeout, Duration::from_secs(240));
+        assert_eq!(config.probe_port, Some(8000));
+    }
+
+    #[test]
+    fn modes_and_probes() {
+        let base = || Config::builder().mock(true).group_id("g");
+        let config = base()
+            .set("mode", ":best_effort".into())
+            .and_then(|b| b.set("probe_port", OptionValue::Bool(false)))
+            .and_then(|b| b.set("stall_threshold", "10s".into()))
+            .and_then(|b| b.build_with_env(no_env()))
+            .unwrap();
+        assert_eq!(config.mode, Mode::BestEffort);
+        assert_eq!(config.probe_port, None);
+        assert_eq!(config.timeout, Duration::from_secs(8));
+        assert_eq!(
+            error_option(
+                base()
+                    .set("mode", "low_latency".into())
+                    .and_then(|b| b.build_with_env(no_env()))
+            ),
+            "failure_topic"
+        );
+        assert_eq!(
+            error_option(
+                base()
+                    .set("mode", "fast".into())
+                    .and_then(|b| b.build_with_env(no_env()))
+            ),
+            "mode"
+        );
+        assert_eq!(
+            error_option(
+                base()
+                    .set("probe_port", OptionValue::Int(70_000))
+                    .and_then(|b| b.build_with_env(no_env()))
+            ),
+            "probe_port"
+        );
+        assert_eq!(
+            error_option(
+                base()
+                    .set("max_retries", OptionValue::Int(-1))
+                    .and_then(|b| b.build_with_env(no_env()))
+            ),
+            "max_retries"
+        );
     }
 
     #[test]

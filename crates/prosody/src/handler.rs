@@ -16,6 +16,11 @@ pub trait ClassifyError {
     fn is_permanent(&self) -> bool {
         false
     }
+
+    /// The error's class as logs and dead-letter headers show it; the type name by default.
+    fn class_name(&self) -> String {
+        std::any::type_name::<Self>().to_owned()
+    }
 }
 
 impl ClassifyError for std::convert::Infallible {}

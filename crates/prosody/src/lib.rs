@@ -9,6 +9,7 @@
 //! - `handler`: the [`EventHandler`] trait users implement and its [`Context`].
 //! - `message`: [`Message`], what handlers receive.
 //! - [`mock`]: the in-process mock Kafka cluster behind `mock: true`.
+//! - `probe`: the `/readyz` and `/livez` HTTP probe server.
 //! - `error`: [`Error`], the crate's one error type.
 
 mod client;
@@ -19,10 +20,11 @@ mod error;
 mod handler;
 mod message;
 pub mod mock;
+mod probe;
 mod producer;
 
 pub use client::Client;
-pub use config::{Config, ConfigBuilder, OptionValue};
+pub use config::{Config, ConfigBuilder, Mode, OptionValue};
 pub use consumer::{ConsumerState, PartitionStats};
 pub use error::{Error, Result};
 pub use handler::{ClassifyError, Context, EventHandler};

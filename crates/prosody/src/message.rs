@@ -14,7 +14,7 @@ pub struct Message {
     pub(crate) offset: i64,
     pub(crate) key: Arc<str>,
     pub(crate) timestamp: Option<SystemTime>,
-    pub(crate) payload: serde_json::Value,
+    pub(crate) payload: Arc<serde_json::Value>,
     pub(crate) headers: Arc<[Header]>,
 }
 

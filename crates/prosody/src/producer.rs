@@ -54,6 +54,17 @@ impl Producer {
         headers: &[(String, String)],
     ) -> Result<()> {
         let bytes = serde_json::to_vec(payload)?;
+        self.send_bytes(topic, key, &bytes, headers).await
+    }
+
+    /// Sends an already-encoded payload (used to dead-letter messages verbatim).
+    pub(crate) async fn send_bytes(
+        &self,
+        topic: &str,
+        key: &str,
+        bytes: &[u8],
+        headers: &[(String, String)],
+    ) -> Result<()> {
         if self.mock {
             mock::ensure_topic(topic)?;
         }
@@ -72,7 +83,7 @@ impl Producer {
         }
         let record = FutureRecord::to(topic)
             .key(key)
-            .payload(&bytes)
+            .payload(bytes)
             .headers(wire_headers);
         let timed_out = || Error::SendTimeout {
             topic: topic.to_owned(),

@@ -10,7 +10,42 @@ use crate::message::Message;
 #[derive(Debug)]
 pub(crate) enum Outcome {
     Succeeded,
-    Failed { permanent: bool, error: String },
+    Failed(Failure),
+}
+
+/// Why a handler call failed, as logs and dead-letter headers report it.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) kind: FailureKind,
+    pub(crate) class: String,
+    pub(crate) message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureKind {
+    /// Retrying may succeed.
+    Transient,
+    /// Retrying cannot succeed.
+    Permanent,
+    /// The handler overran `timeout` (retried like a transient failure).
+    Timeout,
+    /// The message itself is unusable (no key, not JSON): never retried.
+    BadInput,
+}
+
+impl FailureKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Transient => "transient",
+            Self::Permanent => "permanent",
+            Self::Timeout => "timeout",
+            Self::BadInput => "bad-input",
+        }
+    }
+
+    pub(crate) fn is_permanent(self) -> bool {
+        matches!(self, Self::Permanent | Self::BadInput)
+    }
 }
 
 pub(crate) type OutcomeFuture<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
@@ -24,10 +59,15 @@ impl<H: EventHandler> DynHandler for H {
         Box::pin(async move {
             match EventHandler::on_message(self, context, message).await {
                 Ok(()) => Outcome::Succeeded,
-                Err(error) => Outcome::Failed {
-                    permanent: error.is_permanent(),
-                    error: error_chain(&error),
-                },
+                Err(error) => Outcome::Failed(Failure {
+                    kind: if error.is_permanent() {
+                        FailureKind::Permanent
+                    } else {
+                        FailureKind::Transient
+                    },
+                    class: error.class_name(),
+                    message: error_chain(&error),
+                }),
             }
         })
     }

@@ -9,6 +9,7 @@
 //! on it (see [`hooks`]). Runners live on the tokio runtime.
 
 mod dispatch;
+mod failure;
 mod hooks;
 mod offsets;
 mod partition;
@@ -32,6 +33,8 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::handler::EventHandler;
 use crate::message::Header;
+use crate::probe::{Health, ProbeServer};
+use crate::producer::Producer;
 use hooks::{commit, Hooks};
 use partition::{Accepted, Fetched};
 use shared::{KafkaConsumer, Shared, TopicPartition};
@@ -51,6 +54,7 @@ pub enum ConsumerState {
 /// the poll thread without the graceful wait.
 pub(crate) struct Subscription {
     shared: Arc<Shared>,
+    probe: Option<ProbeServer>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -60,6 +64,7 @@ impl Subscription {
         config: Arc<Config>,
         bootstrap_servers: &str,
         handler: H,
+        dead_letters: Option<Arc<Producer>>,
         runtime: Handle,
     ) -> Result<Self> {
         let group_id = config.group_id.clone().unwrap_or_default();
@@ -94,7 +99,12 @@ impl Subscription {
             }
         }
         let mut consumer: KafkaConsumer = client.create_with_context(Hooks::new())?;
-        let shared = Shared::new(Arc::clone(&config), Arc::new(handler), runtime);
+        let shared = Shared::new(
+            Arc::clone(&config),
+            Arc::new(handler),
+            dead_letters,
+            runtime,
+        );
         let waker = Arc::clone(&shared);
         consumer.set_nonempty_callback(move || waker.wake());
         let consumer = Arc::new(consumer);
@@ -108,6 +118,14 @@ impl Subscription {
         consumer.subscribe(&topics)?;
         info!(group_id, topics = ?topics, "subscribed");
 
+        let probe = config.probe_port.and_then(|port| {
+            ProbeServer::start(
+                port,
+                Arc::clone(&shared) as Arc<dyn Health>,
+                &shared.runtime,
+            )
+        });
+
         let (stop, stopped) = oneshot::channel();
         let poll_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -118,6 +136,7 @@ impl Subscription {
             })?;
         Ok(Self {
             shared,
+            probe,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -125,6 +144,14 @@ impl Subscription {
 
     pub(crate) fn assigned_partitions(&self) -> usize {
         self.shared.partitions().len()
+    }
+
+    pub(crate) fn is_stalled(&self) -> bool {
+        self.shared.is_stalled()
+    }
+
+    pub(crate) fn probe_address(&self) -> Option<std::net::SocketAddr> {
+        self.probe.as_ref().map(ProbeServer::address)
     }
 
     pub(crate) fn stats(&self) -> Vec<PartitionStats> {
@@ -149,6 +176,7 @@ impl Subscription {
                 error!("the poll thread panicked during shutdown");
             }
         }
+        self.probe = None;
     }
 }
 

@@ -8,7 +8,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,7 +16,8 @@ use tracing::{debug, error, warn};
 
 use rdkafka::consumer::base_consumer::PartitionQueue;
 
-use super::dispatch::Outcome;
+use super::dispatch::{Failure, FailureKind, Outcome};
+use super::failure::{backoff, dead_letter_headers, decide, Decision};
 use super::hooks::Hooks;
 use super::offsets::{Admission, OffsetTracker};
 use super::shared::Shared;
@@ -74,6 +75,8 @@ struct State {
     pauses: u64,
     resumes: u64,
     finished: u64,
+    /// When a message last finished here (or the partition was assigned).
+    last_progress: Instant,
 }
 
 pub(crate) struct PartitionManager {
@@ -111,6 +114,7 @@ impl PartitionManager {
                 pauses: 0,
                 resumes: 0,
                 finished: 0,
+                last_progress: Instant::now(),
             }),
             draining: cancellation.child_token(),
             cancellation,
@@ -186,15 +190,11 @@ impl PartitionManager {
             state.finished += 1;
             return Accepted::Taken;
         }
-        let key = match &fetched.key {
-            Ok(key) => Arc::clone(key),
-            Err(problem) => {
-                error!(topic = %self.topic, partition = self.partition, offset = fetched.offset, "skipping message: {problem}");
-                state.offsets.finish(fetched.offset);
-                state.finished += 1;
-                return Accepted::Taken;
-            }
-        };
+        // Messages without a usable key queue under "" and take the failure path there.
+        let key = fetched
+            .key
+            .as_ref()
+            .map_or_else(|_| Arc::from(""), Arc::clone);
         let buffered = state.offsets.pending();
         state.max_buffered = state.max_buffered.max(buffered);
         match state.queues.entry(Arc::clone(&key)) {
@@ -214,30 +214,28 @@ impl PartitionManager {
     }
 
     /// Drains one key's queue in order; exits when it is empty or the partition stops.
+    ///
+    /// A failing message stays at the head of its key's queue while it waits to be
+    /// retried, so later messages of that key wait too, but no permit is held
+    /// while waiting: the partition's other keys keep flowing. Its offset stays
+    /// unfinished, so the committed offset never passes it.
     async fn run_key(self: Arc<Self>, key: Arc<str>, first: Fetched) {
         let mut next = first;
         loop {
-            let permit = tokio::select! {
-                biased;
-                () = self.draining.cancelled() => return,
-                permit = Arc::clone(&self.shared.permits).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-            };
             let offset = next.offset;
-            let done = self.process(&key, next).await;
-            drop(permit);
-            let mut state = self.state();
-            if done {
-                state.offsets.finish(offset);
-                state.finished += 1;
-                self.resume_if_drained(&mut state);
+            if !self.settle(&key, next).await {
+                // Cancelled: leave the rest of the key's queue to the next owner.
+                return;
             }
-            let queued = if done && !self.draining.is_cancelled() {
-                state.queues.get_mut(&key).and_then(VecDeque::pop_front)
-            } else {
+            let mut state = self.state();
+            state.offsets.finish(offset);
+            state.finished += 1;
+            state.last_progress = Instant::now();
+            self.resume_if_drained(&mut state);
+            let queued = if self.draining.is_cancelled() {
                 None
+            } else {
+                state.queues.get_mut(&key).and_then(VecDeque::pop_front)
             };
             match queued {
                 Some(fetched) => next = fetched,
@@ -249,42 +247,174 @@ impl PartitionManager {
         }
     }
 
-    /// Runs the handler on one message; true when the message counts as done.
-    async fn process(&self, key: &Arc<str>, fetched: Fetched) -> bool {
+    /// Runs one message to a conclusion: success, dead letter or skip (true), or
+    /// cancellation (false, the message will run again under the next owner).
+    async fn settle(&self, key: &Arc<str>, fetched: Fetched) -> bool {
         let offset = fetched.offset;
-        let payload = match fetched.payload.as_deref().map(serde_json::from_slice) {
-            Some(Ok(payload)) => payload,
-            Some(Err(problem)) => {
-                error!(topic = %self.topic, partition = self.partition, offset, key = %key, "skipping message: payload is not JSON: {problem}");
-                return true;
-            }
-            None => {
-                error!(topic = %self.topic, partition = self.partition, offset, key = %key, "skipping message: it has no payload");
-                return true;
+        let message = match self.decode(key, &fetched) {
+            Ok(message) => message,
+            Err(failure) => {
+                return self
+                    .give_up(
+                        key,
+                        &fetched,
+                        &failure,
+                        1,
+                        decide(&self.shared.config, failure.kind, 1),
+                    )
+                    .await
             }
         };
-        let message = Message {
-            topic: Arc::clone(&self.topic),
-            partition: self.partition,
-            offset,
-            key: Arc::clone(key),
-            timestamp: fetched.timestamp,
-            payload,
-            headers: fetched.headers,
-        };
-        let context = Context::new(self.cancellation.child_token());
-        match self.shared.handler.on_message(context, message).await {
-            Outcome::Succeeded => true,
-            Outcome::Failed { .. } if self.cancellation.is_cancelled() => {
-                debug!(topic = %self.topic, partition = self.partition, offset, key = %key, "handler stopped by cancellation; the message will run again");
-                false
-            }
-            Outcome::Failed { permanent, error } => {
-                // Until retries land, a failed message is logged and counts as done.
-                error!(topic = %self.topic, partition = self.partition, offset, key = %key, permanent, "handler failed: {error}");
-                true
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let permit = tokio::select! {
+                biased;
+                () = self.draining.cancelled() => return false,
+                permit = Arc::clone(&self.shared.permits).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return false,
+                },
+            };
+            let outcome = self.attempt(message.clone()).await;
+            drop(permit);
+            let failure = match outcome {
+                Outcome::Succeeded => return true,
+                Outcome::Failed(_) if self.cancellation.is_cancelled() => {
+                    debug!(topic = %self.topic, partition = self.partition, offset, key = %key, "handler stopped by cancellation; the message will run again");
+                    return false;
+                }
+                Outcome::Failed(failure) => failure,
+            };
+            match decide(&self.shared.config, failure.kind, attempt) {
+                Decision::Retry(delay) => {
+                    warn!(
+                        topic = %self.topic, partition = self.partition, offset, key = %key, attempt, kind = failure.kind.as_str(),
+                        "handler failed ({}): {}; retrying in {delay:?}", failure.class, failure.message
+                    );
+                    tokio::select! {
+                        () = self.draining.cancelled() => return false,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                decision => {
+                    return self
+                        .give_up(key, &fetched, &failure, attempt, decision)
+                        .await
+                }
             }
         }
+    }
+
+    /// One handler call, cancelled once it overruns `timeout`.
+    async fn attempt(&self, message: Message) -> Outcome {
+        let call = self.cancellation.child_token();
+        let handler = self
+            .shared
+            .handler
+            .on_message(Context::new(call.clone()), message);
+        tokio::pin!(handler);
+        let timeout = self.shared.config.timeout;
+        tokio::select! {
+            outcome = &mut handler => outcome,
+            () = tokio::time::sleep(timeout) => {
+                call.cancel();
+                // The handler should stop promptly now; one that ignores cancellation
+                // holds its key until the partition is released and abandons it.
+                handler.await;
+                Outcome::Failed(Failure {
+                    kind: FailureKind::Timeout,
+                    class: "Prosody::TimeoutError".to_owned(),
+                    message: format!("handler ran longer than the {timeout:?} timeout"),
+                })
+            }
+        }
+    }
+
+    fn decode(&self, key: &Arc<str>, fetched: &Fetched) -> Result<Message, Failure> {
+        let bad_input = |message: String| Failure {
+            kind: FailureKind::BadInput,
+            class: "Prosody::InvalidMessageError".to_owned(),
+            message,
+        };
+        if let Err(problem) = &fetched.key {
+            return Err(bad_input(format!("message {problem}")));
+        }
+        let payload = match fetched.payload.as_deref().map(serde_json::from_slice) {
+            Some(Ok(payload)) => payload,
+            Some(Err(problem)) => return Err(bad_input(format!("payload is not JSON: {problem}"))),
+            None => return Err(bad_input("message has no payload".to_owned())),
+        };
+        Ok(Message {
+            topic: Arc::clone(&self.topic),
+            partition: self.partition,
+            offset: fetched.offset,
+            key: Arc::clone(key),
+            timestamp: fetched.timestamp,
+            payload: Arc::new(payload),
+            headers: Arc::clone(&fetched.headers),
+        })
+    }
+
+    /// Ends a message's retries: writes it to the failure topic or logs and skips it.
+    /// A dead letter that cannot be written is retried until it is (or until cancellation),
+    /// so a message is never lost on the way to the failure topic.
+    async fn give_up(
+        &self,
+        key: &str,
+        fetched: &Fetched,
+        failure: &Failure,
+        attempts: u32,
+        decision: Decision,
+    ) -> bool {
+        let offset = fetched.offset;
+        let (Decision::DeadLetter, Some(topic), Some(producer)) = (
+            decision,
+            self.shared.config.failure_topic.as_deref(),
+            self.shared.dead_letters.as_ref(),
+        ) else {
+            error!(
+                topic = %self.topic, partition = self.partition, offset, key, attempts, kind = failure.kind.as_str(),
+                "skipping message after failure ({}): {}", failure.class, failure.message
+            );
+            return true;
+        };
+        let headers = dead_letter_headers(
+            &fetched.headers,
+            &self.topic,
+            self.partition,
+            offset,
+            failure,
+            attempts,
+        );
+        let payload = fetched.payload.as_deref().unwrap_or_default();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match producer.send_bytes(topic, key, payload, &headers).await {
+                Ok(()) => {
+                    warn!(
+                        topic = %self.topic, partition = self.partition, offset, key, attempts, kind = failure.kind.as_str(),
+                        failure_topic = topic, "message dead-lettered after failure ({}): {}", failure.class, failure.message
+                    );
+                    return true;
+                }
+                Err(problem) => {
+                    let delay = backoff(&self.shared.config, tries);
+                    error!(topic = %self.topic, partition = self.partition, offset, failure_topic = topic, "cannot dead-letter message; retrying in {delay:?}: {problem}");
+                    tokio::select! {
+                        () = self.cancellation.cancelled() => return false,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// True when the partition has unfinished work and finished nothing for `threshold`.
+    pub(crate) fn is_stalled(&self, threshold: Duration) -> bool {
+        let state = self.state();
+        state.offsets.pending() > 0 && state.last_progress.elapsed() >= threshold
     }
 
     /// Resumes a full partition once a quarter of its buffer is free again, so

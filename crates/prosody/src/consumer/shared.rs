@@ -14,6 +14,8 @@ use super::dispatch::DynHandler;
 use super::hooks::Hooks;
 use super::partition::PartitionManager;
 use crate::config::Config;
+use crate::probe::Health;
+use crate::producer::Producer;
 
 pub(crate) type TopicPartition = (Arc<str>, i32);
 pub(crate) type KafkaConsumer = BaseConsumer<Hooks>;
@@ -21,6 +23,8 @@ pub(crate) type KafkaConsumer = BaseConsumer<Hooks>;
 pub(crate) struct Shared {
     pub(crate) config: Arc<Config>,
     pub(crate) handler: Arc<dyn DynHandler>,
+    /// Writes failed messages to `failure_topic`, when one is configured.
+    pub(crate) dead_letters: Option<Arc<Producer>>,
     /// Bounds running handlers across all partitions to `max_concurrency`.
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) runtime: Handle,
@@ -39,6 +43,7 @@ impl Shared {
     pub(crate) fn new(
         config: Arc<Config>,
         handler: Arc<dyn DynHandler>,
+        dead_letters: Option<Arc<Producer>>,
         runtime: Handle,
     ) -> Arc<Self> {
         // One pending wake-up is enough: the poll thread looks at everything when it wakes.
@@ -49,6 +54,7 @@ impl Shared {
             permits: Arc::new(Semaphore::new(config.max_concurrency)),
             config,
             handler,
+            dead_letters,
             runtime,
             cancellation: CancellationToken::new(),
             partitions: Mutex::new(HashMap::new()),
@@ -84,7 +90,25 @@ impl Shared {
         self.partitions().values().cloned().collect()
     }
 
+    /// True when some partition has work and made no progress for `stall_threshold`.
+    pub(crate) fn is_stalled(&self) -> bool {
+        let threshold = self.config.stall_threshold;
+        self.managers()
+            .iter()
+            .any(|manager| manager.is_stalled(threshold))
+    }
+
     pub(crate) fn take_recommit(&self) -> bool {
         self.recommit.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl Health for Shared {
+    fn ready(&self) -> bool {
+        !self.partitions().is_empty()
+    }
+
+    fn live(&self) -> bool {
+        !self.is_stalled()
     }
 }
