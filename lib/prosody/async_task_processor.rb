@@ -122,6 +122,7 @@ module Prosody
       call = Call.new(nil, context)
       @calls[task_id] = call
       call.task = root.async { perform(task_id, context, message, completion) }
+      nil
     end
 
     def perform(task_id, context, message, completion)

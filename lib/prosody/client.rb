@@ -48,7 +48,9 @@ module Prosody
     def send_message(topic, key, payload, headers: {})
       check_text(topic, "topic")
       check_text(key, "key")
-      raise InvalidMessageError, "headers must be a Hash of String => String, got #{headers.class}" unless headers.is_a?(Hash)
+      unless headers.is_a?(Hash)
+        raise InvalidMessageError, "headers must be a Hash of String => String, got #{headers.class}"
+      end
 
       await { |queue| @native.send_message(topic, key, payload, headers, queue) }
     end
@@ -118,7 +120,8 @@ module Prosody
       case config
       when nil then Configuration.new(**options)
       when Configuration then options.empty? ? config : config.merge(**options)
-      else raise ConfigurationError, "Prosody::Client.new takes a Prosody::Configuration or keyword options, got #{config.class}"
+      else
+        raise ConfigurationError, "Prosody::Client.new takes a Configuration or keyword options, got #{config.class}"
       end
     end
 

@@ -81,7 +81,7 @@ module Prosody
     #
     # @return [Hash{String=>Object}]
     def to_native
-      @values.to_h { |name, value| [name.to_s, value] }
+      @values.transform_keys(&:to_s)
     end
 
     # Shows the options; values of secret-looking `kafka` settings are masked.
@@ -91,14 +91,14 @@ module Prosody
       shown = @values.to_h do |name, value|
         name == :kafka ? [name, mask(value)] : [name, value]
       end
-      "#<#{self.class.name} #{shown.map { |name, value| "#{name}=#{value.inspect}" }.join(' ')}>"
+      "#<#{self.class.name} #{shown.map { |name, value| "#{name}=#{value.inspect}" }.join(" ")}>"
     end
     alias to_s inspect
 
     private
 
     def unknown(name)
-      ConfigurationError.new("unknown option `#{name}` (known options: #{OPTIONS.keys.join(', ')})")
+      ConfigurationError.new("unknown option `#{name}` (known options: #{OPTIONS.keys.join(", ")})")
     end
 
     def invalid(name, reason)
@@ -161,7 +161,9 @@ module Prosody
       when String, Symbol then value.to_s
       when Numeric
         seconds = value.to_f
-        raise invalid(name, "expected a finite, non-negative number of seconds, got #{value}") unless seconds.finite? && seconds >= 0
+        unless seconds.finite? && seconds >= 0
+          raise invalid(name, "expected a finite, non-negative number of seconds, got #{value}")
+        end
 
         seconds
       else raise invalid(name, "expected seconds (Numeric) or a String like \"250ms\", got #{value.class}")

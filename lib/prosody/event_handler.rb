@@ -28,7 +28,7 @@ module Prosody
     # @return [void]
     # @raise [NotImplementedError] unless a subclass defines it
     def on_message(context, message)
-      raise NotImplementedError, "#{self.class.name || 'handler'} must define on_message(context, message)"
+      raise NotImplementedError, "#{self.class.name || "handler"} must define on_message(context, message)"
     end
 
     # Handles a timer that fired; only needed by handlers that schedule timers.
@@ -38,7 +38,7 @@ module Prosody
     # @return [void]
     # @raise [NotImplementedError] unless a subclass defines it
     def on_timer(context, timer)
-      raise NotImplementedError, "#{self.class.name || 'handler'} must define on_timer(context, timer) to use timers"
+      raise NotImplementedError, "#{self.class.name || "handler"} must define on_timer(context, timer) to use timers"
     end
   end
 end

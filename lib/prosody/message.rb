@@ -46,8 +46,8 @@ module Prosody
     # @return [Hash{Symbol=>Object}]
     def to_h
       {
-        topic: topic, partition: partition, offset: offset, key: key,
-        timestamp: timestamp, payload: payload, headers: headers
+        topic:, partition:, offset:, key:,
+        timestamp:, payload:, headers:
       }
     end
 

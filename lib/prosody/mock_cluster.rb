@@ -26,7 +26,10 @@ module Prosody
       # @raise [MockClusterError] if the cluster refuses
       def create_topic(name, partitions: 1)
         raise ArgumentError, "topic name must be a non-empty String" unless name.is_a?(String) && !name.empty?
-        raise ArgumentError, "partitions must be an Integer of at least 1" unless partitions.is_a?(Integer) && partitions >= 1
+
+        unless partitions.is_a?(Integer) && partitions >= 1
+          raise ArgumentError, "partitions must be an Integer of at least 1, got #{partitions.inspect}"
+        end
 
         Native.mock_create_topic(name, partitions)
       end

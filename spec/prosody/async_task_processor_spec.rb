@@ -1,0 +1,144 @@
+# frozen_string_literal: true
+
+RSpec.describe Prosody::AsyncTaskProcessor do
+  let(:processors) { [] }
+
+  after { processors.each(&:stop) }
+
+  def start(event_handler)
+    described_class.new(event_handler).start.tap { |processor| processors << processor }
+  end
+
+  def message(offset = 0, key: "k1")
+    Prosody::Message.new("orders", 3, offset, key, nil, { "n" => offset }, {})
+  end
+
+  def submit(processor, task_id, msg = message(task_id), context: ProsodySpec::FakeNativeContext.new)
+    completion = ProsodySpec::FakeCompletion.new
+    processor.submit(task_id, context, msg, completion)
+    completion
+  end
+
+  it "runs the handler with a Context and the message, then reports success" do
+    seen = Queue.new
+    processor = start(handler { |context, msg| seen << [context, msg] })
+    completion = submit(processor, 1)
+    expect(completion.outcome).to be_nil
+    context, msg = seen.pop
+    expect(context).to be_a(Prosody::Context)
+    expect(msg.offset).to eq(1)
+    expect(completion.outcomes.size).to eq(1)
+  end
+
+  it "runs calls concurrently, one fiber each, on the processor thread" do
+    started = []
+    threads = Queue.new
+    processor = start(handler do |_context, msg|
+      threads << Thread.current
+      started << msg.offset
+      # The first call can only finish once the second has started, which
+      # requires the first to yield while it waits.
+      sleep(0.001) until started.include?(2)
+    end)
+    first = submit(processor, 1)
+    second = submit(processor, 2)
+    expect([first.outcome, second.outcome]).to eq([nil, nil])
+    expect(threads.pop).to equal(threads.pop)
+  end
+
+  it "reports and logs a handler's exception, and keeps running" do
+    calls = Queue.new
+    logs = capture_logs do
+      processor = start(handler do |_context, msg|
+        calls << msg.offset
+        raise ArgumentError, "bad amount" if msg.offset == 7
+      end)
+      failed = submit(processor, 7, message(7, key: "acct-9"))
+      expect(failed.outcome).to be_a(ArgumentError).and(have_attributes(message: "bad amount"))
+      expect(submit(processor, 8).outcome).to be_nil
+    end
+    expect(logs.string).to include("topic=orders", "partition=3", "offset=7", 'key="acct-9"',
+                                   "ArgumentError: bad amount")
+  end
+
+  it "reports a handler without on_message as failed instead of dying" do
+    processor = start(Prosody::EventHandler.new)
+    capture_logs do
+      expect(submit(processor, 1).outcome).to be_a(NotImplementedError)
+      expect(submit(processor, 2).outcome).to be_a(NotImplementedError)
+    end
+    expect(processor).to be_running
+  end
+
+  it "releases on_cancel on cancellation, stops the call and runs its ensure blocks" do
+    log = Queue.new
+    processor = start(handler do |context, _msg|
+      context.on_cancel
+      log << [:released, context.should_cancel?]
+      sleep 30 # the processor stops the call here
+      log << :not_stopped
+    ensure
+      log << :ensure
+    end)
+    completion = submit(processor, 1)
+    processor.cancel(1)
+    expect(completion.outcome).to be_a(Prosody::CancelledError)
+    expect([log.pop, log.pop]).to eq([[:released, true], :ensure])
+    expect(log).to be_empty
+  end
+
+  it "stops a call that never looks at its context" do
+    ensured = Queue.new
+    processor = start(handler do |_context, _msg|
+      sleep 30
+    ensure
+      ensured << true
+    end)
+    completion = submit(processor, 1)
+    processor.cancel(1)
+    expect(completion.outcome).to be_a(Prosody::CancelledError).and(have_attributes(message: /offset=1/))
+    expect(ensured.pop).to be(true)
+  end
+
+  it "ignores the cancellation of a call that already finished" do
+    processor = start(handler { |_context, _msg| nil })
+    completion = submit(processor, 1)
+    expect(completion.outcome).to be_nil
+    processor.cancel(1)
+    processor.cancel(99)
+    expect(submit(processor, 2).outcome).to be_nil
+    expect(completion.outcomes).to eq([nil])
+  end
+
+  it "waits for calls in flight when stopped" do
+    finished = []
+    processor = start(handler do |_context, msg|
+      sleep 0.05
+      finished << msg.offset
+    end)
+    completions = (1..3).map { |id| submit(processor, id) }
+    processor.stop
+    expect(finished).to contain_exactly(1, 2, 3)
+    expect(completions.map(&:outcomes)).to eq([[nil], [nil], [nil]])
+    expect(processor).not_to be_running
+  end
+
+  it "reports calls submitted after stop as cancelled" do
+    processor = start(handler { |_context, _msg| nil })
+    processor.stop
+    expect(submit(processor, 1).outcome).to be_a(Prosody::CancelledError)
+  end
+
+  it "starts only once" do
+    processor = start(handler { |_context, _msg| nil })
+    expect { processor.start }.to raise_error(Prosody::StateError)
+  end
+
+  it "knows its own thread" do
+    on_thread = Queue.new
+    processor = start(handler { |_context, _msg| on_thread << processor.processor_thread? })
+    submit(processor, 1).outcome
+    expect(on_thread.pop).to be(true)
+    expect(processor.processor_thread?).to be(false)
+  end
+end

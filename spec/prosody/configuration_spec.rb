@@ -1,0 +1,85 @@
+# frozen_string_literal: true
+
+RSpec.describe Prosody::Configuration do
+  def error_for(**options)
+    described_class.new(**options)
+  rescue Prosody::ConfigurationError => e
+    e
+  else
+    raise "expected Prosody::ConfigurationError for #{options.inspect}"
+  end
+
+  it "knows every option of the options table" do
+    expect(described_class::OPTIONS.keys).to eq(
+      %i[bootstrap_servers group_id subscribed_topics source_system mock max_concurrency max_uncommitted
+         commit_interval poll_interval send_timeout shutdown_timeout kafka]
+    )
+  end
+
+  it "keeps only the options that were set, with String keys, for the native client" do
+    config = described_class.new(group_id: :billing, subscribed_topics: %i[a b], mock: true, source_system: nil)
+    expect(config.to_native).to eq("group_id" => "billing", "subscribed_topics" => %w[a b], "mock" => true)
+  end
+
+  it "converts durations to Float seconds and leaves unit strings to the native parser" do
+    config = described_class.new(commit_interval: 2, poll_interval: 0.25, send_timeout: "250ms",
+                                 shutdown_timeout: :"5s")
+    expect(config.to_native).to eq(
+      "commit_interval" => 2.0, "poll_interval" => 0.25, "send_timeout" => "250ms", "shutdown_timeout" => "5s"
+    )
+  end
+
+  it "accepts a String or a list for bootstrap servers and topics" do
+    config = described_class.new(bootstrap_servers: "a:9092,b:9092", subscribed_topics: "invoices")
+    expect(config[:bootstrap_servers]).to eq("a:9092,b:9092")
+    expect(config[:subscribed_topics]).to eq("invoices")
+  end
+
+  it "turns kafka passthrough settings into Strings" do
+    config = described_class.new(kafka: { "compression.type": :zstd, "linger.ms" => 5, "enable.idempotence" => true })
+    expect(config[:kafka]).to eq("compression.type" => "zstd", "linger.ms" => "5", "enable.idempotence" => "true")
+  end
+
+  it "names an unknown option and lists the known ones" do
+    error = error_for(group: "billing")
+    expect(error.message).to include("`group`", "group_id")
+  end
+
+  {
+    { group_id: 42 } => "group_id",
+    { group_id: "  " } => "group_id",
+    { subscribed_topics: ["a", 1] } => "subscribed_topics",
+    { mock: "yes" } => "mock",
+    { max_concurrency: 0 } => "max_concurrency",
+    { max_uncommitted: 1.5 } => "max_uncommitted",
+    { commit_interval: -1 } => "commit_interval",
+    { poll_interval: Float::NAN } => "poll_interval",
+    { send_timeout: [] } => "send_timeout",
+    { kafka: "acks=all" } => "kafka",
+    { kafka: { "acks" => [1] } } => "kafka"
+  }.each do |options, name|
+    it "names `#{name}` when given #{options.inspect}" do
+      expect(error_for(**options).message).to start_with("invalid option `#{name}`")
+    end
+  end
+
+  it "is frozen and merges into a new configuration" do
+    config = described_class.new(group_id: "a", mock: true)
+    merged = config.merge(group_id: "b")
+    expect(config).to be_frozen
+    expect(merged.to_h).to eq(group_id: "b", mock: true)
+    expect(config[:group_id]).to eq("a")
+  end
+
+  it "reports which options were set" do
+    config = described_class.new(group_id: "a")
+    expect(config.set?(:group_id)).to be(true)
+    expect(config.set?("mock")).to be(false)
+  end
+
+  it "masks secrets in inspect" do
+    config = described_class.new(kafka: { "sasl.password" => "hunter2", "security.protocol" => "SASL_SSL" })
+    expect(config.inspect).not_to include("hunter2")
+    expect(config.inspect).to include("SASL_SSL")
+  end
+end

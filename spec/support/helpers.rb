@@ -1,0 +1,93 @@
+# frozen_string_literal: true
+
+module ProsodySpec
+  # Helpers included in every example group.
+  module Helpers
+    # A topic (or group) name no other example uses.
+    #
+    # @param prefix [String]
+    # @return [String]
+    def unique_name(prefix = "spec")
+      "#{prefix}-#{SecureRandom.hex(6)}"
+    end
+
+    # Polls `condition` until it is truthy; fails the example at the deadline.
+    #
+    # @param timeout [Numeric] seconds
+    # @param interval [Numeric] seconds between polls
+    # @param description [String, nil] what was awaited, for the failure message
+    # @return [Object] the truthy value
+    def wait_for(timeout: 15, interval: 0.01, description: nil)
+      deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
+      loop do
+        result = yield
+        return result if result
+
+        if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+          raise RSpec::Expectations::ExpectationNotMetError,
+                "timed out after #{timeout}s waiting for #{description || "the condition"}"
+        end
+
+        sleep(interval)
+      end
+    end
+
+    # A client on the mock cluster whose topic exists; unsubscribed after the example.
+    # A producer-only client (no group_id) gets a source_system, which the
+    # native side requires to name it in the source-system header. The send
+    # timeout is generous because a fresh client's first send waits for the
+    # idempotent producer's id, which librdkafka retries on a 500ms timer.
+    #
+    # @param topic [String, nil] created with `partitions` partitions when given
+    # @param partitions [Integer]
+    # @param options [Hash] more client options (group_id, subscribed_topics, ...)
+    # @return [Prosody::Client]
+    def mock_client(topic: nil, partitions: 1, **options)
+      Prosody::MockCluster.create_topic(topic, partitions:) if topic
+      options = { source_system: "prosody-spec" }.merge(options) unless options.key?(:group_id)
+      options = { send_timeout: 10 }.merge(options)
+      client = Prosody::Client.new(mock: true, **options)
+      clients << client
+      client
+    end
+
+    # A consumer of `topic` in its own group (topic created first).
+    #
+    # @return [Prosody::Client]
+    def mock_consumer(topic, partitions: 1, **options)
+      mock_client(topic:, partitions:, group_id: unique_name("group"), subscribed_topics: topic,
+                  **options)
+    end
+
+    # A handler that runs the block for each message.
+    #
+    # @return [ProsodySpec::BlockHandler]
+    def handler(&)
+      BlockHandler.new(&)
+    end
+
+    # Runs the block with Prosody.logger writing to a StringIO; returns what was logged.
+    #
+    # @return [StringIO]
+    def capture_logs(level: Logger::DEBUG)
+      previous = Prosody.logger
+      output = StringIO.new
+      Prosody.logger = Logger.new(output, level:)
+      yield output
+      output
+    ensure
+      Prosody.logger = previous
+    end
+
+    # @return [Array<Prosody::Client>]
+    def clients
+      @clients ||= []
+    end
+
+    # Unsubscribes every client made by {#mock_client}.
+    def cleanup_clients
+      clients.each(&:unsubscribe)
+      clients.clear
+    end
+  end
+end
