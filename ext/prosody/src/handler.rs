@@ -19,7 +19,7 @@ use crate::convert::from_json;
 
 /// Why a Ruby handler call did not succeed.
 #[derive(Debug, thiserror::Error)]
-#[error("{class}: {message}")]
+#[error("{message}")]
 pub(crate) struct HandlerFailure {
     class: String,
     message: String,
@@ -39,6 +39,10 @@ impl HandlerFailure {
 impl ClassifyError for HandlerFailure {
     fn is_permanent(&self) -> bool {
         self.permanent
+    }
+
+    fn class_name(&self) -> String {
+        self.class.clone()
     }
 }
 
