@@ -120,6 +120,15 @@ impl NativeClient {
         self.client().assigned_partitions()
     }
 
+    fn is_stalled(&self) -> bool {
+        self.client().is_stalled()
+    }
+
+    /// The probe server's port while subscribed, else nil.
+    fn probe_port(&self) -> Option<u16> {
+        self.client().probe_address().map(|address| address.port())
+    }
+
     fn source_system(&self) -> String {
         self.client().source_system().to_owned()
     }
@@ -169,6 +178,8 @@ pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
         method!(NativeClient::assigned_partitions, 0),
     )?;
     class.define_method("source_system", method!(NativeClient::source_system, 0))?;
+    class.define_method("stalled?", method!(NativeClient::is_stalled, 0))?;
+    class.define_method("probe_port", method!(NativeClient::probe_port, 0))?;
     class.define_method("partition_stats", method!(NativeClient::partition_stats, 0))?;
     Ok(())
 }
