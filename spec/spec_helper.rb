@@ -5,6 +5,7 @@
 
 $LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
 
+require "async"
 require "logger"
 require "securerandom"
 require "stringio"

@@ -79,6 +79,18 @@ module ProsodySpec
       Prosody.logger = previous
     end
 
+    # Sends `count` messages from as many fibers at once, inside Async; keys
+    # cycle through `keys`. Returns once every send was acknowledged.
+    #
+    # @return [void]
+    def send_concurrently(client, topic, count, keys:, payload: ->(index) { { "seq" => index } })
+      Async do |task|
+        count.times.map do |index|
+          task.async { client.send_message(topic, keys[index % keys.size], payload.call(index)) }
+        end.each(&:wait)
+      end.wait # re-raises a failed send (a top-level Async task keeps its error)
+    end
+
     # @return [Array<Prosody::Client>]
     def clients
       @clients ||= []
