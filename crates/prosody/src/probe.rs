@@ -24,6 +24,8 @@ pub(crate) trait Health: Send + Sync + 'static {
 pub(crate) struct ProbeServer {
     address: SocketAddr,
     stop: CancellationToken,
+    /// Disconnects once the server task has closed its listener.
+    closed: std::sync::mpsc::Receiver<()>,
 }
 
 impl ProbeServer {
@@ -56,9 +58,25 @@ impl ProbeServer {
             }
         };
         let stop = CancellationToken::new();
-        runtime.spawn(serve(listener, health, stop.clone()));
+        let (closing, closed) = std::sync::mpsc::channel();
+        let token = stop.clone();
+        runtime.spawn(async move {
+            serve(listener, health, token).await;
+            drop(closing);
+        });
         info!(%address, "probe server listening (/readyz, /livez)");
-        Some(Self { address, stop })
+        Some(Self {
+            address,
+            stop,
+            closed,
+        })
+    }
+
+    /// Stops the server and waits (briefly, blocking) until its port is closed,
+    /// so nothing answers probes after `unsubscribe` returns.
+    pub(crate) fn shut_down(self) {
+        self.stop.cancel();
+        let _ = self.closed.recv_timeout(Duration::from_secs(1));
     }
 
     /// Where the server listens.

@@ -176,7 +176,9 @@ impl Subscription {
                 error!("the poll thread panicked during shutdown");
             }
         }
-        self.probe = None;
+        if let Some(probe) = self.probe.take() {
+            probe.shut_down();
+        }
     }
 }
 
