@@ -49,3 +49,30 @@ async fn every_produced_message_is_handled() {
         "every payload arrived"
     );
 }
+
+/// librdkafka's logs, rebalances and commit results queue up as events on the
+/// consumer's queue; a burst of them (here: debug logging) must not delay the
+/// assignment by one `poll_interval` per event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_client_events_does_not_delay_consumption() {
+    let topic = support::topic("delivery-events", 2);
+    support::produce(
+        &topic,
+        (0..100).map(|n| Record::json(&format!("key-{n}"), &json!({ "n": n }))),
+    );
+
+    let seen = Seen::default();
+    let builder = support::config(&support::unique("delivery-events"), &topic)
+        .poll_interval(std::time::Duration::from_millis(100))
+        .kafka("debug", "all");
+    let client = support::client(builder);
+    let started = std::time::Instant::now();
+    client.subscribe(seen.recorder()).expect("subscribe");
+    support::wait_until("all messages handled", || seen.positions().len() >= 100).await;
+    let elapsed = started.elapsed();
+    client.unsubscribe().await.expect("unsubscribe");
+    assert!(
+        elapsed < std::time::Duration::from_secs(5),
+        "took {elapsed:?} to consume 100 messages with debug logging on"
+    );
+}

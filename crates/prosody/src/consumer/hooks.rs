@@ -3,7 +3,7 @@
 //! Rebalance callbacks run on the poll thread, inside `poll`, so they never race
 //! with message dispatch.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -20,13 +20,27 @@ use super::shared::Shared;
 
 pub(crate) struct Hooks {
     shared: OnceLock<Arc<Shared>>,
+    /// Events served through these callbacks (logs, rebalances, commit results).
+    /// `BaseConsumer::poll(0)` returns `None` both for an empty queue and after
+    /// serving one such event; this count tells the two apart.
+    served: AtomicU64,
 }
 
 impl Hooks {
     pub(crate) fn new() -> Self {
         Self {
             shared: OnceLock::new(),
+            served: AtomicU64::new(0),
         }
+    }
+
+    /// How many events the callbacks have served so far.
+    pub(crate) fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    fn serve(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn set_shared(&self, shared: Arc<Shared>) {
@@ -36,6 +50,7 @@ impl Hooks {
 
 impl ClientContext for Hooks {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.serve();
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
@@ -52,12 +67,14 @@ impl ClientContext for Hooks {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.serve();
         warn!(target: "librdkafka", "{error}: {reason}");
     }
 }
 
 impl ConsumerContext for Hooks {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.serve();
         let (Some(shared), Rebalance::Revoke(list)) = (self.shared.get(), rebalance) else {
             return;
         };
@@ -135,6 +152,7 @@ impl ConsumerContext for Hooks {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        self.serve();
         if let Err(error) = result {
             warn!("commit failed; retrying on the next tick: {error}");
             if let Some(shared) = self.shared.get() {

@@ -192,6 +192,9 @@ impl Drop for Subscription {
     }
 }
 
+/// Most librdkafka events the poll thread serves before it fills partitions again.
+const EVENTS_PER_TURN: usize = 1_000;
+
 struct PollLoop {
     consumer: Arc<KafkaConsumer>,
     shared: Arc<Shared>,
@@ -221,10 +224,16 @@ impl PollLoop {
         let poll_interval = self.shared.config.poll_interval;
         while let Err(oneshot::error::TryRecvError::Empty) = self.stopped.try_recv() {
             let mut progressed = false;
-            while let Some(event) = self.consumer.poll(Duration::ZERO) {
-                match event {
-                    Ok(message) => self.dispatch(&message),
-                    Err(error) => warn!("consume error: {error}"),
+            // Bounded, so a stream of events cannot starve the partitions below.
+            for _ in 0..EVENTS_PER_TURN {
+                // poll(0) serves one event; `None` also follows a log, rebalance
+                // or commit event, so keep going while the callbacks see events.
+                let served = self.consumer.context().served();
+                match self.consumer.poll(Duration::ZERO) {
+                    Some(Ok(message)) => self.dispatch(&message),
+                    Some(Err(error)) => warn!("consume error: {error}"),
+                    None if self.consumer.context().served() != served => {}
+                    None => break,
                 }
                 progressed = true;
             }
