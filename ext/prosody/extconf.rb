@@ -10,7 +10,9 @@
 # runs `make clean`, `make` and `make install`).
 #
 # Environment: CARGO (the cargo binary), CARGO_TARGET_DIR (default: target/ next
-# to this file), PROSODY_CARGO_PROFILE (release by default).
+# to this file, removed after `make install` unless PROSODY_KEEP_TARGET is set, so
+# an installed gem does not keep the ~1 GB build tree), PROSODY_CARGO_PROFILE
+# (release by default).
 
 require "rbconfig"
 require "shellwords"
@@ -34,7 +36,9 @@ end
 
 gem_root = File.expand_path("../..", __dir__)
 cargo = find_cargo
-target_dir = ENV.fetch("CARGO_TARGET_DIR", File.join(__dir__, "target"))
+default_target_dir = File.join(__dir__, "target")
+target_dir = ENV.fetch("CARGO_TARGET_DIR", default_target_dir)
+remove_target = target_dir == default_target_dir && !ENV.key?("PROSODY_KEEP_TARGET")
 profile = ENV.fetch("PROSODY_CARGO_PROFILE", "release")
 profile_dir = profile == "dev" ? "debug" : profile
 darwin = RbConfig::CONFIG["host_os"].match?(/darwin/)
@@ -71,6 +75,7 @@ File.write("Makefile", <<~MAKE)
   install: $(EXTENSION)
   \tmkdir -p $(DESTDIR)$(sitearchdir)/prosody
   \tcp $(EXTENSION) $(DESTDIR)$(sitearchdir)/prosody/$(EXTENSION)
+  #{"\trm -rf #{shell(target_dir)}" if remove_target}
 
   clean:
   \trm -f $(EXTENSION)
