@@ -130,7 +130,9 @@ module Prosody
       begin
         @handler.on_message(context, message)
         outcome = nil
-      rescue StandardError, ScriptError => e
+      rescue StandardError, ScriptError, SystemStackError => e
+        # Anything a handler can reasonably raise, including NotImplementedError
+        # and deep recursion, is its failure; Async::Stop (cancellation) is not.
         outcome = e
         log_failure(message, e)
       ensure

@@ -70,6 +70,15 @@ RSpec.describe Prosody::AsyncTaskProcessor do
     expect(processor).to be_running
   end
 
+  it "reports a handler that overflows its stack as failed instead of dying" do
+    recurse = ->(depth) { recurse.call(depth + 1) + 1 }
+    processor = start(handler { |_context, msg| recurse.call(0) if msg.offset == 1 })
+    capture_logs do
+      expect(submit(processor, 1).outcome).to be_a(SystemStackError)
+      expect(submit(processor, 2).outcome).to be_nil
+    end
+  end
+
   it "releases on_cancel on cancellation, stops the call and runs its ensure blocks" do
     log = Queue.new
     processor = start(handler do |context, _msg|
