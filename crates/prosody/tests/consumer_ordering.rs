@@ -114,6 +114,7 @@ async fn each_key_runs_in_offset_order_while_keys_run_concurrently() {
     );
     assert_eq!(seen.len(), MESSAGES, "no offset handled twice");
     let peak = observed.peak.load(Ordering::SeqCst);
+    println!("peak concurrency inside the partition: {peak}");
     assert!(
         peak >= 8,
         "at most {peak} handlers ran at once inside the partition; expected at least 8"

@@ -10,7 +10,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use prosody::{ClassifyError, Client, Config, ConfigBuilder, Context, EventHandler, Message};
+use prosody::{
+    ClassifyError, Client, Config, ConfigBuilder, Context, EventHandler, Message, OptionValue,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
@@ -47,6 +49,9 @@ pub(crate) fn config(group: &str, topic: &str) -> ConfigBuilder {
         .shutdown_timeout(Duration::from_secs(5))
         .kafka("session.timeout.ms", "3000")
         .kafka("heartbeat.interval.ms", "250")
+        // Tests run side by side: none of them may hold the default probe port.
+        .set("probe_port", OptionValue::Bool(false))
+        .expect("probe_port is an option")
 }
 
 /// Builds a client from `builder`.
