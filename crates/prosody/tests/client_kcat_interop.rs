@@ -21,7 +21,7 @@ fn kcat(args: &[&str], input: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|error| {
-            panic!("cannot run kcat ({error}); install it with ./script/setup")
+            panic!("cannot run kcat ({error}): run ./script/setup to install it")
         });
     child
         .stdin
