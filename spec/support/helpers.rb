@@ -51,12 +51,14 @@ module ProsodySpec
       client
     end
 
-    # A consumer of `topic` in its own group (topic created first).
+    # A consumer of `topic` in its own group (topic created first). Its
+    # source_system differs from its group so that it sees what it sends itself
+    # (by default a group skips its own messages: loop prevention).
     #
     # @return [Prosody::Client]
     def mock_consumer(topic, partitions: 1, **options)
       mock_client(topic:, partitions:, group_id: unique_name("group"), subscribed_topics: topic,
-                  **options)
+                  source_system: "prosody-spec", **options)
     end
 
     # A handler that runs the block for each message.

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::runtime::Handle;
 
 use crate::config::Config;
-use crate::consumer::{ConsumerState, PartitionStats, Subscription};
+use crate::consumer::{ConsumerState, PartitionStats, SkipCounts, Subscription};
 use crate::error::{Error, Result};
 use crate::handler::EventHandler;
 use crate::mock;
@@ -159,6 +159,13 @@ impl Client {
         lock(&self.subscription)
             .as_ref()
             .and_then(Subscription::probe_address)
+    }
+
+    /// Messages skipped by the filters (own output, unwanted event types) since subscribing.
+    pub fn skip_counts(&self) -> SkipCounts {
+        lock(&self.subscription)
+            .as_ref()
+            .map_or_else(SkipCounts::default, Subscription::skip_counts)
     }
 
     /// Buffer statistics per assigned partition.

@@ -15,6 +15,7 @@ pub const OPTION_NAMES: &[&str] = &[
     "bootstrap_servers",
     "group_id",
     "subscribed_topics",
+    "allowed_events",
     "source_system",
     "mock",
     "max_concurrency",
@@ -107,6 +108,7 @@ pub struct Config {
     pub(crate) bootstrap_servers: Vec<String>,
     pub(crate) group_id: Option<String>,
     pub(crate) subscribed_topics: Vec<String>,
+    pub(crate) allowed_events: Option<Vec<String>>,
     pub(crate) source_system: String,
     pub(crate) mock: bool,
     pub(crate) max_concurrency: usize,
@@ -133,6 +135,7 @@ impl std::fmt::Debug for Config {
             .field("bootstrap_servers", &self.bootstrap_servers)
             .field("group_id", &self.group_id)
             .field("subscribed_topics", &self.subscribed_topics)
+            .field("allowed_events", &self.allowed_events)
             .field("source_system", &self.source_system)
             .field("mock", &self.mock)
             .field("max_concurrency", &self.max_concurrency)
@@ -173,6 +176,11 @@ impl Config {
     /// Topics the consumer subscribes to.
     pub fn subscribed_topics(&self) -> &[String] {
         &self.subscribed_topics
+    }
+
+    /// Prefixes of the payload `type` field this consumer processes; `None` means all.
+    pub fn allowed_events(&self) -> Option<&[String]> {
+        self.allowed_events.as_deref()
     }
 
     /// Written as the `source-system` header on every sent message.
@@ -436,6 +444,7 @@ impl Options {
         }
         let group_id = self.string("group_id")?;
         let subscribed_topics = self.list("subscribed_topics")?.unwrap_or_default();
+        let allowed_events = self.list("allowed_events")?;
         let source_system = match (self.string("source_system")?, &group_id) {
             (Some(source), _) => source,
             (None, Some(group)) => group.clone(),
@@ -513,6 +522,7 @@ impl Options {
             bootstrap_servers,
             group_id,
             subscribed_topics,
+            allowed_events,
             source_system,
             mock,
             max_concurrency: self.positive("max_concurrency")?.unwrap_or(32),

@@ -25,7 +25,7 @@ mod producer;
 
 pub use client::Client;
 pub use config::{Config, ConfigBuilder, Mode, OptionValue};
-pub use consumer::{ConsumerState, PartitionStats};
+pub use consumer::{ConsumerState, PartitionStats, SkipCounts};
 pub use error::{Error, Result};
 pub use handler::{ClassifyError, Context, EventHandler};
 pub use message::{Header, Message};

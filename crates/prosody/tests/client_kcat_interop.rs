@@ -77,6 +77,8 @@ async fn kcat_reads_what_prosody_produces() {
     let config = Config::builder()
         .mock(true)
         .source_system("billing-service")
+        // A fresh producer's first send waits for its idempotent producer id.
+        .send_timeout(std::time::Duration::from_secs(10))
         .build()
         .expect("config");
     let client = prosody::Client::new(config).expect("client");

@@ -10,6 +10,7 @@
 
 mod dispatch;
 mod failure;
+mod filter;
 mod hooks;
 mod offsets;
 mod partition;
@@ -27,6 +28,7 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
+pub use filter::SkipCounts;
 pub use partition::PartitionStats;
 
 use crate::config::Config;
@@ -148,6 +150,10 @@ impl Subscription {
 
     pub(crate) fn is_stalled(&self) -> bool {
         self.shared.is_stalled()
+    }
+
+    pub(crate) fn skip_counts(&self) -> SkipCounts {
+        self.shared.skips.snapshot()
     }
 
     pub(crate) fn probe_address(&self) -> Option<std::net::SocketAddr> {

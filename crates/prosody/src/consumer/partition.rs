@@ -18,6 +18,7 @@ use rdkafka::consumer::base_consumer::PartitionQueue;
 
 use super::dispatch::{Failure, FailureKind, Outcome};
 use super::failure::{backoff, dead_letter_headers, decide, Decision};
+use super::filter::{is_own, is_unwanted_type, Skip};
 use super::hooks::Hooks;
 use super::offsets::{Admission, OffsetTracker};
 use super::shared::Shared;
@@ -251,7 +252,13 @@ impl PartitionManager {
     /// cancellation (false, the message will run again under the next owner).
     async fn settle(&self, key: &Arc<str>, fetched: Fetched) -> bool {
         let offset = fetched.offset;
+        if is_own(&self.shared.config, &fetched.headers) {
+            return self.skip(key, offset, Skip::OwnMessage);
+        }
         let message = match self.decode(key, &fetched) {
+            Ok(message) if is_unwanted_type(&self.shared.config, message.payload()) => {
+                return self.skip(key, offset, Skip::EventType);
+            }
             Ok(message) => message,
             Err(failure) => {
                 return self
@@ -304,6 +311,13 @@ impl PartitionManager {
                 }
             }
         }
+    }
+
+    /// Counts a filtered message as done without running the handler.
+    fn skip(&self, key: &str, offset: i64, skip: Skip) -> bool {
+        debug!(topic = %self.topic, partition = self.partition, offset, key, "skipping message: {}", skip.as_str());
+        self.shared.skips.count(skip);
+        true
     }
 
     /// One handler call, cancelled once it overruns `timeout`.

@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::dispatch::DynHandler;
+use super::filter::SkipCounters;
 use super::hooks::Hooks;
 use super::partition::PartitionManager;
 use crate::config::Config;
@@ -23,6 +24,8 @@ pub(crate) type KafkaConsumer = BaseConsumer<Hooks>;
 pub(crate) struct Shared {
     pub(crate) config: Arc<Config>,
     pub(crate) handler: Arc<dyn DynHandler>,
+    /// Messages skipped by the filters, by reason.
+    pub(crate) skips: SkipCounters,
     /// Writes failed messages to `failure_topic`, when one is configured.
     pub(crate) dead_letters: Option<Arc<Producer>>,
     /// Bounds running handlers across all partitions to `max_concurrency`.
@@ -55,6 +58,7 @@ impl Shared {
             config,
             handler,
             dead_letters,
+            skips: SkipCounters::default(),
             runtime,
             cancellation: CancellationToken::new(),
             partitions: Mutex::new(HashMap::new()),
