@@ -48,10 +48,6 @@ impl Scripted {
             healed: Arc::default(),
         }
     }
-
-    fn attempts_of(&self, offset: i64) -> u32 {
-        lock(&self.attempts).get(&offset).copied().unwrap_or(0)
-    }
 }
 
 impl EventHandler for Scripted {
