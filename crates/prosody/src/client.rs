@@ -26,7 +26,7 @@ pub struct Client {
     config: Arc<Config>,
     bootstrap_servers: String,
     runtime: Handle,
-    producer: Mutex<Option<Arc<Producer>>>,
+    producer: Arc<Producer>,
     subscription: Mutex<Option<Subscription>>,
 }
 
@@ -39,11 +39,15 @@ impl Client {
         } else {
             config.bootstrap_servers.join(",")
         };
+        // Created now, not on first send: an idempotent producer needs a connection
+        // and a producer id before its first delivery (about half a second), and
+        // that should overlap with start-up rather than eat the first send_timeout.
+        let producer = Arc::new(Producer::new(&config, &bootstrap_servers)?);
         Ok(Self {
             config: Arc::new(config),
             bootstrap_servers,
             runtime,
-            producer: Mutex::new(None),
+            producer,
             subscription: Mutex::new(None),
         })
     }
@@ -63,15 +67,9 @@ impl Client {
         &self.config.source_system
     }
 
-    /// The producer, created on first use so consume-only clients never open one.
-    pub fn producer(&self) -> Result<Arc<Producer>> {
-        let mut producer = lock(&self.producer);
-        if let Some(producer) = producer.as_ref() {
-            return Ok(Arc::clone(producer));
-        }
-        let created = Arc::new(Producer::new(&self.config, &self.bootstrap_servers)?);
-        *producer = Some(Arc::clone(&created));
-        Ok(created)
+    /// The client's producer.
+    pub fn producer(&self) -> Arc<Producer> {
+        Arc::clone(&self.producer)
     }
 
     /// Sends a JSON payload and waits for the broker's acknowledgement.
@@ -82,7 +80,7 @@ impl Client {
         payload: &serde_json::Value,
         headers: &[(String, String)],
     ) -> Result<()> {
-        self.producer()?.send(topic, key, payload, headers).await
+        self.producer.send(topic, key, payload, headers).await
     }
 
     /// Starts consuming `subscribed_topics` as `group_id` with `handler`.
@@ -102,10 +100,7 @@ impl Client {
                 mock::ensure_topic(topic)?;
             }
         }
-        let dead_letters = match self.config.failure_topic {
-            Some(_) => Some(self.producer()?),
-            None => None,
-        };
+        let dead_letters = self.config.failure_topic.as_ref().map(|_| self.producer());
         let started = Subscription::start(
             Arc::clone(&self.config),
             &self.bootstrap_servers,

@@ -72,10 +72,16 @@ impl Subscription {
         let group_id = config.group_id.clone().unwrap_or_default();
         let mut client = config.client_config();
         // Defaults the passthrough may override.
-        for (key, value) in [
+        let mut defaults = vec![
             ("auto.offset.reset", "earliest"),
             ("partition.assignment.strategy", "cooperative-sticky"),
-        ] {
+        ];
+        if config.mock {
+            // The mock cluster holds a group for the session timeout after its last
+            // member leaves (44 s by default); a short session keeps restarts quick.
+            defaults.push(("session.timeout.ms", "6000"));
+        }
+        for (key, value) in defaults {
             if !config.kafka.contains_key(key) {
                 client.set(key, value);
             }
