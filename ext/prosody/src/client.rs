@@ -133,6 +133,15 @@ impl NativeClient {
         self.client().source_system().to_owned()
     }
 
+    /// Messages skipped by the filters: `{own_messages:, event_type:}`.
+    fn skip_counts(ruby: &Ruby, rb_self: &Self) -> Result<RHash, Error> {
+        let counts = rb_self.client().skip_counts();
+        let hash = ruby.hash_new();
+        hash.aset(ruby.to_symbol("own_messages"), counts.own_messages)?;
+        hash.aset(ruby.to_symbol("event_type"), counts.event_type)?;
+        Ok(hash)
+    }
+
     fn partition_stats(ruby: &Ruby, rb_self: &Self) -> Result<RArray, Error> {
         let stats = rb_self.client().partition_stats();
         let list = ruby.ary_new_capa(stats.len());
@@ -150,6 +159,11 @@ impl NativeClient {
         }
         Ok(list)
     }
+}
+
+/// Every option the core accepts, so the Ruby configuration cannot drift from it.
+fn option_names() -> Vec<&'static str> {
+    prosody::config::OPTION_NAMES.to_vec()
 }
 
 /// Pushes `nil` or the error's exception onto the caller's queue, on the bridge thread.
@@ -181,5 +195,7 @@ pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     class.define_method("stalled?", method!(NativeClient::is_stalled, 0))?;
     class.define_method("probe_port", method!(NativeClient::probe_port, 0))?;
     class.define_method("partition_stats", method!(NativeClient::partition_stats, 0))?;
+    class.define_method("skip_counts", method!(NativeClient::skip_counts, 0))?;
+    native.define_singleton_method("option_names", function!(option_names, 0))?;
     Ok(())
 }
