@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 
+use crate::timers::StoreError;
+
 /// Everything that can go wrong in Prosody's own API.
 ///
 /// Handler failures are not in here: a handler reports them through its own
@@ -49,6 +51,10 @@ pub enum Error {
     /// The in-process mock cluster could not be started or changed.
     #[error("mock cluster: {0}")]
     Mock(String),
+
+    /// The timer store failed; see [`StoreError::is_retriable`].
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl Error {
@@ -64,6 +70,7 @@ impl Error {
     pub fn is_retriable(&self) -> bool {
         match self {
             Self::SendTimeout { .. } => true,
+            Self::Store(error) => error.is_retriable(),
             Self::Kafka(error) => error.rdkafka_error_code().is_some_and(|code| {
                 !matches!(
                     code,

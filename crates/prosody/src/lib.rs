@@ -10,6 +10,7 @@
 //! - `message`: [`Message`], what handlers receive.
 //! - [`mock`]: the in-process mock Kafka cluster behind `mock: true`.
 //! - `probe`: the `/readyz` and `/livez` HTTP probe server.
+//! - `timers`: durable per-key timer storage ([`TimerStore`]: [`MemoryStore`], [`PostgresStore`]).
 //! - `error`: [`Error`], the crate's one error type.
 
 mod client;
@@ -22,6 +23,7 @@ mod message;
 pub mod mock;
 mod probe;
 mod producer;
+mod timers;
 
 pub use client::Client;
 pub use config::{Config, ConfigBuilder, Mode, OptionValue};
@@ -30,3 +32,4 @@ pub use error::{Error, Result};
 pub use handler::{ClassifyError, Context, EventHandler};
 pub use message::{Header, Message};
 pub use producer::{Producer, SOURCE_SYSTEM_HEADER};
+pub use timers::{MemoryStore, PartitionScope, PostgresStore, StoreError, StoreFuture, TimerStore};
