@@ -1,0 +1,502 @@
+//! Timer stores: one conformance suite run against both [`MemoryStore`] and
+//! [`PostgresStore`], then what only PostgreSQL has: migration by several
+//! processes at once, schema versions, configuration errors, and the database
+//! going away and coming back.
+//!
+//! The PostgreSQL tests need `PROSODY_TEST_DATABASE_URL`, which `./script/test`
+//! sets (it starts a private cluster with `./script/postgres`); they fail rather
+//! than skip without it. The outage test starts and stops a cluster of its own.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+
+use prosody::{MemoryStore, PartitionScope, PostgresStore, StoreError, TimerStore};
+use tokio::task::JoinSet;
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+/// The test database's URL, or a failure that says how to get one.
+fn database_url() -> String {
+    std::env::var("PROSODY_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!(
+            "PROSODY_TEST_DATABASE_URL is not set: run the PostgreSQL tests through ./script/test, \
+             or export PROSODY_TEST_DATABASE_URL=\"$(./script/postgres)\" first"
+        )
+    })
+}
+
+/// `url` with its database name replaced by `database`.
+fn with_database(url: &str, database: &str) -> String {
+    let (path, query) = match url.split_once('?') {
+        Some((path, query)) => (path, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let (base, _) = path.rsplit_once('/').expect("URL has a database path");
+    format!("{base}/{database}{query}")
+}
+
+/// A scope in a group no other test (or earlier run on the same database) uses.
+fn fresh_scope() -> PartitionScope {
+    PartitionScope::new(unique("group"), unique("topic"), 0)
+}
+
+fn pairs(items: &[(&str, i64)]) -> Vec<(String, i64)> {
+    items
+        .iter()
+        .map(|(key, at)| ((*key).to_owned(), *at))
+        .collect()
+}
+
+/// The conformance suite: the same checks against each store.
+macro_rules! conformance {
+    ($store:ident, $make:expr) => {
+        mod $store {
+            use super::*;
+
+            async fn store() -> Arc<dyn TimerStore> {
+                $make
+            }
+
+            #[tokio::test]
+            async fn schedule_unschedule_and_scheduled() {
+                let store = store().await;
+                let scope = fresh_scope();
+                assert!(store.scheduled(&scope, "k").await.unwrap().is_empty());
+                for at in [3_000, 1_000, 2_000] {
+                    assert!(store.schedule(&scope, "k", at).await.unwrap(), "new timer");
+                }
+                assert_eq!(
+                    store.scheduled(&scope, "k").await.unwrap(),
+                    vec![1_000, 2_000, 3_000]
+                );
+                assert!(store.unschedule(&scope, "k", 2_000).await.unwrap());
+                assert!(!store.unschedule(&scope, "k", 2_000).await.unwrap());
+                assert!(!store.unschedule(&scope, "other", 1_000).await.unwrap());
+                assert_eq!(
+                    store.scheduled(&scope, "k").await.unwrap(),
+                    vec![1_000, 3_000]
+                );
+            }
+
+            #[tokio::test]
+            async fn schedule_is_idempotent() {
+                let store = store().await;
+                let scope = fresh_scope();
+                assert!(store.schedule(&scope, "k", 5).await.unwrap());
+                assert!(!store.schedule(&scope, "k", 5).await.unwrap());
+                assert_eq!(store.scheduled(&scope, "k").await.unwrap(), vec![5]);
+                assert_eq!(store.due(&scope, i64::MAX, 10).await.unwrap().len(), 1);
+            }
+
+            #[tokio::test]
+            async fn clear_removes_only_that_key() {
+                let store = store().await;
+                let scope = fresh_scope();
+                for at in [1, 2, 3] {
+                    store.schedule(&scope, "a", at).await.unwrap();
+                }
+                store.schedule(&scope, "b", 2).await.unwrap();
+                assert_eq!(store.clear(&scope, "a").await.unwrap(), 3);
+                assert_eq!(store.clear(&scope, "a").await.unwrap(), 0);
+                assert!(store.scheduled(&scope, "a").await.unwrap().is_empty());
+                assert_eq!(
+                    store.due(&scope, i64::MAX, 10).await.unwrap(),
+                    pairs(&[("b", 2)])
+                );
+            }
+
+            #[tokio::test]
+            async fn clear_and_schedule_replaces_a_keys_timers() {
+                let store = store().await;
+                let scope = fresh_scope();
+                assert_eq!(store.clear_and_schedule(&scope, "k", 9).await.unwrap(), 0);
+                store.schedule(&scope, "k", 5).await.unwrap();
+                store.schedule(&scope, "other", 5).await.unwrap();
+                // The timer already at 9 stays and is not counted.
+                assert_eq!(store.clear_and_schedule(&scope, "k", 9).await.unwrap(), 1);
+                assert_eq!(store.scheduled(&scope, "k").await.unwrap(), vec![9]);
+                assert_eq!(store.clear_and_schedule(&scope, "k", 7).await.unwrap(), 1);
+                assert_eq!(store.scheduled(&scope, "k").await.unwrap(), vec![7]);
+                assert_eq!(store.scheduled(&scope, "other").await.unwrap(), vec![5]);
+            }
+
+            #[tokio::test]
+            async fn due_orders_by_time_then_key_and_respects_limit() {
+                let store = store().await;
+                let scope = fresh_scope();
+                let timers = [
+                    ("b", 20),
+                    ("a", 20),
+                    ("c", 10),
+                    ("a", 30),
+                    ("z", -5),
+                    ("d", 40),
+                ];
+                for (key, at) in timers {
+                    store.schedule(&scope, key, at).await.unwrap();
+                }
+                assert_eq!(
+                    store.due(&scope, 40, 100).await.unwrap(),
+                    pairs(&[("z", -5), ("c", 10), ("a", 20), ("b", 20), ("a", 30)]),
+                    "before_ms is exclusive"
+                );
+                assert_eq!(
+                    store.due(&scope, 40, 3).await.unwrap(),
+                    pairs(&[("z", -5), ("c", 10), ("a", 20)])
+                );
+                assert!(store.due(&scope, 40, 0).await.unwrap().is_empty());
+                assert!(store.due(&scope, -5, 10).await.unwrap().is_empty());
+                assert_eq!(
+                    store.due(&scope, i64::MAX, usize::MAX).await.unwrap().len(),
+                    6
+                );
+            }
+
+            #[tokio::test]
+            async fn due_after_pages_through_a_window() {
+                let store = store().await;
+                let scope = fresh_scope();
+                for key in ["k1", "k2", "k3", "k4", "k5"] {
+                    store.schedule(&scope, key, 100).await.unwrap();
+                }
+                store.schedule(&scope, "k0", 200).await.unwrap();
+                let mut seen = Vec::new();
+                let mut page = store.due(&scope, 1_000, 2).await.unwrap();
+                while let Some((key, at)) = page.last().cloned() {
+                    seen.extend(page);
+                    page = store.due_after(&scope, at, &key, 1_000, 2).await.unwrap();
+                }
+                assert_eq!(
+                    seen,
+                    pairs(&[
+                        ("k1", 100),
+                        ("k2", 100),
+                        ("k3", 100),
+                        ("k4", 100),
+                        ("k5", 100),
+                        ("k0", 200)
+                    ])
+                );
+                assert!(store
+                    .due_after(&scope, 100, "k5", 200, 10)
+                    .await
+                    .unwrap()
+                    .is_empty());
+                assert!(store
+                    .due_after(&scope, 500, "", 200, 10)
+                    .await
+                    .unwrap()
+                    .is_empty());
+            }
+
+            #[tokio::test]
+            async fn keys_compare_as_bytes_and_may_hold_anything() {
+                let store = store().await;
+                let scope = fresh_scope();
+                // Byte order: "" < "B" < "a" < "a\0" < "z" < "é" < "😀".
+                let keys = ["😀", "é", "z", "a\0", "a", "B", ""];
+                for key in keys {
+                    store.schedule(&scope, key, 1).await.unwrap();
+                }
+                let due: Vec<String> = store
+                    .due(&scope, 2, 100)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|(key, _)| key)
+                    .collect();
+                let mut expected: Vec<String> = keys.iter().map(|key| (*key).to_owned()).collect();
+                expected.sort();
+                assert_eq!(due, expected);
+                assert_eq!(store.scheduled(&scope, "a\0").await.unwrap(), vec![1]);
+                assert_eq!(store.scheduled(&scope, "").await.unwrap(), vec![1]);
+            }
+
+            #[tokio::test]
+            async fn scopes_are_isolated() {
+                let store = store().await;
+                let base = fresh_scope();
+                let scopes = [
+                    base.clone(),
+                    PartitionScope::new(unique("group"), base.topic.clone(), 0),
+                    PartitionScope::new(base.group.clone(), unique("topic"), 0),
+                    PartitionScope::new(base.group.clone(), base.topic.clone(), 1),
+                ];
+                for (index, scope) in scopes.iter().enumerate() {
+                    let at = i64::try_from(index).unwrap();
+                    store.schedule(scope, "k", at).await.unwrap();
+                }
+                for (index, scope) in scopes.iter().enumerate() {
+                    let at = i64::try_from(index).unwrap();
+                    assert_eq!(store.scheduled(scope, "k").await.unwrap(), vec![at]);
+                    assert_eq!(
+                        store.due(scope, 100, 10).await.unwrap(),
+                        vec![("k".to_owned(), at)]
+                    );
+                }
+                assert_eq!(store.clear(&scopes[0], "k").await.unwrap(), 1);
+                assert!(!store.unschedule(&scopes[0], "k", 1).await.unwrap());
+                for scope in &scopes[1..] {
+                    assert_eq!(store.scheduled(scope, "k").await.unwrap().len(), 1);
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_calls_all_land() {
+                let store = store().await;
+                let scope = Arc::new(fresh_scope());
+                let mut tasks = JoinSet::new();
+                for index in 0..400_i64 {
+                    let (store, scope) = (Arc::clone(&store), Arc::clone(&scope));
+                    tasks.spawn(async move {
+                        let key = format!("key-{}", index % 20);
+                        store.schedule(&scope, &key, index).await.unwrap();
+                        // Every other one twice, concurrently with the rest.
+                        if index % 2 == 0 {
+                            assert!(!store.schedule(&scope, &key, index).await.unwrap());
+                        }
+                    });
+                }
+                while let Some(result) = tasks.join_next().await {
+                    result.unwrap();
+                }
+                let due = store.due(&scope, i64::MAX, 1_000).await.unwrap();
+                assert_eq!(due.len(), 400);
+                assert!(due.windows(2).all(|pair| pair[0].1 < pair[1].1));
+                assert_eq!(store.scheduled(&scope, "key-7").await.unwrap().len(), 20);
+            }
+        }
+    };
+}
+
+conformance!(memory, Arc::new(MemoryStore::new()));
+conformance!(
+    postgres,
+    Arc::new(
+        PostgresStore::connect(&database_url())
+            .await
+            .expect("connect to PROSODY_TEST_DATABASE_URL")
+    )
+);
+
+/// A database of its own on the test server, dropped when the value is.
+struct ScratchDatabase {
+    admin: tokio_postgres::Client,
+    name: String,
+    url: String,
+}
+
+impl ScratchDatabase {
+    async fn create() -> Self {
+        let admin_url = database_url();
+        let (admin, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to PROSODY_TEST_DATABASE_URL");
+        tokio::spawn(connection);
+        let name = unique("prosody_scratch").replace('-', "_");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create scratch database");
+        let url = with_database(&admin_url, &name);
+        Self { admin, name, url }
+    }
+
+    async fn drop(self) {
+        self.admin
+            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .await
+            .expect("drop scratch database");
+    }
+
+    async fn query_one_i64(&self, sql: &str) -> i64 {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to scratch database");
+        tokio::spawn(connection);
+        client.query_one(sql, &[]).await.expect(sql).get(0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connects_migrate_a_fresh_database_once() {
+    let database = ScratchDatabase::create().await;
+    let mut connects = JoinSet::new();
+    for _ in 0..4 {
+        let url = database.url.clone();
+        connects.spawn(async move { PostgresStore::connect(&url).await });
+    }
+    let mut stores = Vec::new();
+    while let Some(result) = connects.join_next().await {
+        stores.push(result.unwrap().expect("every concurrent connect succeeds"));
+    }
+    assert_eq!(stores.len(), 4);
+
+    let scope = fresh_scope();
+    for (index, store) in stores.iter().enumerate() {
+        store
+            .schedule(&scope, "k", i64::try_from(index).unwrap())
+            .await
+            .unwrap();
+    }
+    for store in &stores {
+        assert_eq!(
+            store.scheduled(&scope, "k").await.unwrap(),
+            vec![0, 1, 2, 3]
+        );
+    }
+    assert_eq!(
+        database
+            .query_one_i64(
+                "SELECT version::bigint FROM prosody_schema_version WHERE component = 'timers'"
+            )
+            .await,
+        1
+    );
+    drop(stores);
+    database.drop().await;
+}
+
+#[tokio::test]
+async fn a_newer_schema_is_refused() {
+    let database = ScratchDatabase::create().await;
+    drop(PostgresStore::connect(&database.url).await.unwrap());
+    database
+        .query_one_i64(
+            "WITH bumped AS (UPDATE prosody_schema_version SET version = 99
+             WHERE component = 'timers' RETURNING 1) SELECT count(*) FROM bumped",
+        )
+        .await;
+    let error = PostgresStore::connect(&database.url).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            StoreError::SchemaTooNew {
+                found: 99,
+                supported: 1
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(!error.is_retriable());
+    database.drop().await;
+}
+
+#[tokio::test]
+async fn bad_configuration_is_not_retriable_and_hides_the_password() {
+    let url = database_url();
+    for bad in [
+        "postgres://user:s3cret@127.0.0.1:notaport/db".to_owned(),
+        "postgres://user:s3cret@127.0.0.1/db?sslmode=require".to_owned(),
+        with_database(&url, "prosody_no_such_database"),
+    ] {
+        let error = PostgresStore::connect(&bad).await.unwrap_err();
+        assert!(
+            matches!(error, StoreError::Configuration { .. }),
+            "{bad}: {error:?}"
+        );
+        assert!(!error.is_retriable());
+        assert!(!error.to_string().contains("s3cret"), "{error}");
+        assert!(!prosody::Error::from(error).is_retriable());
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_retriable() {
+    let _ = database_url();
+    let port = free_port();
+    let error = PostgresStore::connect(&format!("postgres://postgres@127.0.0.1:{port}/db"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    assert!(error.is_retriable());
+    assert!(prosody::Error::from(error).is_retriable());
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// A PostgreSQL cluster of this test's own, run by `script/postgres`, which
+/// the test can stop and start. Stopped and deleted on drop, even on failure.
+struct OwnCluster {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl OwnCluster {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique("prosody-pg"));
+        Self {
+            dir,
+            port: free_port(),
+        }
+    }
+
+    fn script(&self, command: &str) -> String {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../script/postgres");
+        let output = Command::new(script)
+            .arg(command)
+            .env("PROSODY_PG_DIR", &self.dir)
+            .env("PROSODY_PG_PORT", self.port.to_string())
+            .env_remove("PROSODY_PG_HOLDER")
+            .output()
+            .expect("run script/postgres");
+        assert!(
+            output.status.success(),
+            "script/postgres {command}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        if self.dir.exists() {
+            let _ = std::panic::catch_unwind(|| self.script("stop"));
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn assert_unavailable<T: std::fmt::Debug>(result: Result<T, StoreError>) {
+    let error = result.expect_err("the database is down");
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    assert!(error.is_retriable(), "{error}");
+}
+
+// Multi-threaded so the driver's connection task runs while the test blocks on
+// script/postgres, as it would in an application.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_survives_the_database_going_away() {
+    let _ = database_url();
+    let cluster = OwnCluster::new();
+    let url = cluster.script("start");
+    let store = PostgresStore::connect(&url).await.expect("connect");
+    let scope = fresh_scope();
+    store.schedule(&scope, "k", 1).await.unwrap();
+
+    // Down: the call that finds the connection gone, and calls while the
+    // server refuses connections, fail with a retriable error.
+    cluster.script("stop");
+    assert_unavailable(store.scheduled(&scope, "k").await);
+    assert_unavailable(store.schedule(&scope, "k", 2).await);
+    assert_unavailable(store.due(&scope, 10, 10).await);
+
+    // Back: the next call reconnects, and the data is still there.
+    cluster.script("start");
+    assert_eq!(store.scheduled(&scope, "k").await.unwrap(), vec![1]);
+    store.schedule(&scope, "k", 2).await.unwrap();
+
+    // A restart while idle is noticed before the next call, which just works.
+    cluster.script("stop");
+    cluster.script("start");
+    assert_eq!(store.scheduled(&scope, "k").await.unwrap(), vec![1, 2]);
+}
