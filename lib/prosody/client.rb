@@ -101,6 +101,32 @@ module Prosody
       @native.source_system
     end
 
+    # True while a partition has work but has finished nothing for
+    # `stall_threshold` (the probe server's `/livez` then answers 503).
+    #
+    # @return [Boolean]
+    def stalled?
+      @native.stalled?
+    end
+    alias is_stalled? stalled?
+
+    # The port the HTTP probe server (`/readyz`, `/livez`) listens on. With
+    # `probe_port: 0` this is the free port that was picked.
+    #
+    # @return [Integer, nil] nil when not subscribed or when probes are off
+    def probe_port
+      @native.probe_port
+    end
+
+    # Messages the consumer skipped without calling the handler, since the client was built.
+    #
+    # @return [Hash{Symbol=>Integer}] :own_messages (the `source-system` header equals this
+    #   consumer's group_id: loop prevention) and :event_type (the payload's `type` does not
+    #   start with one of `allowed_events`)
+    def skip_counts
+      @native.skip_counts
+    end
+
     # Buffer statistics per assigned partition.
     #
     # @return [Array<Hash{Symbol=>Object}>] each with :topic, :partition, :buffered,

@@ -17,12 +17,21 @@ module Prosody
   #     commit_interval: "500ms"
   #   )
   #   client = Prosody::Client.new(config)
+  #
+  # @example Failure handling
+  #   Prosody::Configuration.new(
+  #     group_id: "billing", subscribed_topics: "invoices",
+  #     mode: :low_latency, max_retries: 5, retry_base: "50ms", failure_topic: "invoices.dead",
+  #     timeout: 30, probe_port: 9100
+  #   )
   class Configuration
-    # Option name => kind of value it takes. The kinds are checked by {#convert}.
+    # Option name => kind of value it takes, checked by {#convert}. The same
+    # names as the native core (a spec compares them with Native.option_names).
     OPTIONS = {
       bootstrap_servers: :list,
       group_id: :name,
       subscribed_topics: :list,
+      allowed_events: :list,
       source_system: :name,
       mock: :flag,
       max_concurrency: :count,
@@ -31,8 +40,36 @@ module Prosody
       poll_interval: :duration,
       send_timeout: :duration,
       shutdown_timeout: :duration,
+      mode: :mode,
+      max_retries: :whole,
+      retry_base: :duration,
+      max_retry_delay: :duration,
+      failure_topic: :name,
+      timeout: :duration,
+      stall_threshold: :duration,
+      probe_port: :port,
+      database_url: :name,
+      state_store: :name,
       kafka: :settings
     }.freeze
+
+    # Kind of option => the private method that checks and converts its value.
+    CONVERTERS = {
+      name: :name_value, list: :list_value, flag: :flag_value, count: :positive_value, whole: :whole_value,
+      duration: :duration_value, mode: :mode_value, port: :port_value, settings: :settings_value
+    }.freeze
+    private_constant :CONVERTERS
+
+    # Failure-handling modes (see the options table).
+    MODES = %i[pipeline low_latency best_effort].freeze
+
+    # Values of probe_port that turn the probe server off, besides false.
+    PROBE_OFF = %w[none false off].freeze
+    private_constant :PROBE_OFF
+
+    # Options whose whole value {#inspect} never shows (they may carry credentials).
+    SECRET_OPTIONS = %i[database_url].freeze
+    private_constant :SECRET_OPTIONS
 
     # Settings in the `kafka` passthrough whose values are never shown by {#inspect}.
     SECRET_SETTING = /password|secret|token|key|pem|jaas|credential/i
@@ -89,6 +126,8 @@ module Prosody
     # @return [String]
     def inspect
       shown = @values.to_h do |name, value|
+        next [name, "[FILTERED]"] if SECRET_OPTIONS.include?(name)
+
         name == :kafka ? [name, mask(value)] : [name, value]
       end
       "#<#{self.class.name} #{shown.map { |name, value| "#{name}=#{value.inspect}" }.join(" ")}>"
@@ -106,16 +145,7 @@ module Prosody
     end
 
     def convert(name, kind, value)
-      return nil if value.nil?
-
-      case kind
-      when :name then name_value(name, value)
-      when :list then list_value(name, value)
-      when :flag then flag_value(name, value)
-      when :count then count_value(name, value)
-      when :duration then duration_value(name, value)
-      else settings_value(name, value)
-      end
+      value.nil? ? nil : send(CONVERTERS.fetch(kind), name, value)
     end
 
     def name_value(name, value)
@@ -143,12 +173,21 @@ module Prosody
       raise invalid(name, "expected true or false, got #{value.inspect}")
     end
 
+    def positive_value(name, value)
+      count_value(name, value, minimum: 1)
+    end
+
+    # Retries after the first attempt: zero is allowed (give up at once).
+    def whole_value(name, value)
+      count_value(name, value, minimum: 0)
+    end
+
     # Integers are checked here; Strings (e.g. from ENV) are parsed natively.
-    def count_value(name, value)
+    def count_value(name, value, minimum:)
       case value
       when String then value
       when Integer
-        raise invalid(name, "must be at least 1, got #{value}") if value < 1
+        raise invalid(name, "must be at least #{minimum}, got #{value}") if value < minimum
 
         value
       else raise invalid(name, "expected a whole number, got #{value.class}")
@@ -168,6 +207,32 @@ module Prosody
         seconds
       else raise invalid(name, "expected seconds (Numeric) or a String like \"250ms\", got #{value.class}")
       end
+    end
+
+    # A Symbol from {MODES}; Strings may be spelled "low-latency" or ":best_effort".
+    def mode_value(name, value)
+      text = textual(value) or raise invalid(name, "expected a Symbol or String, got #{value.class}")
+      mode = text.strip.delete_prefix(":").downcase.tr("-", "_").to_sym
+      return mode if MODES.include?(mode)
+
+      raise invalid(name, "expected one of #{MODES.map(&:inspect).join(", ")}, got #{value.inspect}")
+    end
+
+    # A port (0 picks a free one), or false / "none" for no probe server.
+    def port_value(name, value)
+      port = port_number(value)
+      return port if port == false || (port.is_a?(Integer) && port.between?(0, 65_535))
+
+      raise invalid(name, "expected a port number (0-65535), false or \"none\", got #{value.inspect}")
+    end
+
+    # false for "off" spellings, an Integer for digits, else the value unchanged.
+    def port_number(value)
+      text = textual(value)&.strip&.downcase
+      return false if PROBE_OFF.include?(text)
+      return Integer(text, 10) if text&.match?(/\A\d+\z/)
+
+      value
     end
 
     def settings_value(name, value)

@@ -9,11 +9,8 @@ RSpec.describe Prosody::Configuration do
     raise "expected Prosody::ConfigurationError for #{options.inspect}"
   end
 
-  it "knows every option of the options table" do
-    expect(described_class::OPTIONS.keys).to eq(
-      %i[bootstrap_servers group_id subscribed_topics source_system mock max_concurrency max_uncommitted
-         commit_interval poll_interval send_timeout shutdown_timeout kafka]
-    )
+  it "knows exactly the options the native core accepts" do
+    expect(described_class::OPTIONS.keys.map(&:to_s)).to match_array(Prosody::Native.option_names)
   end
 
   it "keeps only the options that were set, with String keys, for the native client" do
@@ -40,6 +37,24 @@ RSpec.describe Prosody::Configuration do
     expect(config[:kafka]).to eq("compression.type" => "zstd", "linger.ms" => "5", "enable.idempotence" => "true")
   end
 
+  it "normalises the mode to a Symbol and rejects unknown modes" do
+    expect(described_class.new(mode: "low-latency")[:mode]).to eq(:low_latency)
+    expect(described_class.new(mode: :best_effort).to_native).to eq("mode" => :best_effort)
+    expect(error_for(mode: :fastest).message).to start_with("invalid option `mode`")
+  end
+
+  it "accepts a probe port, or false / none to turn probes off" do
+    config = described_class.new(state_store: :memory, probe_port: false, max_retries: 0)
+    expect(config.to_native).to eq("state_store" => "memory", "probe_port" => false, "max_retries" => 0)
+    expect(described_class.new(probe_port: :none)[:probe_port]).to be(false)
+    expect(described_class.new(probe_port: "9000")[:probe_port]).to eq(9000)
+    expect(described_class.new(probe_port: 0)[:probe_port]).to eq(0)
+  end
+
+  it "accepts allowed event prefixes as a list" do
+    expect(described_class.new(allowed_events: %i[invoice. payment.])[:allowed_events]).to eq(%w[invoice. payment.])
+  end
+
   it "names an unknown option and lists the known ones" do
     error = error_for(group: "billing")
     expect(error.message).to include("`group`", "group_id")
@@ -56,7 +71,12 @@ RSpec.describe Prosody::Configuration do
     { poll_interval: Float::NAN } => "poll_interval",
     { send_timeout: [] } => "send_timeout",
     { kafka: "acks=all" } => "kafka",
-    { kafka: { "acks" => [1] } } => "kafka"
+    { kafka: { "acks" => [1] } } => "kafka",
+    { max_retries: -1 } => "max_retries",
+    { probe_port: 70_000 } => "probe_port",
+    { probe_port: true } => "probe_port",
+    { mode: 1 } => "mode",
+    { timeout: [1] } => "timeout"
   }.each do |options, name|
     it "names `#{name}` when given #{options.inspect}" do
       expect(error_for(**options).message).to start_with("invalid option `#{name}`")
@@ -78,8 +98,11 @@ RSpec.describe Prosody::Configuration do
   end
 
   it "masks secrets in inspect" do
-    config = described_class.new(kafka: { "sasl.password" => "hunter2", "security.protocol" => "SASL_SSL" })
-    expect(config.inspect).not_to include("hunter2")
-    expect(config.inspect).to include("SASL_SSL")
+    config = described_class.new(
+      kafka: { "sasl.password" => "hunter2", "security.protocol" => "SASL_SSL" },
+      database_url: "postgres://app:hunter3@db/prosody"
+    )
+    expect(config.inspect).not_to include("hunter2", "hunter3")
+    expect(config.inspect).to include("SASL_SSL", "database_url=")
   end
 end

@@ -45,7 +45,8 @@ module ProsodySpec
     def mock_client(topic: nil, partitions: 1, **options)
       Prosody::MockCluster.create_topic(topic, partitions:) if topic
       options = { source_system: "prosody-spec" }.merge(options) unless options.key?(:group_id)
-      options = { send_timeout: 10 }.merge(options)
+      # Many clients run at once here; probe servers would fight over port 8000.
+      options = { send_timeout: 10, probe_port: false }.merge(options)
       client = Prosody::Client.new(mock: true, **options)
       clients << client
       client
