@@ -9,18 +9,24 @@ module Prosody
   #
   # Returning normally marks the message done. Raising marks it failed:
   # {PermanentError} (or a subclass) means retrying cannot help; anything else
-  # counts as transient. Cancellation (partition revoked, shutdown) raises
-  # `Async::Stop` at the handler's next yield point, so `ensure` blocks run.
+  # counts as transient and is retried according to the client's `mode`. The
+  # class macros `permanent` and `transient` ({ErrorClassification}) classify
+  # other exceptions without rescuing them by hand; subclasses inherit them.
+  # Cancellation (partition revoked, timeout, shutdown) raises `Async::Stop` at
+  # the handler's next yield point, so `ensure` blocks run.
   #
   # @example
   #   class InvoiceHandler < Prosody::EventHandler
+  #     permanent :on_message, KeyError, JSON::ParserError
+  #
   #     def on_message(context, message)
   #       return if context.should_cancel?
   #
-  #       Invoices.record(message.key, message.payload)
+  #       Invoices.record(message.key, message.payload.fetch("amount"))
   #     end
   #   end
   class EventHandler
+    extend ErrorClassification
     # Handles one message.
     #
     # @param context [Context] cancellation for this call
