@@ -1,8 +1,8 @@
 # frozen_string_literal: true
 
-# Prosody on the in-process mock Kafka cluster, with default options: 10,000
-# messages over 100 keys go to a one-partition topic, and a handler that sleeps
-# 2-5 ms (fiber-friendly) consumes them. Prints throughput, the highest number
+# Prosody on the in-process mock Kafka cluster, with default options: a producer
+# client sends 10,000 messages over 100 keys to a one-partition topic, and a
+# consumer client's handler, sleeping 2-5 ms (fiber-friendly), consumes them. Prints throughput, the highest number
 # of handlers seen running at once inside the partition, and the per-key order
 # check; exits non-zero if any key ran out of order or a message went missing.
 #
@@ -15,6 +15,9 @@ require "prosody"
 class Demo
   TOPIC = "demo-events"
   GROUP = "demo"
+  # A consumer skips messages whose source-system header is its own group (loop
+  # prevention), so the messages come from a separate producer client.
+  PRODUCER = "demo-producer"
 
   # Watches every handler call: keys must see their sequence numbers in order,
   # one call at a time; counts concurrency per partition.
@@ -93,14 +96,15 @@ class Demo
   end
 
   def run
+    producer = Prosody::Client.new(mock: true, source_system: PRODUCER)
+    consumer = Prosody::Client.new(mock: true, group_id: GROUP, subscribed_topics: TOPIC)
     Prosody::MockCluster.create_topic(TOPIC, partitions: 1)
-    client = Prosody::Client.new(mock: true, group_id: GROUP, subscribed_topics: TOPIC)
     puts "prosody demo: #{@messages} messages, #{@keys.size} keys, 1 partition (mock cluster, default options)"
-    report("sent", measure { send_all(client) })
-    report("handled", measure { consume_all(client) })
+    report("sent", measure { send_all(producer) })
+    report("handled", measure { consume_all(consumer) })
     check
   ensure
-    client&.unsubscribe
+    consumer&.unsubscribe
   end
 
   private
