@@ -32,8 +32,21 @@ pub const OPTION_NAMES: &[&str] = &[
     "timeout",
     "stall_threshold",
     "probe_port",
+    "database_url",
+    "state_store",
     "kafka",
 ];
+
+/// Where timers live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateStore {
+    /// PostgreSQL when `database_url` is set, memory in mock mode, else none.
+    Auto,
+    /// PostgreSQL at `database_url` (required).
+    Postgres,
+    /// Process memory: not durable across restarts.
+    Memory,
+}
 
 /// What happens to a message whose handler keeps failing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +138,8 @@ pub struct Config {
     pub(crate) timeout: Duration,
     pub(crate) stall_threshold: Duration,
     pub(crate) probe_port: Option<u16>,
+    pub(crate) database_url: Option<String>,
+    pub(crate) state_store: StateStore,
     pub(crate) kafka: BTreeMap<String, String>,
 }
 
@@ -152,6 +167,9 @@ impl std::fmt::Debug for Config {
             .field("timeout", &self.timeout)
             .field("stall_threshold", &self.stall_threshold)
             .field("probe_port", &self.probe_port)
+            // The URL may carry a password.
+            .field("database_url", &self.database_url.as_ref().map(|_| "<set>"))
+            .field("state_store", &self.state_store)
             .field("kafka", &self.kafka.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -261,6 +279,16 @@ impl Config {
     /// Port of the `/readyz` and `/livez` probe server, if enabled.
     pub fn probe_port(&self) -> Option<u16> {
         self.probe_port
+    }
+
+    /// PostgreSQL connection URL for timers.
+    pub fn database_url(&self) -> Option<&str> {
+        self.database_url.as_deref()
+    }
+
+    /// Where timers live.
+    pub fn state_store(&self) -> StateStore {
+        self.state_store
     }
 
     /// Extra librdkafka settings passed through unchanged.
@@ -510,7 +538,41 @@ impl Options {
             }
         };
         let probe_port = self.port("probe_port")?;
+        let database_url = self.string("database_url")?;
+        let state_store = match self.take("state_store") {
+            None => StateStore::Auto,
+            Some(OptionValue::Str(text)) => match text
+                .trim()
+                .trim_start_matches(':')
+                .to_ascii_lowercase()
+                .as_str()
+            {
+                "auto" => StateStore::Auto,
+                "postgres" | "postgresql" => StateStore::Postgres,
+                "memory" => StateStore::Memory,
+                _ => {
+                    return Err(Error::config(
+                        "state_store",
+                        format!("expected auto, postgres or memory, got `{text}`"),
+                    ))
+                }
+            },
+            Some(other) => {
+                return Err(Error::config(
+                    "state_store",
+                    format!("expected a store name, got {}", describe(&other)),
+                ))
+            }
+        };
+        if state_store == StateStore::Postgres && database_url.is_none() {
+            return Err(Error::config(
+                "database_url",
+                "required when state_store is postgres",
+            ));
+        }
         let config = Config {
+            database_url,
+            state_store,
             mode,
             max_retries,
             retry_base,

@@ -2,9 +2,14 @@
 
 use std::future::Future;
 
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use tokio_util::sync::CancellationToken;
 
-use crate::message::Message;
+use crate::consumer::TimerQueue;
+use crate::error::{Error, Result};
+use crate::message::{Message, Timer};
 
 /// Tells Prosody whether a handler error is worth retrying.
 ///
@@ -59,17 +64,90 @@ pub trait EventHandler: Send + Sync + 'static {
         context: Context,
         message: Message,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Handles a timer scheduled with [`Context::schedule`]; it runs through the
+    /// key's queue, never at the same time as a message or timer of that key.
+    /// The timer is deleted once this returns `Ok`. Does nothing by default.
+    fn on_timer(
+        &self,
+        context: Context,
+        timer: Timer,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        let _ = (context, timer);
+        async { Ok(()) }
+    }
 }
 
-/// Per-call context: cancellation now; timers will hang off it too.
-#[derive(Debug, Clone)]
+/// Per-call context: cancellation, and the timers of the call's key.
+#[derive(Clone)]
 pub struct Context {
     cancellation: CancellationToken,
+    timers: Option<(Arc<TimerQueue>, Arc<str>)>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("cancelled", &self.cancellation.is_cancelled())
+            .field("key", &self.timers.as_ref().map(|(_, key)| key))
+            .finish()
+    }
 }
 
 impl Context {
-    pub(crate) fn new(cancellation: CancellationToken) -> Self {
-        Self { cancellation }
+    pub(crate) fn new(
+        cancellation: CancellationToken,
+        timers: Option<(Arc<TimerQueue>, Arc<str>)>,
+    ) -> Self {
+        Self {
+            cancellation,
+            timers,
+        }
+    }
+
+    fn timers(&self) -> Result<(&TimerQueue, &Arc<str>)> {
+        match &self.timers {
+            Some((queue, key)) => Ok((queue, key)),
+            None => Err(Error::config(
+                "database_url",
+                "timers need a store: set database_url (or state_store: memory to accept timers that do not survive a restart)",
+            )),
+        }
+    }
+
+    /// Schedules a timer for this call's key at `time` (a time in the past fires promptly).
+    pub async fn schedule(&self, time: SystemTime) -> Result<()> {
+        let (queue, key) = self.timers()?;
+        queue.schedule(key, to_millis(time)).await
+    }
+
+    /// Replaces all of this key's timers with one at `time`.
+    pub async fn clear_and_schedule(&self, time: SystemTime) -> Result<()> {
+        let (queue, key) = self.timers()?;
+        queue.clear_and_schedule(key, to_millis(time)).await
+    }
+
+    /// Removes this key's timer at `time`, if there is one.
+    pub async fn unschedule(&self, time: SystemTime) -> Result<()> {
+        let (queue, key) = self.timers()?;
+        queue.unschedule(key, to_millis(time)).await
+    }
+
+    /// Removes all of this key's timers.
+    pub async fn clear_scheduled(&self) -> Result<()> {
+        let (queue, key) = self.timers()?;
+        queue.clear(key).await
+    }
+
+    /// This key's pending timers, earliest first.
+    pub async fn scheduled(&self) -> Result<Vec<SystemTime>> {
+        let (queue, key) = self.timers()?;
+        Ok(queue
+            .scheduled(key)
+            .await?
+            .into_iter()
+            .map(from_millis)
+            .collect())
     }
 
     /// True once the partition was revoked, the client is shutting down, or the deadline passed.
@@ -85,5 +163,22 @@ impl Context {
     /// The token behind [`should_cancel`](Self::should_cancel), for `select!` and child tasks.
     pub fn cancellation_token(&self) -> &CancellationToken {
         &self.cancellation
+    }
+}
+
+/// Milliseconds since the Unix epoch (negative before it), the timer stores' unit.
+pub(crate) fn to_millis(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+pub(crate) fn from_millis(millis: i64) -> SystemTime {
+    let magnitude = Duration::from_millis(millis.unsigned_abs());
+    if millis >= 0 {
+        UNIX_EPOCH + magnitude
+    } else {
+        UNIX_EPOCH - magnitude
     }
 }

@@ -23,13 +23,14 @@ mod message;
 pub mod mock;
 mod probe;
 mod producer;
+mod state;
 mod timers;
 
 pub use client::Client;
-pub use config::{Config, ConfigBuilder, Mode, OptionValue};
+pub use config::{Config, ConfigBuilder, Mode, OptionValue, StateStore};
 pub use consumer::{ConsumerState, PartitionStats, SkipCounts};
 pub use error::{Error, Result};
 pub use handler::{ClassifyError, Context, EventHandler};
-pub use message::{Header, Message};
+pub use message::{Header, Message, Timer};
 pub use producer::{Producer, SOURCE_SYSTEM_HEADER};
 pub use timers::{MemoryStore, PartitionScope, PostgresStore, StoreError, StoreFuture, TimerStore};

@@ -63,3 +63,22 @@ impl Message {
             .and_then(|value| std::str::from_utf8(value).ok())
     }
 }
+
+/// A timer firing: the key it belongs to and the time it was scheduled for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timer {
+    pub(crate) key: Arc<str>,
+    pub(crate) time: SystemTime,
+}
+
+impl Timer {
+    /// The key the timer was scheduled for.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// When the timer was due (it fires at or after this time).
+    pub fn time(&self) -> SystemTime {
+        self.time
+    }
+}

@@ -11,11 +11,11 @@ use magnus::{function, method, prelude::*, Error, RArray, RHash, RModule, Ruby, 
 use prosody::{Config, ConsumerState};
 
 use crate::bridge::owned::RubyOwned;
-use crate::bridge::{self};
 use crate::convert;
-use crate::errors::{exception_for, from_core};
+use crate::errors::from_core;
 use crate::handler::RubyHandler;
 use crate::process::{ensure_started, off_ruby_stack};
+use crate::reply::reply;
 use crate::runtime::runtime;
 
 #[magnus::wrap(class = "Prosody::Native::Client", free_immediately, size)]
@@ -164,19 +164,6 @@ impl NativeClient {
 /// Every option the core accepts, so the Ruby configuration cannot drift from it.
 fn option_names() -> Vec<&'static str> {
     prosody::config::OPTION_NAMES.to_vec()
-}
-
-/// Pushes `nil` or the error's exception onto the caller's queue, on the bridge thread.
-fn reply(queue: RubyOwned, result: prosody::Result<()>, sending: bool) {
-    bridge::run(move |ruby| {
-        let item = match &result {
-            Ok(()) => ruby.qnil().as_value(),
-            Err(error) => exception_for(ruby, error, sending),
-        };
-        if let Err(error) = queue.get(ruby).funcall::<_, _, Value>("push", (item,)) {
-            tracing::error!("cannot deliver a result to Ruby: {error}");
-        }
-    });
 }
 
 pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {

@@ -6,16 +6,18 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use magnus::{method, prelude::*, Error, RClass, RModule, Ruby, Value};
-use prosody::{ClassifyError, Context, EventHandler, Message};
+use prosody::{ClassifyError, Context, EventHandler, Message, Timer};
 use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::bridge::owned::RubyOwned;
 use crate::bridge::{self};
 use crate::convert::from_json;
+use crate::reply::{reply, reply_with};
+use crate::runtime::runtime;
 
 /// Why a Ruby handler call did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +85,23 @@ impl EventHandler for RubyHandler {
     type Error = HandlerFailure;
 
     async fn on_message(&self, context: Context, message: Message) -> Outcome {
+        self.call(context, move |ruby| ruby_message(ruby, &message))
+            .await
+    }
+
+    async fn on_timer(&self, context: Context, timer: Timer) -> Outcome {
+        self.call(context, move |ruby| ruby_timer(ruby, &timer))
+            .await
+    }
+}
+
+impl RubyHandler {
+    /// Hands one call to the Ruby processor and waits for its completion;
+    /// forwards cancellation of `context` as `processor.cancel(task_id)`.
+    async fn call<F>(&self, context: Context, build: F) -> Outcome
+    where
+        F: FnOnce(&Ruby) -> Result<Value, Error> + Send + 'static,
+    {
         let (sender, mut receiver) = oneshot::channel();
         let sender: SharedSender = Arc::new(Mutex::new(Some(sender)));
         let task_id = self.next_task.fetch_add(1, Ordering::Relaxed);
@@ -90,13 +109,8 @@ impl EventHandler for RubyHandler {
         let token = context.cancellation_token().clone();
         let job_sender = Arc::clone(&sender);
         let submitted = bridge::run(move |ruby| {
-            if let Err(error) = submit(ruby, &processor, task_id, context, &message, &job_sender) {
-                warn!(
-                    topic = message.topic(),
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    "cannot hand the message to Ruby: {error}"
-                );
+            if let Err(error) = submit(ruby, &processor, task_id, context, build, &job_sender) {
+                warn!("cannot hand handler call {task_id} to Ruby: {error}");
                 deliver(
                     &job_sender,
                     Err(HandlerFailure::internal(&error.to_string())),
@@ -106,8 +120,13 @@ impl EventHandler for RubyHandler {
         if !submitted {
             return Err(HandlerFailure::internal("the Ruby bridge is not running"));
         }
+        let unreported = || {
+            Err(HandlerFailure::internal(
+                "the handler was dropped without reporting",
+            ))
+        };
         tokio::select! {
-            outcome = &mut receiver => return outcome.unwrap_or_else(|_| Err(HandlerFailure::internal("the handler was dropped without reporting"))),
+            outcome = &mut receiver => return outcome.unwrap_or_else(|_| unreported()),
             () = token.cancelled() => {}
         }
         let processor = Arc::clone(&self.processor);
@@ -119,11 +138,7 @@ impl EventHandler for RubyHandler {
                 warn!("cannot cancel handler task {task_id}: {error}");
             }
         });
-        receiver.await.unwrap_or_else(|_| {
-            Err(HandlerFailure::internal(
-                "the handler was dropped without reporting",
-            ))
-        })
+        receiver.await.unwrap_or_else(|_| unreported())
     }
 }
 
@@ -132,32 +147,43 @@ fn submit(
     processor: &RubyOwned,
     task_id: u64,
     context: Context,
-    message: &Message,
+    build: impl FnOnce(&Ruby) -> Result<Value, Error>,
     sender: &SharedSender,
 ) -> Result<(), Error> {
-    let message = ruby_message(ruby, message)?;
+    let subject = build(ruby)?;
     let context = NativeContext(context);
     let completion = Completion {
         sender: Arc::clone(sender),
     };
     processor
         .get(ruby)
-        .funcall::<_, _, Value>("submit", (task_id, context, message, completion))?;
+        .funcall::<_, _, Value>("submit", (task_id, context, subject, completion))?;
     Ok(())
+}
+
+fn ruby_time(ruby: &Ruby, time: SystemTime) -> Result<Value, Error> {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(since_epoch) => {
+            let seconds = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
+            Ok(ruby
+                .time_nano_new(seconds, i64::from(since_epoch.subsec_nanos()))?
+                .as_value())
+        }
+        Err(_) => Ok(ruby.qnil().as_value()),
+    }
+}
+
+fn ruby_timer(ruby: &Ruby, timer: &Timer) -> Result<Value, Error> {
+    let prosody: RModule = ruby.class_object().const_get("Prosody")?;
+    let class: RClass = prosody.const_get("Timer")?;
+    class.new_instance((timer.key(), ruby_time(ruby, timer.time())?))
 }
 
 fn ruby_message(ruby: &Ruby, message: &Message) -> Result<Value, Error> {
     let prosody: RModule = ruby.class_object().const_get("Prosody")?;
     let class: RClass = prosody.const_get("Message")?;
-    let timestamp = match message
-        .timestamp()
-        .and_then(|time| time.duration_since(UNIX_EPOCH).ok())
-    {
-        Some(since_epoch) => {
-            let seconds = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
-            ruby.time_nano_new(seconds, i64::from(since_epoch.subsec_nanos()))?
-                .as_value()
-        }
+    let timestamp = match message.timestamp() {
+        Some(time) => ruby_time(ruby, time)?,
         None => ruby.qnil().as_value(),
     };
     let headers = ruby.hash_new();
@@ -190,6 +216,70 @@ pub(crate) struct NativeContext(Context);
 impl NativeContext {
     fn should_cancel(&self) -> bool {
         self.0.should_cancel()
+    }
+
+    // Timer calls reach the store (PostgreSQL): like `Client#send_message` they
+    // run on a tokio task and answer through the caller's Thread::Queue.
+
+    fn schedule(ruby: &Ruby, rb_self: &Self, at_ms: i64, queue: Value) {
+        let context = rb_self.0.clone();
+        let queue = RubyOwned::new(ruby, queue);
+        runtime()
+            .spawn(async move { reply(queue, context.schedule(from_millis(at_ms)).await, false) });
+    }
+
+    fn clear_and_schedule(ruby: &Ruby, rb_self: &Self, at_ms: i64, queue: Value) {
+        let context = rb_self.0.clone();
+        let queue = RubyOwned::new(ruby, queue);
+        runtime().spawn(async move {
+            reply(
+                queue,
+                context.clear_and_schedule(from_millis(at_ms)).await,
+                false,
+            )
+        });
+    }
+
+    fn unschedule(ruby: &Ruby, rb_self: &Self, at_ms: i64, queue: Value) {
+        let context = rb_self.0.clone();
+        let queue = RubyOwned::new(ruby, queue);
+        runtime().spawn(async move {
+            reply(queue, context.unschedule(from_millis(at_ms)).await, false)
+        });
+    }
+
+    fn clear_scheduled(ruby: &Ruby, rb_self: &Self, queue: Value) {
+        let context = rb_self.0.clone();
+        let queue = RubyOwned::new(ruby, queue);
+        runtime().spawn(async move { reply(queue, context.clear_scheduled().await, false) });
+    }
+
+    /// Pushes an Array of Integer milliseconds since the epoch, earliest first.
+    fn scheduled(ruby: &Ruby, rb_self: &Self, queue: Value) {
+        let context = rb_self.0.clone();
+        let queue = RubyOwned::new(ruby, queue);
+        runtime().spawn(async move {
+            let times = context.scheduled().await;
+            reply_with(queue, times, false, |ruby, times| {
+                let list = ruby.ary_new();
+                for time in times {
+                    let millis = time
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |since| since.as_millis());
+                    let _ = list.push(u64::try_from(millis).unwrap_or(u64::MAX));
+                }
+                list.as_value()
+            });
+        });
+    }
+}
+
+fn from_millis(at_ms: i64) -> SystemTime {
+    let magnitude = std::time::Duration::from_millis(at_ms.unsigned_abs());
+    if at_ms >= 0 {
+        UNIX_EPOCH + magnitude
+    } else {
+        UNIX_EPOCH - magnitude
     }
 }
 
@@ -243,6 +333,17 @@ pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     let context = native.define_class("Context", ruby.class_object())?;
     context.undef_default_alloc_func();
     context.define_method("should_cancel?", method!(NativeContext::should_cancel, 0))?;
+    context.define_method("schedule", method!(NativeContext::schedule, 2))?;
+    context.define_method(
+        "clear_and_schedule",
+        method!(NativeContext::clear_and_schedule, 2),
+    )?;
+    context.define_method("unschedule", method!(NativeContext::unschedule, 2))?;
+    context.define_method(
+        "clear_scheduled",
+        method!(NativeContext::clear_scheduled, 1),
+    )?;
+    context.define_method("scheduled", method!(NativeContext::scheduled, 1))?;
     let completion = native.define_class("Completion", ruby.class_object())?;
     completion.undef_default_alloc_func();
     completion.define_method("complete", method!(Completion::complete, 1))?;

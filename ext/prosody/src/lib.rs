@@ -6,6 +6,7 @@
 //! - `gvl`: the only place that releases the GVL.
 //! - `process`: lazy start, fork detection, running work off the caller's stack.
 //! - `runtime`: the process-wide tokio runtime.
+//! - `reply`: results of off-thread work, pushed onto the Ruby caller's queue.
 //! - `client`: `Prosody::Native::Client`.
 //! - `handler`: `RubyHandler` (core handler → Ruby processor), `Native::Context`, `Native::Completion`.
 //! - `convert`: Ruby ↔ JSON and option values.
@@ -22,6 +23,7 @@ mod handler;
 mod logging;
 mod mock;
 mod process;
+mod reply;
 mod runtime;
 
 /// Holds the entry point Ruby calls on `require`; the macro's exported

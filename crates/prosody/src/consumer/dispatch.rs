@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use crate::handler::{ClassifyError, Context, EventHandler};
-use crate::message::Message;
+use crate::message::{Message, Timer};
 
 /// How one handler call ended.
 #[derive(Debug)]
@@ -52,24 +52,31 @@ pub(crate) type OutcomeFuture<'a> = Pin<Box<dyn Future<Output = Outcome> + Send 
 
 pub(crate) trait DynHandler: Send + Sync + 'static {
     fn on_message(&self, context: Context, message: Message) -> OutcomeFuture<'_>;
+    fn on_timer(&self, context: Context, timer: Timer) -> OutcomeFuture<'_>;
 }
 
 impl<H: EventHandler> DynHandler for H {
     fn on_message(&self, context: Context, message: Message) -> OutcomeFuture<'_> {
-        Box::pin(async move {
-            match EventHandler::on_message(self, context, message).await {
-                Ok(()) => Outcome::Succeeded,
-                Err(error) => Outcome::Failed(Failure {
-                    kind: if error.is_permanent() {
-                        FailureKind::Permanent
-                    } else {
-                        FailureKind::Transient
-                    },
-                    class: error.class_name(),
-                    message: error_chain(&error),
-                }),
-            }
-        })
+        Box::pin(async move { outcome(EventHandler::on_message(self, context, message).await) })
+    }
+
+    fn on_timer(&self, context: Context, timer: Timer) -> OutcomeFuture<'_> {
+        Box::pin(async move { outcome(EventHandler::on_timer(self, context, timer).await) })
+    }
+}
+
+fn outcome<E: std::error::Error + ClassifyError>(result: Result<(), E>) -> Outcome {
+    match result {
+        Ok(()) => Outcome::Succeeded,
+        Err(error) => Outcome::Failed(Failure {
+            kind: if error.is_permanent() {
+                FailureKind::Permanent
+            } else {
+                FailureKind::Transient
+            },
+            class: error.class_name(),
+            message: error_chain(&error),
+        }),
     }
 }
 

@@ -15,6 +15,7 @@ mod hooks;
 mod offsets;
 mod partition;
 mod shared;
+mod timer_queue;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use tracing::{debug, error, info, warn};
 
 pub use filter::SkipCounts;
 pub use partition::PartitionStats;
+pub(crate) use timer_queue::TimerQueue;
 
 use crate::config::Config;
 use crate::error::Result;

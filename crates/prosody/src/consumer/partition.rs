@@ -22,8 +22,10 @@ use super::filter::{is_own, is_unwanted_type, Skip};
 use super::hooks::Hooks;
 use super::offsets::{Admission, OffsetTracker};
 use super::shared::Shared;
-use crate::handler::Context;
-use crate::message::{Header, Message};
+use super::timer_queue::TimerQueue;
+use crate::handler::{from_millis, Context};
+use crate::message::{Header, Message, Timer};
+use crate::timers::PartitionScope;
 
 /// A fetched message, copied out of librdkafka's buffer, payload not yet decoded.
 #[derive(Debug)]
@@ -33,6 +35,19 @@ pub(crate) struct Fetched {
     pub(crate) payload: Option<Vec<u8>>,
     pub(crate) timestamp: Option<SystemTime>,
     pub(crate) headers: Arc<[Header]>,
+}
+
+/// What waits in a key's queue: a fetched message or a due timer (ms since the epoch).
+#[derive(Debug)]
+enum Work {
+    Message(Fetched),
+    Timer(i64),
+}
+
+/// One handler invocation.
+enum Call {
+    Message(Message),
+    Timer(Timer),
 }
 
 /// Whether a message was taken.
@@ -68,7 +83,7 @@ pub struct PartitionStats {
 
 struct State {
     /// A key is present exactly while its runner task is alive.
-    queues: HashMap<Arc<str>, VecDeque<Fetched>>,
+    queues: HashMap<Arc<str>, VecDeque<Work>>,
     offsets: OffsetTracker,
     paused: bool,
     released: bool,
@@ -92,6 +107,8 @@ pub(crate) struct PartitionManager {
     runners: TaskTracker,
     /// librdkafka's prefetch queue for this partition; read only by the poll thread.
     queue: Mutex<Option<PartitionQueue<Hooks>>>,
+    /// This partition's timers, when a timer store is configured.
+    timers: Option<Arc<TimerQueue>>,
 }
 
 impl PartitionManager {
@@ -102,9 +119,18 @@ impl PartitionManager {
         offsets: OffsetTracker,
     ) -> Arc<Self> {
         let cancellation = shared.cancellation.child_token();
-        Arc::new(Self {
+        let timers = shared.store.as_ref().map(|store| {
+            let scope = PartitionScope::new(
+                shared.config.group_id.clone().unwrap_or_default(),
+                Arc::clone(&topic),
+                partition,
+            );
+            TimerQueue::new(Arc::clone(store), scope)
+        });
+        let manager = Arc::new(Self {
             topic,
             partition,
+            timers,
             shared,
             state: Mutex::new(State {
                 queues: HashMap::new(),
@@ -121,7 +147,13 @@ impl PartitionManager {
             cancellation,
             runners: TaskTracker::new(),
             queue: Mutex::new(None),
-        })
+        });
+        if let Some(timers) = &manager.timers {
+            let run =
+                Arc::clone(timers).run(Arc::downgrade(&manager), manager.cancellation.clone());
+            manager.shared.runtime.spawn(run);
+        }
+        manager
     }
 
     /// Gives the manager its own prefetch queue (see [`fill`](Self::fill)).
@@ -198,20 +230,34 @@ impl PartitionManager {
             .map_or_else(|_| Arc::from(""), Arc::clone);
         let buffered = state.offsets.pending();
         state.max_buffered = state.max_buffered.max(buffered);
-        match state.queues.entry(Arc::clone(&key)) {
-            Entry::Occupied(mut queue) => queue.get_mut().push_back(fetched),
-            Entry::Vacant(slot) => {
-                slot.insert(VecDeque::new());
-                let manager = Arc::clone(self);
-                self.runners
-                    .spawn_on(manager.run_key(key, fetched), &self.shared.runtime);
-            }
-        }
+        self.enqueue(&mut state, key, Work::Message(fetched));
         if buffered >= max && !state.paused {
             state.paused = true;
             state.pauses += 1;
         }
         Accepted::Taken
+    }
+
+    /// Queues a due timer behind its key's other work (timers do not count
+    /// against `max_uncommitted`: they hold no offset).
+    pub(crate) fn accept_timer(self: &Arc<Self>, key: Arc<str>, at: i64) {
+        let mut state = self.state();
+        if !state.released && !self.draining.is_cancelled() {
+            self.enqueue(&mut state, key, Work::Timer(at));
+        }
+    }
+
+    /// Appends work to its key's queue, starting a runner if the key was idle.
+    fn enqueue(self: &Arc<Self>, state: &mut State, key: Arc<str>, work: Work) {
+        match state.queues.entry(Arc::clone(&key)) {
+            Entry::Occupied(mut queue) => queue.get_mut().push_back(work),
+            Entry::Vacant(slot) => {
+                slot.insert(VecDeque::new());
+                let manager = Arc::clone(self);
+                self.runners
+                    .spawn_on(manager.run_key(key, work), &self.shared.runtime);
+            }
+        }
     }
 
     /// Drains one key's queue in order; exits when it is empty or the partition stops.
@@ -220,17 +266,25 @@ impl PartitionManager {
     /// retried, so later messages of that key wait too, but no permit is held
     /// while waiting: the partition's other keys keep flowing. Its offset stays
     /// unfinished, so the committed offset never passes it.
-    async fn run_key(self: Arc<Self>, key: Arc<str>, first: Fetched) {
+    async fn run_key(self: Arc<Self>, key: Arc<str>, first: Work) {
         let mut next = first;
         loop {
-            let offset = next.offset;
-            if !self.settle(&key, next).await {
+            let (settled, offset) = match next {
+                Work::Message(fetched) => {
+                    let offset = fetched.offset;
+                    (self.settle(&key, fetched).await, Some(offset))
+                }
+                Work::Timer(at) => (self.settle_timer(&key, at).await, None),
+            };
+            if !settled {
                 // Cancelled: leave the rest of the key's queue to the next owner.
                 return;
             }
             let mut state = self.state();
-            state.offsets.finish(offset);
-            state.finished += 1;
+            if let Some(offset) = offset {
+                state.offsets.finish(offset);
+                state.finished += 1;
+            }
             state.last_progress = Instant::now();
             self.resume_if_drained(&mut state);
             let queued = if self.draining.is_cancelled() {
@@ -239,7 +293,7 @@ impl PartitionManager {
                 state.queues.get_mut(&key).and_then(VecDeque::pop_front)
             };
             match queued {
-                Some(fetched) => next = fetched,
+                Some(work) => next = work,
                 None => {
                     state.queues.remove(&key);
                     return;
@@ -283,7 +337,7 @@ impl PartitionManager {
                     Err(_) => return false,
                 },
             };
-            let outcome = self.attempt(message.clone()).await;
+            let outcome = self.attempt(key, Call::Message(message.clone())).await;
             drop(permit);
             let failure = match outcome {
                 Outcome::Succeeded => return true,
@@ -313,6 +367,79 @@ impl PartitionManager {
         }
     }
 
+    /// Runs a due timer to a conclusion like [`settle`](Self::settle) does a
+    /// message: retried per the mode's policy, deleted from the store once
+    /// `on_timer` succeeded or was given up on; false on cancellation (the timer
+    /// stays stored and fires under the next owner).
+    async fn settle_timer(&self, key: &Arc<str>, at: i64) -> bool {
+        let Some(timers) = self.timers.as_ref() else {
+            return true;
+        };
+        if !timers.is_queued(key, at) {
+            // Unscheduled after it came due.
+            return true;
+        }
+        let timer = Timer {
+            key: Arc::clone(key),
+            time: from_millis(at),
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let permit = tokio::select! {
+                biased;
+                () = self.draining.cancelled() => return false,
+                permit = Arc::clone(&self.shared.permits).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return false,
+                },
+            };
+            let outcome = self.attempt(key, Call::Timer(timer.clone())).await;
+            drop(permit);
+            match outcome {
+                Outcome::Succeeded => break,
+                Outcome::Failed(_) if self.cancellation.is_cancelled() => return false,
+                Outcome::Failed(failure) => {
+                    match decide(&self.shared.config, failure.kind, attempt) {
+                        Decision::Retry(delay) => {
+                            warn!(
+                                topic = %self.topic, partition = self.partition, key = %key, at, attempt,
+                                "timer handler failed ({}): {}; retrying in {delay:?}", failure.class, failure.message
+                            );
+                            tokio::select! {
+                                () = self.draining.cancelled() => return false,
+                                () = tokio::time::sleep(delay) => {}
+                            }
+                        }
+                        Decision::DeadLetter | Decision::Skip => {
+                            error!(
+                                topic = %self.topic, partition = self.partition, key = %key, at, attempts = attempt,
+                                "giving up on timer after failure ({}): {}", failure.class, failure.message
+                            );
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        // The timer ran (or was given up on): delete it, retrying while the store is down.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match timers.finished(key, at).await {
+                Ok(()) => return true,
+                Err(error) => {
+                    let delay = backoff(&self.shared.config, tries);
+                    warn!(topic = %self.topic, partition = self.partition, key = %key, at, "cannot delete a fired timer; retrying in {delay:?}: {error}");
+                    tokio::select! {
+                        () = self.cancellation.cancelled() => return false,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
     /// Counts a filtered message as done without running the handler.
     fn skip(&self, key: &str, offset: i64, skip: Skip) -> bool {
         debug!(topic = %self.topic, partition = self.partition, offset, key, "skipping message: {}", skip.as_str());
@@ -321,12 +448,17 @@ impl PartitionManager {
     }
 
     /// One handler call, cancelled once it overruns `timeout`.
-    async fn attempt(&self, message: Message) -> Outcome {
+    async fn attempt(&self, key: &Arc<str>, work: Call) -> Outcome {
         let call = self.cancellation.child_token();
-        let handler = self
-            .shared
-            .handler
-            .on_message(Context::new(call.clone()), message);
+        let timers = self
+            .timers
+            .as_ref()
+            .map(|timers| (Arc::clone(timers), Arc::clone(key)));
+        let context = Context::new(call.clone(), timers);
+        let handler = match work {
+            Call::Message(message) => self.shared.handler.on_message(context, message),
+            Call::Timer(timer) => self.shared.handler.on_timer(context, timer),
+        };
         tokio::pin!(handler);
         let timeout = self.shared.config.timeout;
         tokio::select! {

@@ -17,6 +17,7 @@ use super::partition::PartitionManager;
 use crate::config::Config;
 use crate::probe::Health;
 use crate::producer::Producer;
+use crate::timers::TimerStore;
 
 pub(crate) type TopicPartition = (Arc<str>, i32);
 pub(crate) type KafkaConsumer = BaseConsumer<Hooks>;
@@ -28,6 +29,8 @@ pub(crate) struct Shared {
     pub(crate) skips: SkipCounters,
     /// Writes failed messages to `failure_topic`, when one is configured.
     pub(crate) dead_letters: Option<Arc<Producer>>,
+    /// Where timers live, when a store is configured.
+    pub(crate) store: Option<Arc<dyn TimerStore>>,
     /// Bounds running handlers across all partitions to `max_concurrency`.
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) runtime: Handle,
@@ -51,6 +54,7 @@ impl Shared {
     ) -> Arc<Self> {
         // One pending wake-up is enough: the poll thread looks at everything when it wakes.
         let (waker, wakeups) = crossbeam_channel::bounded(1);
+        let store = crate::state::timer_store(&config);
         Arc::new(Self {
             waker,
             wakeups,
@@ -58,6 +62,7 @@ impl Shared {
             config,
             handler,
             dead_letters,
+            store,
             skips: SkipCounters::default(),
             runtime,
             cancellation: CancellationToken::new(),

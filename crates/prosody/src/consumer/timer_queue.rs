@@ -1,0 +1,213 @@
+//! One partition's timers: loads those due soon from the store and hands each to
+//! its key's queue when its time comes.
+//!
+//! Only a window of `WINDOW` ahead is held in memory (at most `PAGE` timers per
+//! load), so millions of stored timers cost nothing until they are nearly due.
+//! A timer stays in the store until `on_timer` succeeded; a partition that moves
+//! to another consumer takes its timers along, because the new owner loads them.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::partition::PartitionManager;
+use crate::error::Result;
+use crate::handler::to_millis;
+use crate::timers::{PartitionScope, TimerStore};
+
+/// How far ahead timers are loaded.
+const WINDOW: Duration = Duration::from_secs(10);
+/// Most timers loaded at once.
+const PAGE: usize = 1_000;
+/// Pause after a failed load before trying again.
+const RETRY: Duration = Duration::from_secs(1);
+
+type Entry = (i64, Arc<str>);
+
+#[derive(Default)]
+struct State {
+    /// Loaded and not yet due.
+    waiting: BTreeSet<Entry>,
+    /// Handed to a key queue and not yet settled.
+    queued: HashSet<Entry>,
+    /// Every timer due before this (ms) is in `waiting` or `queued` (or done).
+    horizon: i64,
+    /// The last timer loaded, where the next load continues.
+    cursor: Option<Entry>,
+}
+
+pub(crate) struct TimerQueue {
+    store: Arc<dyn TimerStore>,
+    scope: PartitionScope,
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+impl TimerQueue {
+    pub(crate) fn new(store: Arc<dyn TimerStore>, scope: PartitionScope) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            scope,
+            state: Mutex::new(State {
+                horizon: i64::MIN,
+                ..State::default()
+            }),
+            changed: Notify::new(),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps a timer that falls inside the loaded window in memory too.
+    fn remember(&self, key: &Arc<str>, at: i64) {
+        let mut state = self.state();
+        if at <= state.horizon {
+            state.waiting.insert((at, Arc::clone(key)));
+            drop(state);
+            self.changed.notify_one();
+        }
+    }
+
+    fn forget_key(&self, key: &str) {
+        let mut state = self.state();
+        state.waiting.retain(|(_, waiting)| &**waiting != key);
+        state.queued.retain(|(_, queued)| &**queued != key);
+    }
+
+    pub(crate) async fn schedule(&self, key: &Arc<str>, at: i64) -> Result<()> {
+        self.store.schedule(&self.scope, key, at).await?;
+        self.remember(key, at);
+        Ok(())
+    }
+
+    pub(crate) async fn unschedule(&self, key: &Arc<str>, at: i64) -> Result<()> {
+        self.store.unschedule(&self.scope, key, at).await?;
+        let entry = (at, Arc::clone(key));
+        let mut state = self.state();
+        state.waiting.remove(&entry);
+        state.queued.remove(&entry);
+        Ok(())
+    }
+
+    pub(crate) async fn clear(&self, key: &Arc<str>) -> Result<()> {
+        self.store.clear(&self.scope, key).await?;
+        self.forget_key(key);
+        Ok(())
+    }
+
+    pub(crate) async fn clear_and_schedule(&self, key: &Arc<str>, at: i64) -> Result<()> {
+        self.store.clear_and_schedule(&self.scope, key, at).await?;
+        self.forget_key(key);
+        self.remember(key, at);
+        Ok(())
+    }
+
+    pub(crate) async fn scheduled(&self, key: &Arc<str>) -> Result<Vec<i64>> {
+        Ok(self.store.scheduled(&self.scope, key).await?)
+    }
+
+    /// False when the timer was unscheduled after it was handed to its key's queue.
+    pub(crate) fn is_queued(&self, key: &Arc<str>, at: i64) -> bool {
+        self.state().queued.contains(&(at, Arc::clone(key)))
+    }
+
+    /// Deletes a timer that has run (or was given up on).
+    pub(crate) async fn finished(&self, key: &Arc<str>, at: i64) -> Result<()> {
+        self.store.unschedule(&self.scope, key, at).await?;
+        self.state().queued.remove(&(at, Arc::clone(key)));
+        Ok(())
+    }
+
+    /// Loads due-soon timers and hands each to its key's queue when due, until cancelled.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        manager: Weak<PartitionManager>,
+        cancellation: CancellationToken,
+    ) {
+        loop {
+            let now = to_millis(SystemTime::now());
+            let reload_at = self.state().horizon.saturating_sub(millis(WINDOW) / 2);
+            if now >= reload_at {
+                if let Err(error) = self.load(now).await {
+                    warn!(scope = %self.scope, "cannot load timers; retrying in {RETRY:?}: {error}");
+                    tokio::select! {
+                        () = cancellation.cancelled() => return,
+                        () = tokio::time::sleep(RETRY) => continue,
+                    }
+                }
+            }
+            let Some(manager) = manager.upgrade() else {
+                return;
+            };
+            let (due, next) = self.take_due(to_millis(SystemTime::now()));
+            for (at, key) in due {
+                manager.accept_timer(key, at);
+            }
+            drop(manager);
+            let reload_at = self.state().horizon.saturating_sub(millis(WINDOW) / 2);
+            let wake_at = next.map_or(reload_at, |next| next.min(reload_at));
+            let delay =
+                u64::try_from(wake_at.saturating_sub(to_millis(SystemTime::now()))).unwrap_or(0);
+            tokio::select! {
+                () = cancellation.cancelled() => return,
+                () = self.changed.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(delay)) => {}
+            }
+        }
+    }
+
+    async fn load(&self, now: i64) -> Result<()> {
+        let before = now.saturating_add(millis(WINDOW));
+        let cursor = self.state().cursor.clone();
+        let page = match &cursor {
+            None => self.store.due(&self.scope, before, PAGE).await?,
+            Some((at, key)) => {
+                self.store
+                    .due_after(&self.scope, *at, key, before, PAGE)
+                    .await?
+            }
+        };
+        let mut state = self.state();
+        let full = page.len() == PAGE;
+        for (key, at) in page {
+            let entry = (at, Arc::<str>::from(key));
+            if !state.queued.contains(&entry) {
+                state.waiting.insert(entry.clone());
+            }
+            state.cursor = Some(entry);
+        }
+        state.horizon = match (&state.cursor, full) {
+            // More may be due before `before`: the window ends at the last one loaded.
+            (Some((at, _)), true) => *at,
+            _ => before,
+        };
+        Ok(())
+    }
+
+    /// Moves due timers to `queued`; returns them and the next due time, if any.
+    fn take_due(&self, now: i64) -> (Vec<Entry>, Option<i64>) {
+        let mut state = self.state();
+        let mut due = Vec::new();
+        while let Some(first) = state.waiting.first().cloned() {
+            if first.0 > now {
+                return (due, Some(first.0));
+            }
+            state.waiting.pop_first();
+            state.queued.insert(first.clone());
+            due.push(first);
+        }
+        (due, None)
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}

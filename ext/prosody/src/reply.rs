@@ -1,0 +1,32 @@
+//! Delivering the result of work done off the Ruby thread to the Ruby caller
+//! waiting on a Thread::Queue (see `client.rs` for why calls work this way).
+
+use magnus::{prelude::*, Ruby, Value};
+
+use crate::bridge::owned::RubyOwned;
+use crate::bridge::{self};
+use crate::errors::exception_for;
+
+/// Pushes `nil` or the error's exception onto the caller's queue, on the bridge thread.
+/// `sending` maps broker errors to `Prosody::SendError`.
+pub(crate) fn reply(queue: RubyOwned, result: prosody::Result<()>, sending: bool) {
+    reply_with(queue, result, sending, |ruby, ()| ruby.qnil().as_value());
+}
+
+/// Pushes the converted value, or the error's exception, onto the caller's queue.
+pub(crate) fn reply_with<T: Send + 'static>(
+    queue: RubyOwned,
+    result: prosody::Result<T>,
+    sending: bool,
+    convert: impl FnOnce(&Ruby, T) -> Value + Send + 'static,
+) {
+    bridge::run(move |ruby| {
+        let item = match result {
+            Ok(value) => convert(ruby, value),
+            Err(error) => exception_for(ruby, &error, sending),
+        };
+        if let Err(error) = queue.get(ruby).funcall::<_, _, Value>("push", (item,)) {
+            tracing::error!("cannot deliver a result to Ruby: {error}");
+        }
+    });
+}
