@@ -72,11 +72,17 @@ module Prosody
     # Stops taking calls, waits for the calls in flight to finish, and joins the
     # thread. Calls submitted afterwards are reported as {CancelledError}.
     #
-    # @return [nil]
-    def stop
+    # With a `timeout`, gives up waiting after that many seconds and leaves the
+    # thread to finish in the background: used after the core has abandoned
+    # handlers that ignored cancellation, so they cannot hold up unsubscribe.
+    #
+    # @param timeout [Numeric, nil] seconds to wait; nil waits as long as it takes
+    # @return [Boolean] true when the thread has finished
+    def stop(timeout: nil)
       @commands.close
-      @thread.join if @thread && !processor_thread?
-      nil
+      return true if @thread.nil? || processor_thread?
+
+      !@thread.join(timeout).nil?
     end
 
     # @return [Boolean] whether the processor thread is running

@@ -17,6 +17,10 @@ module Prosody
   #   # ... later, on shutdown:
   #   client.unsubscribe
   class Client
+    # Seconds unsubscribe waits for the processor thread after the core is done.
+    ABANDONED_GRACE = 0.5
+    private_constant :ABANDONED_GRACE
+
     # @overload initialize(config)
     #   @param config [Configuration]
     # @overload initialize(**options)
@@ -177,7 +181,11 @@ module Prosody
     ensure
       processor = @processor
       @processor = nil
-      processor&.stop
+      # The core has waited for the handlers (within shutdown_timeout); any still
+      # running ignored cancellation and were abandoned, so do not wait for them.
+      if processor && !processor.stop(timeout: ABANDONED_GRACE)
+        Prosody.logger.warn("handlers that ignored cancellation are still running; leaving them in the background")
+      end
     end
 
     # Calls a native method that answers later on a queue: nil for success, an

@@ -132,6 +132,31 @@ RSpec.describe Prosody::AsyncTaskProcessor do
     expect(processor).not_to be_running
   end
 
+  it "gives up waiting after the timeout, leaving a call that ignores cancellation to finish in the background" do
+    release = Queue.new
+    started = Queue.new
+    processor = start(handler do |_context, _msg|
+      started << true
+      begin
+        release.pop
+      rescue Async::Stop
+        retry # ignores cancellation
+      end
+    end)
+    completion = submit(processor, 1)
+    started.pop
+    processor.cancel(1)
+    began = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    expect(processor.stop(timeout: 0.2)).to be(false)
+    expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - began).to be < 2
+    expect(processor).to be_running
+
+    release << :go
+    expect(completion.outcome).to be_nil
+    wait_for(description: "the processor thread to end") { !processor.running? }
+    expect(processor.stop(timeout: 0.2)).to be(true)
+  end
+
   it "reports calls submitted after stop as cancelled" do
     processor = start(handler { |_context, _msg| nil })
     processor.stop
