@@ -15,6 +15,8 @@
 //! cargo run --release -p prosody-bench -- [--messages N] [--json out.json]
 //! ```
 //!
+//! `prosody-bench timers` benchmarks the timer stores instead (see `timers.rs`).
+//!
 //! Throughput is messages over the time from the first handler start to the last
 //! handler end, so joining the consumer group is not counted; scenario (a) reports
 //! the median of three interleaved runs.
@@ -33,6 +35,8 @@ use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use serde_json::{json, Value};
+
+mod timers;
 
 /// The mock cluster's fetch cost grows with partition length; stay below this per partition.
 const MAX_PER_PARTITION: usize = 20_000;
@@ -106,6 +110,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if std::env::args().nth(1).as_deref() == Some("timers") {
+        return timers::main(std::env::args().skip(2));
+    }
     let result = parse_args().and_then(|options| {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
