@@ -62,6 +62,35 @@ module ProsodySpec
                   source_system: "prosody-spec", **options)
     end
 
+    # Subscribes a consumer of `topic` (in its own group) that pushes every
+    # message it receives onto the returned Queue; used to read back what a
+    # client sent, e.g. to a failure topic.
+    #
+    # @return [Thread::Queue] of Prosody::Message
+    def collect(topic, partitions: 1)
+      received = Queue.new
+      mock_consumer(topic, partitions:).subscribe(handler { |_context, message| received << message })
+      received
+    end
+
+    # The next item of `queue`, waiting up to `timeout` seconds for it.
+    #
+    # @return [Object]
+    def next_item(queue, timeout: 15, description: "the next item")
+      wait_for(timeout:, description:) do
+        queue.pop(true)
+      rescue ThreadError
+        nil
+      end
+    end
+
+    # Everything in `queue` right now, without waiting.
+    #
+    # @return [Array]
+    def drain(queue)
+      Array.new(queue.size) { queue.pop }
+    end
+
     # A handler that runs the block for each message.
     #
     # @return [ProsodySpec::BlockHandler]
