@@ -68,7 +68,7 @@ rows = []
 # (b) no-op handler
 partitions = [(options[:messages] / 20_000.0).ceil, 1].max
 topic = unique("noop")
-Prosody::MockCluster.create_topic(topic, partitions: partitions)
+Prosody::MockCluster.create_topic(topic, partitions:)
 produce(topic, options[:messages], 1_000)
 noop = consume(topic, options[:messages])
 results["ruby_noop_msgs_per_sec"] = noop.round
@@ -105,12 +105,13 @@ rows << ["Sequential loop, 10 ms per message", "#{sequential.round(1)} msg/s", "
   results["io_10ms_#{label}_vs_ideal"] = (rate / ideal).round(3)
   results["io_10ms_#{label}_vs_sequential"] = (rate / sequential).round(1)
   shown = extra.map { |k, v| ", #{k} #{v}" }.join
-  rows << ["10 ms handler, 1 partition, 256 keys, max_concurrency #{concurrency}#{shown} (#{count} msgs)", "#{rate.round} msg/s", ""]
+  scenario = "10 ms handler, 1 partition, 256 keys, max_concurrency #{concurrency}#{shown} (#{count} msgs)"
+  rows << [scenario, "#{rate.round} msg/s", ""]
   rows << ["  vs ideal #{ideal.round} msg/s", "", format("%.2f", rate / ideal)]
   rows << ["  vs sequential loop", "", format("%.1fx", rate / sequential)]
 end
 
 width = rows.map { |row| row[0].length }.max
 puts format("%-#{width}s  %14s  %8s", "scenario (Ruby)", "throughput", "ratio")
-rows.each { |name, rate, ratio| puts format("%-#{width}s  %14s  %8s", name, rate, ratio) }
+rows.each { |row| puts format("%-#{width}s  %14s  %8s", *row) }
 File.write(options[:json], JSON.pretty_generate(results)) if options[:json]

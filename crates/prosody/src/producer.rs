@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 
@@ -34,8 +34,24 @@ impl Producer {
                 "message.timeout.ms",
                 millis(config.send_timeout()).to_string(),
             );
+        let inner: FutureProducer = client.create()?;
+        // An idempotent producer cannot deliver before it has a producer id, and
+        // librdkafka asks for one when a metadata response arrives while it is
+        // waiting for one (else on a 500 ms timer). A few metadata requests during
+        // start-up get the id within a round trip or two, so a client's first send
+        // does not spend most of a 1 s send_timeout waiting for it.
+        let warm = inner.clone();
+        let _ = std::thread::Builder::new()
+            .name("prosody-producer-init".to_owned())
+            .spawn(move || {
+                for _ in 0..10 {
+                    let started = std::time::Instant::now();
+                    let _ = warm.client().fetch_metadata(None, Duration::from_secs(1));
+                    std::thread::sleep(Duration::from_millis(50).saturating_sub(started.elapsed()));
+                }
+            });
         Ok(Self {
-            inner: client.create()?,
+            inner,
             source_system: config.source_system().to_owned(),
             send_timeout: config.send_timeout(),
             mock: config.mock(),
