@@ -268,6 +268,34 @@ macro_rules! conformance {
                 assert!(due.windows(2).all(|pair| pair[0].1 < pair[1].1));
                 assert_eq!(store.scheduled(&scope, "key-7").await.unwrap().len(), 20);
             }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_duplicates_change_once() {
+                let store = store().await;
+                let scope = Arc::new(fresh_scope());
+                for (schedule, expected_len) in [(true, 1), (false, 0)] {
+                    let mut tasks = JoinSet::new();
+                    for _ in 0..32 {
+                        let (store, scope) = (Arc::clone(&store), Arc::clone(&scope));
+                        tasks.spawn(async move {
+                            if schedule {
+                                store.schedule(&scope, "k", 42).await.unwrap()
+                            } else {
+                                store.unschedule(&scope, "k", 42).await.unwrap()
+                            }
+                        });
+                    }
+                    let mut changed = 0;
+                    while let Some(result) = tasks.join_next().await {
+                        changed += usize::from(result.unwrap());
+                    }
+                    assert_eq!(changed, 1, "exactly one caller changes the timer");
+                    assert_eq!(
+                        store.scheduled(&scope, "k").await.unwrap().len(),
+                        expected_len
+                    );
+                }
+            }
         }
     };
 }
@@ -414,6 +442,31 @@ async fn an_unreachable_database_is_retriable() {
     assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
     assert!(error.is_retriable());
     assert!(prosody::Error::from(error).is_retriable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_write_does_not_fail_the_writes_batched_with_it() {
+    let store = Arc::new(PostgresStore::connect(&database_url()).await.unwrap());
+    let good = Arc::new(fresh_scope());
+    // PostgreSQL text cannot hold a NUL, so this group is refused.
+    let bad = Arc::new(PartitionScope::new("bad\0group", "topic", 0));
+    let mut tasks = JoinSet::new();
+    for index in 0..64_i64 {
+        let (store, good, bad) = (Arc::clone(&store), Arc::clone(&good), Arc::clone(&bad));
+        tasks.spawn(async move {
+            if index % 8 == 0 {
+                let error = store.schedule(&bad, "k", index).await.unwrap_err();
+                assert!(matches!(error, StoreError::Query { .. }), "{error:?}");
+                assert!(!error.is_retriable());
+            } else {
+                assert!(store.schedule(&good, "k", index).await.unwrap());
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap();
+    }
+    assert_eq!(store.scheduled(&good, "k").await.unwrap().len(), 56);
 }
 
 fn free_port() -> u16 {

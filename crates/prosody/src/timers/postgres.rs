@@ -1,29 +1,38 @@
 //! [`PostgresStore`]: durable timers in PostgreSQL.
 //!
 //! One connection, shared by every call: tokio-postgres pipelines concurrent
-//! queries on it, so a pool buys little for these one-row statements. The
-//! connection is replaced lazily: a call that finds it broken fails with a
+//! queries on it. What bounds throughput is the commit (a WAL flush) each
+//! statement costs, so the hot writes, `schedule` and `unschedule` (every fired
+//! timer is unscheduled), go through a writer task that gathers the calls
+//! waiting while the previous batch commits into one multi-row statement. A
+//! lone call still runs at once, alone.
+//!
+//! The connection is replaced lazily: a call that finds it broken fails with a
 //! retriable [`StoreError::Unavailable`] and drops it, and the next call opens a
 //! new one (re-running the idempotent migration, in case the database was
 //! rebuilt meanwhile).
 
+use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_postgres::config::SslMode;
-use tokio_postgres::{Client, Config, NoTls, Statement};
+use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
-use super::store::{BoxError, PartitionScope, StoreError, StoreFuture, TimerStore};
+use super::store::{source, PartitionScope, Reason, StoreError, StoreFuture, TimerStore};
 
 /// How long opening a connection may take when the URL sets no `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long any one call (or opening and migrating a connection) may take
+/// How long any one statement (or opening and migrating a connection) may take
 /// before the connection is presumed dead.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most writes the writer task puts in one statement.
+const MAX_BATCH: usize = 512;
 
 /// Key of the transaction-scoped advisory lock that serialises schema
 /// migrations across processes ("prosody" in ASCII, then 0x01). Every Prosody
@@ -56,9 +65,19 @@ const MIGRATIONS: &[&str] = &["
 ///
 /// [`connect`](Self::connect) creates or migrates the schema (tables
 /// `prosody_timers` and `prosody_schema_version`), safely when several
-/// processes start at once. TLS is not supported: connections use no TLS, and a
-/// URL with `sslmode=require` is rejected as a configuration error.
+/// processes start at once. The connection and the batching writer are tasks
+/// on the tokio runtime `connect` ran in, which must outlive the store.
+///
+/// TLS is not supported: connections use no TLS, and a URL with
+/// `sslmode=require` is rejected as a configuration error.
 pub struct PostgresStore {
+    shared: Arc<Shared>,
+    /// To the writer task, which ends when the store (this sender) is dropped.
+    writes: mpsc::UnboundedSender<Write>,
+}
+
+/// What the store's calls and its writer task share.
+struct Shared {
     config: Config,
     /// The live connection, `None` after one broke. A `tokio` mutex so only one
     /// caller at a time reconnects while the others wait for its result.
@@ -70,7 +89,7 @@ struct Connection {
     statements: Statements,
 }
 
-/// Every statement a call runs, prepared once per connection.
+/// Every statement the store runs, prepared once per connection.
 struct Statements {
     schedule: Statement,
     unschedule: Statement,
@@ -85,22 +104,38 @@ impl Statements {
     async fn prepare(client: &Client) -> Result<Self, tokio_postgres::Error> {
         const KEY: &str = "group_id = $1 AND topic = $2 AND partition = $3 AND key = $4";
         const PARTITION: &str = "group_id = $1 AND topic = $2 AND partition = $3";
-        let schedule = "INSERT INTO prosody_timers (group_id, topic, partition, key, fire_at_ms)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING";
+        const COLUMNS: &str = "group_id, topic, partition, key, fire_at_ms";
+        const ROWS: &str =
+            "unnest($1::text[], $2::text[], $3::integer[], $4::bytea[], $5::bigint[])
+             AS batch(group_id, topic, partition, key, fire_at_ms)";
         // One statement, so atomic: data-modifying CTEs run exactly once each.
         let clear_and_schedule = format!(
             "WITH removed AS (
                  DELETE FROM prosody_timers WHERE {KEY} AND fire_at_ms <> $5 RETURNING 1
              ), added AS (
-                 {schedule} RETURNING 1
+                 INSERT INTO prosody_timers ({COLUMNS}) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT DO NOTHING
              )
              SELECT count(*) FROM removed"
         );
         Ok(Self {
-            schedule: client.prepare(schedule).await?,
+            // Batched writes: one row per write, and the rows actually
+            // inserted or deleted come back to tell each caller its answer.
+            schedule: client
+                .prepare(&format!(
+                    "INSERT INTO prosody_timers ({COLUMNS})
+                     SELECT {COLUMNS} FROM {ROWS}
+                     ON CONFLICT DO NOTHING
+                     RETURNING {COLUMNS}"
+                ))
+                .await?,
             unschedule: client
                 .prepare(&format!(
-                    "DELETE FROM prosody_timers WHERE {KEY} AND fire_at_ms = $5"
+                    "DELETE FROM prosody_timers AS t USING {ROWS}
+                     WHERE t.group_id = batch.group_id AND t.topic = batch.topic
+                       AND t.partition = batch.partition AND t.key = batch.key
+                       AND t.fire_at_ms = batch.fire_at_ms
+                     RETURNING t.group_id, t.topic, t.partition, t.key, t.fire_at_ms"
                 ))
                 .await?,
             clear: client
@@ -141,11 +176,12 @@ enum Phase {
 /// Sorts a driver error into the [`StoreError`] variant that tells the caller
 /// whether to retry.
 fn classify(operation: &'static str, phase: Phase, error: tokio_postgres::Error) -> StoreError {
+    let unavailable = |error| StoreError::Unavailable {
+        operation,
+        source: source(error),
+    };
     if error.is_closed() {
-        return StoreError::Unavailable {
-            operation,
-            source: error.into(),
-        };
+        return unavailable(error);
     }
     if let Some(code) = error.code() {
         let code = code.code();
@@ -156,10 +192,7 @@ fn classify(operation: &'static str, phase: Phase, error: tokio_postgres::Error)
             .iter()
             .any(|class| code.starts_with(class))
         {
-            return StoreError::Unavailable {
-                operation,
-                source: error.into(),
-            };
+            return unavailable(error);
         }
         // 28 invalid authorisation, 3D000 no such database.
         if code.starts_with("28") || code == "3D000" {
@@ -167,28 +200,29 @@ fn classify(operation: &'static str, phase: Phase, error: tokio_postgres::Error)
                 reason: describe(&error),
             };
         }
-        return StoreError::Query {
-            operation,
-            source: error.into(),
-        };
+        return query_error(operation, error);
     }
     let io = std::error::Error::source(&error).is_some_and(|source| source.is::<std::io::Error>());
     match (io, phase) {
-        (true, _) => StoreError::Unavailable {
-            operation,
-            source: error.into(),
-        },
+        (true, _) => unavailable(error),
         (false, Phase::Connect) => StoreError::Configuration {
             reason: describe(&error),
         },
-        (false, Phase::Query) => StoreError::Query {
-            operation,
-            source: error.into(),
-        },
+        (false, Phase::Query) => query_error(operation, error),
     }
 }
 
-/// A failed [`PostgresStore::attempt`].
+fn query_error(
+    operation: &'static str,
+    error: impl std::error::Error + Send + Sync + 'static,
+) -> StoreError {
+    StoreError::Query {
+        operation,
+        source: source(error),
+    }
+}
+
+/// A failed [`Shared::attempt`].
 struct Failure {
     error: StoreError,
     /// The connection was found closed or terminated by the server.
@@ -223,10 +257,8 @@ pub(crate) async fn migrate(
     migrations: &[&str],
 ) -> Result<(), StoreError> {
     let err = |error| classify("migrate", Phase::Query, error);
-    let supported = i32::try_from(migrations.len()).map_err(|_| StoreError::Query {
-        operation: "migrate",
-        source: "too many migrations".into(),
-    })?;
+    let supported = i32::try_from(migrations.len())
+        .map_err(|_| query_error("migrate", Reason("too many migrations".to_owned())))?;
     let transaction = client.transaction().await.map_err(err)?;
     transaction
         .execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK_KEY])
@@ -281,35 +313,37 @@ pub(crate) async fn migrate(
     Ok(())
 }
 
-impl PostgresStore {
-    /// Connects to `url` (a `postgres://` URL or a `key=value` connection
-    /// string) and creates or migrates the timer tables.
-    ///
-    /// Must run inside a tokio runtime: the connection is driven by a spawned
-    /// task. Fails with a retriable [`StoreError::Unavailable`] when the
-    /// database cannot be reached, so a caller may keep trying.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let mut config: Config =
-            url.parse()
-                .map_err(|error: tokio_postgres::Error| StoreError::Configuration {
-                    reason: error.to_string(),
-                })?;
-        if !matches!(config.get_ssl_mode(), SslMode::Disable | SslMode::Prefer) {
-            return Err(StoreError::Configuration {
-                reason: "TLS is not supported; use sslmode=disable or sslmode=prefer".to_owned(),
-            });
-        }
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
-        config.application_name("prosody");
-        let connection = open(&config).await?;
-        Ok(Self {
-            config,
-            connection: Mutex::new(Some(Arc::new(connection))),
-        })
-    }
+/// Opens a connection, migrates and prepares, within [`OPERATION_TIMEOUT`].
+async fn open(config: &Config) -> Result<Connection, StoreError> {
+    let open = async {
+        let (mut client, connection) = config
+            .connect(NoTls)
+            .await
+            .map_err(|error| classify("connect", Phase::Connect, error))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(%error, "timer store: PostgreSQL connection ended");
+            }
+        });
+        migrate(&mut client, COMPONENT, MIGRATIONS).await?;
+        let statements = Statements::prepare(&client)
+            .await
+            .map_err(|error| classify("prepare", Phase::Query, error))?;
+        Ok(Connection { client, statements })
+    };
+    tokio::time::timeout(OPERATION_TIMEOUT, open)
+        .await
+        .unwrap_or_else(|_| Err(timed_out("connect")))
+}
 
+fn timed_out(operation: &'static str) -> StoreError {
+    StoreError::Unavailable {
+        operation,
+        source: source(Reason(format!("no answer within {OPERATION_TIMEOUT:?}"))),
+    }
+}
+
+impl Shared {
     /// The live connection, opening a new one if the last one broke; true
     /// when it was opened by this call.
     async fn connection(&self) -> Result<(Arc<Connection>, bool), StoreError> {
@@ -343,8 +377,8 @@ impl PostgresStore {
     /// look alive until it is used. When a reused connection turns out lost,
     /// the call is made once more on a new one, so a database that came back is
     /// used transparently. Every statement is safe to repeat; the only visible
-    /// effect is that `unschedule` whose first attempt ran but whose answer was
-    /// lost reports false.
+    /// effect is that a write whose first attempt ran but whose answer was lost
+    /// reports false ("already scheduled", "did not exist").
     async fn run<T, F, Fut>(&self, operation: &'static str, call: F) -> Result<T, StoreError>
     where
         F: Fn(Arc<Connection>) -> Fut,
@@ -381,19 +415,80 @@ impl PostgresStore {
                     let lost = connection_lost(&error);
                     (classify(operation, Phase::Query, error), lost)
                 }
-                Err(_) => (
-                    StoreError::Unavailable {
-                        operation,
-                        source: format!("no answer within {OPERATION_TIMEOUT:?}").into(),
-                    },
-                    false,
-                ),
+                Err(_) => (timed_out(operation), false),
             };
         if error.is_retriable() {
             tracing::warn!(%error, "timer store: dropping PostgreSQL connection");
             self.discard(connection).await;
         }
         Err(Failure { error, lost })
+    }
+
+    /// Runs one batch of `kind` writes; the timers it actually inserted or deleted.
+    async fn write_batch(
+        &self,
+        kind: WriteKind,
+        writes: &[Write],
+    ) -> Result<HashSet<TimerId>, StoreError> {
+        let operation = kind.operation();
+        let groups: Vec<&str> = writes.iter().map(|write| &*write.scope.group).collect();
+        let topics: Vec<&str> = writes.iter().map(|write| &*write.scope.topic).collect();
+        let partitions: Vec<i32> = writes.iter().map(|write| write.scope.partition).collect();
+        let keys: Vec<&[u8]> = writes.iter().map(|write| write.key.as_bytes()).collect();
+        let times: Vec<i64> = writes.iter().map(|write| write.at_ms).collect();
+        let (groups, topics, partitions, keys, times) =
+            (&groups, &topics, &partitions, &keys, &times);
+        let rows = self
+            .run(operation, move |connection| async move {
+                let statement = match kind {
+                    WriteKind::Schedule => &connection.statements.schedule,
+                    WriteKind::Unschedule => &connection.statements.unschedule,
+                };
+                connection
+                    .client
+                    .query(statement, &[groups, topics, partitions, keys, times])
+                    .await
+            })
+            .await?;
+        rows.iter()
+            .map(|row| timer_id(row).map_err(|error| query_error(operation, error)))
+            .collect()
+    }
+
+    /// Runs `writes` as one batch and answers each caller.
+    async fn write(&self, kind: WriteKind, writes: Vec<Write>) {
+        if writes.is_empty() {
+            return;
+        }
+        match self.write_batch(kind, &writes).await {
+            Ok(changed) => {
+                // The same timer twice in one batch changes once: the first
+                // caller gets the answer, later ones see it already done.
+                let mut seen = HashSet::new();
+                for write in writes {
+                    let id = write.id();
+                    let changed = changed.contains(&id) && seen.insert(id);
+                    // A caller that stopped waiting needs no answer.
+                    let _ = write.reply.send(Ok(changed));
+                }
+            }
+            // A write the database rejects (say, a NUL in a group name) must
+            // not fail its neighbours: try each alone.
+            Err(error) if !error.is_retriable() && writes.len() > 1 => {
+                for write in writes {
+                    let result = self
+                        .write_batch(kind, std::slice::from_ref(&write))
+                        .await
+                        .map(|changed| !changed.is_empty());
+                    let _ = write.reply.send(result);
+                }
+            }
+            Err(error) => {
+                for write in writes {
+                    let _ = write.reply.send(Err(error.clone()));
+                }
+            }
+        }
     }
 
     async fn range(
@@ -439,59 +534,154 @@ impl PostgresStore {
             .await?;
         rows.iter()
             .map(|row| {
-                let key: Vec<u8> = row.try_get(0).map_err(|error| StoreError::Query {
-                    operation: "due",
-                    source: error.into(),
-                })?;
-                let at_ms: i64 = row.try_get(1).map_err(|error| StoreError::Query {
-                    operation: "due",
-                    source: error.into(),
-                })?;
-                let key = String::from_utf8(key).map_err(|error| StoreError::Query {
-                    operation: "due",
-                    source: BoxError::from(format!("stored timer key is not UTF-8: {error}")),
-                })?;
+                let key: Vec<u8> = row.try_get(0).map_err(|error| query_error("due", error))?;
+                let at_ms: i64 = row.try_get(1).map_err(|error| query_error("due", error))?;
+                let key = String::from_utf8(key).map_err(|error| query_error("due", error))?;
                 Ok((key, at_ms))
             })
             .collect()
     }
 }
 
-/// Opens a connection, migrates and prepares, within [`OPERATION_TIMEOUT`].
-async fn open(config: &Config) -> Result<Connection, StoreError> {
-    let open = async {
-        let (mut client, connection) = config
-            .connect(NoTls)
-            .await
-            .map_err(|error| classify("connect", Phase::Connect, error))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::warn!(%error, "timer store: PostgreSQL connection ended");
-            }
+/// The writes the writer task batches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WriteKind {
+    Schedule,
+    Unschedule,
+}
+
+impl WriteKind {
+    fn operation(self) -> &'static str {
+        match self {
+            Self::Schedule => "schedule",
+            Self::Unschedule => "unschedule",
+        }
+    }
+}
+
+/// One queued `schedule` or `unschedule` call.
+struct Write {
+    kind: WriteKind,
+    scope: PartitionScope,
+    key: String,
+    at_ms: i64,
+    /// True when the timer was inserted (schedule) or deleted (unschedule).
+    reply: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+/// A timer as a batched statement returns it: group, topic, partition, key, time.
+type TimerId = (String, String, i32, Vec<u8>, i64);
+
+impl Write {
+    fn id(&self) -> TimerId {
+        (
+            self.scope.group.to_string(),
+            self.scope.topic.to_string(),
+            self.scope.partition,
+            self.key.as_bytes().to_vec(),
+            self.at_ms,
+        )
+    }
+}
+
+fn timer_id(row: &Row) -> Result<TimerId, tokio_postgres::Error> {
+    Ok((
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+        row.try_get(4)?,
+    ))
+}
+
+/// The writer task: takes every write queued while the previous batch ran
+/// (up to [`MAX_BATCH`]) and commits them together. Ends with the store.
+async fn write_batches(shared: Arc<Shared>, mut queue: mpsc::UnboundedReceiver<Write>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let (schedules, unschedules): (Vec<Write>, Vec<Write>) = batch
+            .drain(..)
+            .partition(|write| write.kind == WriteKind::Schedule);
+        // Calls still waiting in one batch were concurrent, so either order is
+        // one they could have had; running both at once pipelines them.
+        tokio::join!(
+            shared.write(WriteKind::Schedule, schedules),
+            shared.write(WriteKind::Unschedule, unschedules),
+        );
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (a `postgres://` URL or a `key=value` connection
+    /// string) and creates or migrates the timer tables.
+    ///
+    /// Must run inside a tokio runtime: the connection and the writer are
+    /// spawned tasks. Fails with a retriable [`StoreError::Unavailable`] when
+    /// the database cannot be reached, so a caller may keep trying.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let mut config: Config =
+            url.parse()
+                .map_err(|error: tokio_postgres::Error| StoreError::Configuration {
+                    reason: error.to_string(),
+                })?;
+        if !matches!(config.get_ssl_mode(), SslMode::Disable | SslMode::Prefer) {
+            return Err(StoreError::Configuration {
+                reason: "TLS is not supported; use sslmode=disable or sslmode=prefer".to_owned(),
+            });
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config.application_name("prosody");
+        let connection = open(&config).await?;
+        let shared = Arc::new(Shared {
+            config,
+            connection: Mutex::new(Some(Arc::new(connection))),
         });
-        migrate(&mut client, COMPONENT, MIGRATIONS).await?;
-        let statements = Statements::prepare(&client)
-            .await
-            .map_err(|error| classify("prepare", Phase::Query, error))?;
-        Ok(Connection { client, statements })
-    };
-    tokio::time::timeout(OPERATION_TIMEOUT, open)
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Unavailable {
-                operation: "connect",
-                source: format!("no answer within {OPERATION_TIMEOUT:?}").into(),
+        let (writes, queue) = mpsc::unbounded_channel();
+        tokio::spawn(write_batches(Arc::clone(&shared), queue));
+        Ok(Self { shared, writes })
+    }
+
+    /// Queues a write for the writer task and waits for its answer.
+    async fn write(
+        &self,
+        kind: WriteKind,
+        scope: &PartitionScope,
+        key: &str,
+        at_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let stopped = || {
+            query_error(
+                kind.operation(),
+                Reason(
+                    "the timer store's writer task stopped (was its tokio runtime shut down?)"
+                        .to_owned(),
+                ),
+            )
+        };
+        let (reply, answer) = oneshot::channel();
+        self.writes
+            .send(Write {
+                kind,
+                scope: scope.clone(),
+                key: key.to_owned(),
+                at_ms,
+                reply,
             })
-        })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
 }
 
 impl fmt::Debug for PostgresStore {
     /// Names the database without its credentials.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let config = &self.shared.config;
         f.debug_struct("PostgresStore")
-            .field("host", &self.config.get_hosts())
-            .field("port", &self.config.get_ports())
-            .field("dbname", &self.config.get_dbname())
+            .field("host", &config.get_hosts())
+            .field("port", &config.get_ports())
+            .field("dbname", &config.get_dbname())
             .finish_non_exhaustive()
     }
 }
@@ -503,26 +693,7 @@ impl TimerStore for PostgresStore {
         key: &'a str,
         at_ms: i64,
     ) -> StoreFuture<'a, bool> {
-        Box::pin(async move {
-            let added = self
-                .run("schedule", |connection| async move {
-                    connection
-                        .client
-                        .execute(
-                            &connection.statements.schedule,
-                            &[
-                                &&*scope.group,
-                                &&*scope.topic,
-                                &scope.partition,
-                                &key.as_bytes(),
-                                &at_ms,
-                            ],
-                        )
-                        .await
-                })
-                .await?;
-            Ok(added == 1)
-        })
+        Box::pin(self.write(WriteKind::Schedule, scope, key, at_ms))
     }
 
     fn unschedule<'a>(
@@ -531,30 +702,11 @@ impl TimerStore for PostgresStore {
         key: &'a str,
         at_ms: i64,
     ) -> StoreFuture<'a, bool> {
-        Box::pin(async move {
-            let removed = self
-                .run("unschedule", |connection| async move {
-                    connection
-                        .client
-                        .execute(
-                            &connection.statements.unschedule,
-                            &[
-                                &&*scope.group,
-                                &&*scope.topic,
-                                &scope.partition,
-                                &key.as_bytes(),
-                                &at_ms,
-                            ],
-                        )
-                        .await
-                })
-                .await?;
-            Ok(removed == 1)
-        })
+        Box::pin(self.write(WriteKind::Unschedule, scope, key, at_ms))
     }
 
     fn clear<'a>(&'a self, scope: &'a PartitionScope, key: &'a str) -> StoreFuture<'a, u64> {
-        Box::pin(self.run("clear", move |connection| async move {
+        Box::pin(self.shared.run("clear", move |connection| async move {
             connection
                 .client
                 .execute(
@@ -578,6 +730,7 @@ impl TimerStore for PostgresStore {
     ) -> StoreFuture<'a, u64> {
         Box::pin(async move {
             let removed: i64 = self
+                .shared
                 .run("clear_and_schedule", |connection| async move {
                     connection
                         .client
@@ -606,6 +759,7 @@ impl TimerStore for PostgresStore {
     ) -> StoreFuture<'a, Vec<i64>> {
         Box::pin(async move {
             let rows = self
+                .shared
                 .run("scheduled", |connection| async move {
                     connection
                         .client
@@ -623,10 +777,8 @@ impl TimerStore for PostgresStore {
                 .await?;
             rows.iter()
                 .map(|row| {
-                    row.try_get(0).map_err(|error| StoreError::Query {
-                        operation: "scheduled",
-                        source: error.into(),
-                    })
+                    row.try_get(0)
+                        .map_err(|error| query_error("scheduled", error))
                 })
                 .collect()
         })
@@ -638,7 +790,7 @@ impl TimerStore for PostgresStore {
         before_ms: i64,
         limit: usize,
     ) -> StoreFuture<'a, Vec<(String, i64)>> {
-        Box::pin(self.range(scope, None, before_ms, limit))
+        Box::pin(self.shared.range(scope, None, before_ms, limit))
     }
 
     fn due_after<'a>(
@@ -649,6 +801,9 @@ impl TimerStore for PostgresStore {
         before_ms: i64,
         limit: usize,
     ) -> StoreFuture<'a, Vec<(String, i64)>> {
-        Box::pin(self.range(scope, Some((after_ms, after_key)), before_ms, limit))
+        Box::pin(
+            self.shared
+                .range(scope, Some((after_ms, after_key)), before_ms, limit),
+        )
     }
 }

@@ -37,12 +37,23 @@ impl fmt::Display for PartitionScope {
     }
 }
 
-/// A boxed error from a store's driver, kept as the source of a [`StoreError`]
-/// so the driver's types stay out of Prosody's API.
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// A driver's error, kept as the source of a [`StoreError`] so the driver's
+/// types stay out of Prosody's API. Shared, so one failure of a batched write
+/// can be reported to every caller in the batch.
+pub(crate) type ErrorSource = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// An error that is only a message, for failures the driver did not report.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Reason(pub(crate) String);
+
+/// `error` as an [`ErrorSource`].
+pub(crate) fn source(error: impl std::error::Error + Send + Sync + 'static) -> ErrorSource {
+    Arc::new(error)
+}
 
 /// What a timer store can fail with.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The database cannot be reached or cannot serve right now: connection
@@ -54,7 +65,7 @@ pub enum StoreError {
         operation: &'static str,
         /// The driver's error.
         #[source]
-        source: BoxError,
+        source: ErrorSource,
     },
 
     /// The store is configured wrongly: a malformed `database_url`, an
@@ -85,7 +96,7 @@ pub enum StoreError {
         operation: &'static str,
         /// The driver's error.
         #[source]
-        source: BoxError,
+        source: ErrorSource,
     },
 }
 
