@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "rbs"
+require "prosody/runner"
 
 # sig/ matches lib/: one signature file per Ruby file, and every public method
 # of the Ruby classes has a signature (so `rbs validate` checks what users call).
@@ -25,7 +26,7 @@ RSpec.describe "RBS signatures" do
     expect(sig_files - ["prosody/prosody_native"]).to match_array(lib_files)
   end
 
-  %w[Client Configuration Message EventHandler Context AsyncTaskProcessor].each do |name|
+  %w[Client Configuration Message EventHandler ErrorClassification Context AsyncTaskProcessor CLI Runner].each do |name|
     it "declares every public method of Prosody::#{name}" do
       klass = Prosody.const_get(name)
       declared = builder.build_instance(type_name(name)).methods.keys
