@@ -8,12 +8,16 @@ require "prosody/runner"
 RSpec.describe "RBS signatures" do
   root = File.expand_path("..", __dir__)
 
+  # Loading the RBS environment takes seconds: do it once for the whole group.
+  shared_builder = nil
   let(:builder) do
-    loader = RBS::EnvironmentLoader.new
-    loader.add(library: "logger")
-    loader.add(library: "monitor")
-    loader.add(path: Pathname(File.join(root, "sig")))
-    RBS::DefinitionBuilder.new(env: RBS::Environment.from_loader(loader).resolve_type_names)
+    shared_builder ||= begin
+      loader = RBS::EnvironmentLoader.new
+      loader.add(library: "logger")
+      loader.add(library: "monitor")
+      loader.add(path: Pathname(File.join(root, "sig")))
+      RBS::DefinitionBuilder.new(env: RBS::Environment.from_loader(loader).resolve_type_names)
+    end
   end
 
   def type_name(name)
@@ -26,7 +30,9 @@ RSpec.describe "RBS signatures" do
     expect(sig_files - ["prosody/prosody_native"]).to match_array(lib_files)
   end
 
-  %w[Client Configuration Message EventHandler ErrorClassification Context AsyncTaskProcessor CLI Runner].each do |name|
+  %w[
+    Client Configuration Message Timer EventHandler ErrorClassification Context AsyncTaskProcessor CLI Runner
+  ].each do |name|
     it "declares every public method of Prosody::#{name}" do
       klass = Prosody.const_get(name)
       declared = builder.build_instance(type_name(name)).methods.keys
