@@ -11,10 +11,10 @@ require "tmpdir"
 # the finished messages again, only new ones. SIGTSTP is logged and ignored. A
 # second SIGTERM during a slow shutdown exits at once with status 128 + 15.
 RSpec.describe "the prosody runner" do
-  # On the mock cluster, a group's next member is assigned partitions only
-  # about a session timeout after the previous member left (cleanly, with
-  # LeaveGroup); with librdkafka's default (45 s) the successor below would
-  # wait that long. Both sides use a short session to keep it quick.
+  # When the last member leaves a group, librdkafka's mock coordinator waits
+  # session timeout - 1 s for members to rejoin before it assigns partitions
+  # (rd_kafka_mock_cgrp_classic_rebalance); with the default session (45 s) the
+  # successor below would wait 44 s. Both sides use a short session instead.
   let(:group_session) { { "session.timeout.ms" => "1500", "heartbeat.interval.ms" => "200" } }
 
   let(:root) { File.expand_path("../..", __dir__) }
@@ -96,7 +96,7 @@ RSpec.describe "the prosody runner" do
   end
 
   it "finishes in-flight handlers on SIGTERM, exits 0, and nothing finished is handled again" do
-    pid = spawn_runner(handler_seconds: 1)
+    pid = spawn_runner(handler_seconds: 2)
     producer = mock_client
     3.times { |index| producer.send_message(topic, "key-#{index}", { "n" => index }) }
     wait_for(description: "three handlers in flight") { event_lines.count { |line| line.start_with?("start") } == 3 }
