@@ -134,7 +134,11 @@ module Prosody
     def perform(task_id, context, message, completion)
       outcome = UNFINISHED
       begin
-        @handler.on_message(context, message)
+        if message.is_a?(Timer)
+          @handler.on_timer(context, message)
+        else
+          @handler.on_message(context, message)
+        end
         outcome = nil
       rescue StandardError, ScriptError, SystemStackError => e
         # Anything a handler can reasonably raise, including NotImplementedError
@@ -197,8 +201,10 @@ module Prosody
       )
     end
 
-    def where(message)
-      "topic=#{message.topic} partition=#{message.partition} offset=#{message.offset} key=#{message.key.inspect}"
+    def where(subject)
+      return "timer key=#{subject.key.inspect} time=#{subject.time.inspect}" if subject.is_a?(Timer)
+
+      "topic=#{subject.topic} partition=#{subject.partition} offset=#{subject.offset} key=#{subject.key.inspect}"
     end
   end
 end

@@ -56,7 +56,7 @@ module Prosody
         raise InvalidMessageError, "headers must be a Hash of String => String, got #{headers.class}"
       end
 
-      await { |queue| @native.send_message(topic, key, payload, headers, queue) }
+      NativeCall.await { |queue| @native.send_message(topic, key, payload, headers, queue) }
     end
 
     # Starts consuming the subscribed topics with `handler`; returns once the
@@ -166,7 +166,7 @@ module Prosody
       processor = AsyncTaskProcessor.new(handler).start
       subscribed = false
       begin
-        await { |queue| @native.subscribe(processor, queue) }
+        NativeCall.await { |queue| @native.subscribe(processor, queue) }
         subscribed = true
       ensure
         # Whatever stopped the subscription (an error, Async::Stop, Interrupt),
@@ -177,7 +177,7 @@ module Prosody
     end
 
     def stop_processor
-      await { |queue| @native.unsubscribe(queue) }
+      NativeCall.await { |queue| @native.unsubscribe(queue) }
     ensure
       processor = @processor
       @processor = nil
@@ -186,18 +186,6 @@ module Prosody
       if processor && !processor.stop(timeout: ABANDONED_GRACE)
         Prosody.logger.warn("handlers that ignored cancellation are still running; leaving them in the background")
       end
-    end
-
-    # Calls a native method that answers later on a queue: nil for success, an
-    # exception for failure. Thread::Queue#pop suspends only the current fiber
-    # under a fiber scheduler (Async) and only the current thread otherwise.
-    def await
-      queue = Thread::Queue.new
-      yield queue
-      result = queue.pop
-      raise result if result.is_a?(Exception)
-
-      result
     end
   end
 end

@@ -1,7 +1,8 @@
 # frozen_string_literal: true
 
 module Prosody
-  # What a handler knows about its own call: whether it should stop.
+  # What a handler knows about its own call: whether it should stop, and the
+  # timers of its key.
   #
   # A call is cancelled when its partition is revoked, the client unsubscribes
   # or the handler runs past its deadline. Long handlers either poll
@@ -45,6 +46,55 @@ module Prosody
       nil
     end
 
+    # Schedules a timer for this call's key: {EventHandler#on_timer} runs at or
+    # after `time` (millisecond precision), through the key's queue. A time in
+    # the past fires promptly. Scheduling the same time twice is one timer.
+    #
+    # @param time [Time]
+    # @return [nil]
+    # @raise [TimerError] when `time` is not a Time
+    # @raise [ConfigurationError] when no timer store is configured (database_url)
+    # @example Remind the customer tomorrow
+    #   context.schedule(Time.now + 86_400)
+    def schedule(time)
+      at = millis(time)
+      NativeCall.await { |queue| @native.schedule(at, queue) }
+    end
+
+    # Replaces all of this key's timers with one at `time`.
+    #
+    # @param time [Time]
+    # @return [nil]
+    # @raise [TimerError] when `time` is not a Time
+    def clear_and_schedule(time)
+      at = millis(time)
+      NativeCall.await { |queue| @native.clear_and_schedule(at, queue) }
+    end
+
+    # Removes this key's timer at `time`, if there is one.
+    #
+    # @param time [Time]
+    # @return [nil]
+    # @raise [TimerError] when `time` is not a Time
+    def unschedule(time)
+      at = millis(time)
+      NativeCall.await { |queue| @native.unschedule(at, queue) }
+    end
+
+    # Removes all of this key's timers.
+    #
+    # @return [nil]
+    def clear_scheduled
+      NativeCall.await { |queue| @native.clear_scheduled(queue) }
+    end
+
+    # This key's pending timers, earliest first.
+    #
+    # @return [Array<Time>]
+    def scheduled
+      NativeCall.await { |queue| @native.scheduled(queue) }.map { |at| Time.at(Rational(at, 1000)) }
+    end
+
     # Marks the call cancelled and wakes {#on_cancel} waiters. Called by the
     # processor on its reactor thread, the only thread that touches the waiters.
     #
@@ -54,6 +104,15 @@ module Prosody
       @cancelled = true
       @waiters&.signal
       nil
+    end
+
+    private
+
+    # Milliseconds since the epoch, the stores' unit.
+    def millis(time)
+      raise TimerError, "timer times must be Time objects, got #{time.class} #{time.inspect}" unless time.is_a?(Time)
+
+      (time.to_r * 1000).floor
     end
   end
 end

@@ -37,6 +37,13 @@ module Prosody
   # timeout, shutdown) before it finished.
   class CancelledError < Error; end
 
+  # Raised by the timer calls of Context when given something that is not a Time.
+  class TimerError < Error; end
+
+  # Raised by the timer calls of Context when the timer store (PostgreSQL) is
+  # unreachable or fails; the same call may succeed once the database is back.
+  class StoreError < Error; end
+
   # Raised when the native bridge is unavailable (process exiting, or a client
   # used in a child after fork).
   class BridgeError < Error; end

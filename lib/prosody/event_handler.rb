@@ -40,7 +40,7 @@ module Prosody
     # Handles a timer that fired; only needed by handlers that schedule timers.
     #
     # @param context [Context]
-    # @param timer [Object] the timer that fired (its `key` and `time`)
+    # @param timer [Timer] the timer that fired (its `key` and `time`)
     # @return [void]
     # @raise [NotImplementedError] unless a subclass defines it
     def on_timer(context, timer)

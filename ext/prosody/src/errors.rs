@@ -15,6 +15,7 @@ pub(crate) enum Kind {
     Kafka,
     State,
     MockCluster,
+    Store,
     Bridge,
 }
 
@@ -29,6 +30,7 @@ impl Kind {
             Self::Kafka => "KafkaError",
             Self::State => "StateError",
             Self::MockCluster => "MockClusterError",
+            Self::Store => "StoreError",
             Self::Bridge => "BridgeError",
         }
     }
@@ -62,6 +64,7 @@ fn kind_of(error: &prosody::Error) -> Kind {
         prosody::Error::Payload(_) => Kind::InvalidMessage,
         prosody::Error::AlreadySubscribed => Kind::State,
         prosody::Error::Mock(_) => Kind::MockCluster,
+        prosody::Error::Store(_) => Kind::Store,
         prosody::Error::NoRuntime => Kind::Bridge,
         _ => Kind::Base,
     }

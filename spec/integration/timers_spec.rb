@@ -1,0 +1,76 @@
+# frozen_string_literal: true
+
+# A handler schedules timers for its key through its context; on_timer runs at
+# or after each one's time, through the key's queue, and only timers still
+# scheduled fire. Mock mode keeps timers in memory; with database_url they live
+# in PostgreSQL and survive the consumer.
+RSpec.describe "timers" do
+  def drain(queue)
+    Array.new(queue.size) { queue.pop }
+  end
+
+  it "fires scheduled timers through on_timer and never the cleared ones" do
+    topic = unique_name("timers")
+    client = mock_consumer(topic)
+    script = ProsodySpec::TimerScript.new
+    client.subscribe(script)
+    started = Time.now
+    [
+      ["fires", { "op" => "schedule", "in_ms" => 200 }],
+      ["past", { "op" => "schedule", "in_ms" => -5_000 }],
+      ["cleared", { "op" => "schedule", "in_ms" => 300 }],
+      ["cleared", { "op" => "schedule", "in_ms" => 400 }],
+      ["cleared", { "op" => "list" }],
+      ["cleared", { "op" => "clear" }],
+      ["replaced", { "op" => "schedule", "in_ms" => 300 }],
+      ["replaced", { "op" => "replace", "in_ms" => 500 }],
+      ["replaced", { "op" => "list" }]
+    ].each { |key, payload| client.send_message(topic, key, payload) }
+
+    wait_for(timeout: 20, description: "three timers fire") { script.fired.size >= 3 }
+    sleep 0.8 # anything wrongly left scheduled would fire within this
+    fired = drain(script.fired)
+    expect(fired.map(&:first)).to contain_exactly("fires", "past", "replaced")
+    fired.each { |(_, due, ran)| expect(ran).to be >= due }
+    expect(fired.find { |(key)| key == "fires" }[1]).to be > started
+    expect(script.listed["cleared"].size).to eq(2)
+    expect(script.listed["cleared"]).to all(be_a(Time))
+    expect(script.listed["replaced"].size).to eq(1)
+    expect(drain(script.errors)).to be_empty
+  end
+
+  it "rejects a time that is not a Time with a clear error" do
+    topic = unique_name("timers-bad")
+    client = mock_consumer(topic)
+    script = ProsodySpec::TimerScript.new
+    client.subscribe(script)
+    client.send_message(topic, "k", { "op" => "bad", "at" => "tomorrow" })
+    wait_for(timeout: 20, description: "the bad call fails") { !script.errors.empty? }
+    error = script.errors.pop
+    expect(error).to be_a(Prosody::TimerError)
+    expect(error.message).to include("Time", "String")
+  end
+
+  it "keeps timers in PostgreSQL across consumers when database_url is set" do
+    url = ENV.fetch("PROSODY_TEST_DATABASE_URL") do
+      raise "PROSODY_TEST_DATABASE_URL is not set: run the specs through ./script/test"
+    end
+    topic = unique_name("timers-pg")
+    group = unique_name("group")
+    first = mock_consumer(topic, group_id: group, database_url: url)
+    script = ProsodySpec::TimerScript.new
+    first.subscribe(script)
+    first.send_message(topic, "later", { "op" => "schedule", "in_ms" => 1_500 })
+    first.send_message(topic, "later", { "op" => "list" })
+    wait_for(timeout: 20, description: "scheduled") { script.listed.key?("later") }
+    first.unsubscribe
+
+    second = mock_consumer(topic, group_id: group, database_url: url)
+    again = ProsodySpec::TimerScript.new
+    second.subscribe(again)
+    wait_for(timeout: 20, description: "the timer fires under the second consumer") { again.fired.size == 1 }
+    sleep 0.5
+    expect(drain(again.fired).map(&:first)).to eq(["later"])
+    expect(script.fired).to be_empty
+  end
+end
