@@ -17,7 +17,10 @@ module Prosody
   #   status is 0 after a clean stop.
   # - A second TERM or INT during the shutdown exits at once with status
   #   128 + the signal number, without committing what is in flight (those
-  #   messages are handled again by the next owner of their partitions).
+  #   messages are handled again by the next owner of their partitions). One
+  #   arriving within a second of the first is taken for a duplicate delivery
+  #   (a wrapper forwarding the signal that the terminal also sent to the whole
+  #   process group) and ignored.
   # - TSTP (Ctrl-Z) is logged and ignored: a stopped process would miss its
   #   group heartbeats and lose its partitions in a rebalance, and there is
   #   nothing to gain from pausing; stop it with TERM instead.
@@ -32,6 +35,10 @@ module Prosody
     SHUTDOWN_SIGNALS = %w[TERM INT].freeze
     # Signals that are logged and otherwise ignored.
     IGNORED_SIGNALS = %w[TSTP].freeze
+
+    # A repeated shutdown signal within this many seconds is a duplicate, not a request to force exit.
+    DUPLICATE_WINDOW = 1.0
+    private_constant :DUPLICATE_WINDOW
 
     # Seconds between progress lines while a shutdown waits for handlers.
     PROGRESS_INTERVAL = 5
@@ -152,7 +159,7 @@ module Prosody
       started = monotonic
       Prosody.logger.info("prosody: stopping: #{waiting_on(client)}")
       stopper = Thread.new { unsubscribe(client) }
-      wait_for_unsubscribe(client)
+      wait_for_unsubscribe(client, started)
       error = stopper.value
       return report_failed_stop(error) if error
 
@@ -171,16 +178,23 @@ module Prosody
       notify(STOPPED)
     end
 
-    def wait_for_unsubscribe(client)
+    def wait_for_unsubscribe(client, started)
       loop do
         notice = next_notice(timeout: PROGRESS_INTERVAL)
         case notice
         when STOPPED then return
         when nil then Prosody.logger.info("prosody: still stopping: #{waiting_on(client)}")
-        when *SHUTDOWN_SIGNALS then force_exit(notice)
+        when *SHUTDOWN_SIGNALS then repeated_signal(notice, started)
         else Prosody.logger.info("prosody: SIG#{notice} ignored while stopping")
         end
       end
+    end
+
+    def repeated_signal(signal, started)
+      force_exit(signal) if monotonic - started >= DUPLICATE_WINDOW
+
+      Prosody.logger.info("prosody: SIG#{signal} repeated within #{DUPLICATE_WINDOW}s, taken for a duplicate; " \
+                          "send it again to force exit")
     end
 
     def waiting_on(client)
