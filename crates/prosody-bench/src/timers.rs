@@ -186,7 +186,7 @@ async fn run(options: Options) -> BenchResult<()> {
             results.insert(format!("timers_{store}_{name}"), json!(round(*value)));
         }
     }
-    match firing_lag(&options).await {
+    match firing_lag(&options, &url, &postgres).await {
         Some(lag) => {
             results.insert("timers_fire_lag_p50_ms".to_owned(), json!(lag.p50_ms));
             results.insert("timers_fire_lag_p99_ms".to_owned(), json!(lag.p99_ms));
@@ -364,13 +364,157 @@ struct FiringLag {
     rss_kib: u64,
 }
 
-/// HOOK for the consumer's timer scheduler: schedule `options.count` timers
-/// over `options.keys` keys due within a few seconds, run a consumer whose
-/// `on_timer` records `now - at_ms`, and report the lag's p50/p99 and the
-/// process's RSS (see [`rss_kib`]) while timers are loaded. Returns `None`
-/// until the scheduler exists.
-async fn firing_lag(_options: &Options) -> Option<FiringLag> {
-    None
+/// Schedules `options.count` timers over `options.keys` keys, due spread over
+/// a few seconds, straight into the store under the scope a consumer will own;
+/// then runs a consumer (mock Kafka, PostgreSQL timers) whose `on_timer`
+/// records how late each timer ran, sampling the process's RSS while they fire.
+async fn firing_lag(
+    options: &Options,
+    url: &str,
+    store: &Arc<dyn TimerStore>,
+) -> Option<FiringLag> {
+    match measure_firing(options, url, store).await {
+        Ok(lag) => Some(lag),
+        Err(error) => {
+            println!("firing lag: not measured: {error}");
+            None
+        }
+    }
+}
+
+struct LagRecorder(Arc<std::sync::Mutex<Vec<f64>>>);
+
+#[derive(Debug)]
+struct Never;
+
+impl std::fmt::Display for Never {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("never")
+    }
+}
+
+impl std::error::Error for Never {}
+impl prosody::ClassifyError for Never {}
+
+impl prosody::EventHandler for LagRecorder {
+    type Error = Never;
+
+    async fn on_message(
+        &self,
+        _context: prosody::Context,
+        _message: prosody::Message,
+    ) -> Result<(), Never> {
+        Ok(())
+    }
+
+    async fn on_timer(
+        &self,
+        _context: prosody::Context,
+        timer: prosody::Timer,
+    ) -> Result<(), Never> {
+        let late = SystemTime::now()
+            .duration_since(timer.time())
+            .unwrap_or_default()
+            .as_secs_f64()
+            * 1_000.0;
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(late);
+        Ok(())
+    }
+}
+
+async fn measure_firing(
+    options: &Options,
+    url: &str,
+    store: &Arc<dyn TimerStore>,
+) -> BenchResult<FiringLag> {
+    let suffix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
+    let topic = format!("bench-timers-{suffix}");
+    let group = format!("bench-timers-group-{suffix}");
+    prosody::mock::create_topic(&topic, 1).map_err(|error| error.to_string())?;
+    let scope = PartitionScope::new(group.as_str(), topic.as_str(), 0);
+    // Due after scheduling (allowing 8k schedules/s) and the consumer's start, spread over 5 s.
+    let start = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|error| error.to_string())?
+        .as_millis();
+    let allowance = 4_000 + i64::try_from(options.count / 8).unwrap_or(i64::MAX);
+    let start = i64::try_from(start).map_err(|error| error.to_string())? + allowance;
+    let (count, keys) = (options.count, options.keys);
+    let scheduling = Arc::clone(store);
+    let scope_for_calls = scope.clone();
+    println!("firing lag: scheduling {count} timers due over 5 s…");
+    in_flight(options.concurrency, count, move |index| {
+        let store = Arc::clone(&scheduling);
+        let scope = scope_for_calls.clone();
+        async move {
+            let at = start + i64::try_from(index * 5_000 / count).unwrap_or(0);
+            store
+                .schedule(&scope, &format!("key-{}", index % keys), at)
+                .await
+                .map(|_| ())
+        }
+    })
+    .await?;
+    let lags = Arc::new(std::sync::Mutex::new(Vec::with_capacity(count)));
+    let config = prosody::Config::builder()
+        .mock(true)
+        .group_id(&group)
+        .subscribed_topics([topic.as_str()])
+        .set("database_url", url.into())
+        .and_then(|builder| builder.set("probe_port", prosody::OptionValue::Bool(false)))
+        .and_then(prosody::ConfigBuilder::build)
+        .map_err(|error| error.to_string())?;
+    let client = prosody::Client::new(config).map_err(|error| error.to_string())?;
+    client
+        .subscribe(LagRecorder(Arc::clone(&lags)))
+        .map_err(|error| error.to_string())?;
+    let started = Instant::now();
+    let mut peak_rss = 0;
+    loop {
+        peak_rss = peak_rss.max(rss_kib().unwrap_or(0));
+        let fired = lags
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        if fired >= count {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(180) {
+            return Err(format!("only {fired} of {count} timers fired within 180 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client
+        .unsubscribe()
+        .await
+        .map_err(|error| error.to_string())?;
+    let mut lags = lags
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    lags.sort_by(f64::total_cmp);
+    let at = |fraction: f64| {
+        let index = ((lags.len() as f64 - 1.0) * fraction).round() as usize;
+        lags.get(index).copied().unwrap_or_default()
+    };
+    let lag = FiringLag {
+        p50_ms: round(at(0.50)),
+        p99_ms: round(at(0.99)),
+        rss_kib: peak_rss,
+    };
+    println!(
+        "firing lag over {count} PostgreSQL timers (due over 5 s, up to {} per ms): p50 {} ms, p99 {} ms; peak RSS {} KiB",
+        count / 5_000 + 1,
+        lag.p50_ms,
+        lag.p99_ms,
+        lag.rss_kib
+    );
+    Ok(lag)
 }
 
 /// Resident set size of this process, from `/proc/self/status`.
