@@ -329,16 +329,12 @@ impl PartitionManager {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let permit = tokio::select! {
-                biased;
-                () = self.draining.cancelled() => return false,
-                permit = Arc::clone(&self.shared.permits).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return false,
-                },
+            let Some(outcome) = self
+                .attempt_with_permit(key, Call::Message(message.clone()))
+                .await
+            else {
+                return false;
             };
-            let outcome = self.attempt(key, Call::Message(message.clone())).await;
-            drop(permit);
             let failure = match outcome {
                 Outcome::Succeeded => return true,
                 Outcome::Failed(_) if self.cancellation.is_cancelled() => {
@@ -353,9 +349,8 @@ impl PartitionManager {
                         topic = %self.topic, partition = self.partition, offset, key = %key, attempt, kind = failure.kind.as_str(),
                         "handler failed ({}): {}; retrying in {delay:?}", failure.class, failure.message
                     );
-                    tokio::select! {
-                        () = self.draining.cancelled() => return false,
-                        () = tokio::time::sleep(delay) => {}
+                    if !self.wait_to_retry(delay).await {
+                        return false;
                     }
                 }
                 decision => {
@@ -386,16 +381,12 @@ impl PartitionManager {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let permit = tokio::select! {
-                biased;
-                () = self.draining.cancelled() => return false,
-                permit = Arc::clone(&self.shared.permits).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return false,
-                },
+            let Some(outcome) = self
+                .attempt_with_permit(key, Call::Timer(timer.clone()))
+                .await
+            else {
+                return false;
             };
-            let outcome = self.attempt(key, Call::Timer(timer.clone())).await;
-            drop(permit);
             match outcome {
                 Outcome::Succeeded => break,
                 Outcome::Failed(_) if self.cancellation.is_cancelled() => return false,
@@ -406,9 +397,8 @@ impl PartitionManager {
                                 topic = %self.topic, partition = self.partition, key = %key, at, attempt,
                                 "timer handler failed ({}): {}; retrying in {delay:?}", failure.class, failure.message
                             );
-                            tokio::select! {
-                                () = self.draining.cancelled() => return false,
-                                () = tokio::time::sleep(delay) => {}
+                            if !self.wait_to_retry(delay).await {
+                                return false;
                             }
                         }
                         Decision::DeadLetter | Decision::Skip => {
@@ -445,6 +435,27 @@ impl PartitionManager {
         debug!(topic = %self.topic, partition = self.partition, offset, key, "skipping message: {}", skip.as_str());
         self.shared.skips.count(skip);
         true
+    }
+
+    /// One attempt holding a concurrency permit only while the handler runs;
+    /// `None` when the partition stops before a permit is free.
+    async fn attempt_with_permit(&self, key: &Arc<str>, call: Call) -> Option<Outcome> {
+        let permit = tokio::select! {
+            biased;
+            () = self.draining.cancelled() => return None,
+            permit = Arc::clone(&self.shared.permits).acquire_owned() => permit.ok()?,
+        };
+        let outcome = self.attempt(key, call).await;
+        drop(permit);
+        Some(outcome)
+    }
+
+    /// Sleeps before a retry; false when the partition stops meanwhile.
+    async fn wait_to_retry(&self, delay: Duration) -> bool {
+        tokio::select! {
+            () = self.draining.cancelled() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
     }
 
     /// One handler call, cancelled once it overruns `timeout`.
