@@ -33,6 +33,10 @@ module Prosody
   # Raise (or subclass) from a handler for failures worth retrying; the default for other errors.
   class TransientError < Error; end
 
+  # Named in logs and dead-letter headers (prosody-error-class) when a handler
+  # ran past `timeout` and was cancelled; retried like a transient failure.
+  class TimeoutError < TransientError; end
+
   # Reported for a handler call that was stopped by cancellation (revocation,
   # timeout, shutdown) before it finished.
   class CancelledError < Error; end
