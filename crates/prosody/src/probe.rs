@@ -32,23 +32,8 @@ impl ProbeServer {
     /// Binds `0.0.0.0:port` (port 0 picks a free port). A port that cannot be
     /// bound is logged and the consumer runs without probes.
     pub(crate) fn start(port: u16, health: Arc<dyn Health>, runtime: &Handle) -> Option<Self> {
-        let listener = match std::net::TcpListener::bind(("0.0.0.0", port)).and_then(|listener| {
-            listener.set_nonblocking(true)?;
-            Ok(listener)
-        }) {
-            Ok(listener) => listener,
-            Err(error) => {
-                warn!(
-                    port,
-                    "cannot start the probe server; continuing without it: {error}"
-                );
-                return None;
-            }
-        };
-        let address = listener.local_addr().ok()?;
-        let _entered = runtime.enter();
-        let listener = match TcpListener::from_std(listener) {
-            Ok(listener) => listener,
+        let (address, listener) = match bind(port, runtime) {
+            Ok(bound) => bound,
             Err(error) => {
                 warn!(
                     port,
@@ -89,6 +74,15 @@ impl Drop for ProbeServer {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// Binds `0.0.0.0:port` as a tokio listener on `runtime`.
+fn bind(port: u16, runtime: &Handle) -> std::io::Result<(SocketAddr, TcpListener)> {
+    let listener = std::net::TcpListener::bind(("0.0.0.0", port))?;
+    listener.set_nonblocking(true)?;
+    let address = listener.local_addr()?;
+    let _entered = runtime.enter();
+    Ok((address, TcpListener::from_std(listener)?))
 }
 
 async fn serve(listener: TcpListener, health: Arc<dyn Health>, stop: CancellationToken) {

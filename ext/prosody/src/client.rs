@@ -15,7 +15,7 @@ use crate::convert;
 use crate::errors::from_core;
 use crate::handler::RubyHandler;
 use crate::process::{ensure_started, off_ruby_stack};
-use crate::reply::reply;
+use crate::reply::{answer_later, reply};
 use crate::runtime::runtime;
 
 #[magnus::wrap(class = "Prosody::Native::Client", free_immediately, size)]
@@ -75,11 +75,9 @@ impl NativeClient {
         ensure_started(ruby)?;
         let payload = convert::to_json(ruby, payload)?;
         let headers = convert::headers(ruby, headers)?;
-        let queue = RubyOwned::new(ruby, queue);
         let client = rb_self.client();
-        runtime().spawn(async move {
-            let result = client.send(&topic, &key, &payload, &headers).await;
-            reply(queue, result, true);
+        answer_later(ruby, queue, true, async move {
+            client.send(&topic, &key, &payload, &headers).await
         });
         Ok(())
     }
@@ -98,12 +96,13 @@ impl NativeClient {
 
     fn unsubscribe(ruby: &Ruby, rb_self: &Self, queue: Value) -> Result<(), Error> {
         ensure_started(ruby)?;
-        let queue = RubyOwned::new(ruby, queue);
         let client = rb_self.client();
-        runtime().spawn(async move {
-            let result = client.unsubscribe().await;
-            reply(queue, result, false);
-        });
+        answer_later(
+            ruby,
+            queue,
+            false,
+            async move { client.unsubscribe().await },
+        );
         Ok(())
     }
 

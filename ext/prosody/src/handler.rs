@@ -16,7 +16,7 @@ use tracing::warn;
 use crate::bridge::owned::RubyOwned;
 use crate::bridge::{self};
 use crate::convert::from_json;
-use crate::reply::{reply, reply_with};
+use crate::reply::{answer_later, reply_with};
 use crate::runtime::runtime;
 
 /// Why a Ruby handler call did not succeed.
@@ -223,35 +223,30 @@ impl NativeContext {
 
     fn schedule(ruby: &Ruby, rb_self: &Self, at_ms: i64, queue: Value) {
         let context = rb_self.0.clone();
-        let queue = RubyOwned::new(ruby, queue);
-        runtime()
-            .spawn(async move { reply(queue, context.schedule(from_millis(at_ms)).await, false) });
+        answer_later(ruby, queue, false, async move {
+            context.schedule(from_millis(at_ms)).await
+        });
     }
 
     fn clear_and_schedule(ruby: &Ruby, rb_self: &Self, at_ms: i64, queue: Value) {
         let context = rb_self.0.clone();
-        let queue = RubyOwned::new(ruby, queue);
-        runtime().spawn(async move {
-            reply(
-                queue,
-                context.clear_and_schedule(from_millis(at_ms)).await,
-                false,
-            )
+        answer_later(ruby, queue, false, async move {
+            context.clear_and_schedule(from_millis(at_ms)).await
         });
     }
 
     fn unschedule(ruby: &Ruby, rb_self: &Self, at_ms: i64, queue: Value) {
         let context = rb_self.0.clone();
-        let queue = RubyOwned::new(ruby, queue);
-        runtime().spawn(async move {
-            reply(queue, context.unschedule(from_millis(at_ms)).await, false)
+        answer_later(ruby, queue, false, async move {
+            context.unschedule(from_millis(at_ms)).await
         });
     }
 
     fn clear_scheduled(ruby: &Ruby, rb_self: &Self, queue: Value) {
         let context = rb_self.0.clone();
-        let queue = RubyOwned::new(ruby, queue);
-        runtime().spawn(async move { reply(queue, context.clear_scheduled().await, false) });
+        answer_later(ruby, queue, false, async move {
+            context.clear_scheduled().await
+        });
     }
 
     /// Pushes an Array of Integer milliseconds since the epoch, earliest first.

@@ -1,11 +1,24 @@
 //! Delivering the result of work done off the Ruby thread to the Ruby caller
 //! waiting on a Thread::Queue (see `client.rs` for why calls work this way).
 
+use std::future::Future;
+
 use magnus::{prelude::*, Ruby, Value};
 
 use crate::bridge::owned::RubyOwned;
 use crate::bridge::{self};
 use crate::errors::exception_for;
+use crate::runtime::runtime;
+
+/// Runs `work` on the tokio runtime and answers on the caller's `queue` with
+/// `nil` or the error's exception. The caller's stack only holds `queue` briefly.
+pub(crate) fn answer_later<F>(ruby: &Ruby, queue: Value, sending: bool, work: F)
+where
+    F: Future<Output = prosody::Result<()>> + Send + 'static,
+{
+    let queue = RubyOwned::new(ruby, queue);
+    runtime().spawn(async move { reply(queue, work.await, sending) });
+}
 
 /// Pushes `nil` or the error's exception onto the caller's queue, on the bridge thread.
 /// `sending` maps broker errors to `Prosody::SendError`.
