@@ -122,11 +122,12 @@ module Prosody
       @native.probe_port
     end
 
-    # Messages the consumer skipped without calling the handler, since the client was built.
+    # Messages the consumer skipped without calling the handler, since the last {#subscribe}.
     #
     # @return [Hash{Symbol=>Integer}] :own_messages (the `source-system` header equals this
-    #   consumer's group_id: loop prevention) and :event_type (the payload's `type` does not
-    #   start with one of `allowed_events`)
+    #   consumer's group_id: loop prevention), :event_type (the payload's `type` does not
+    #   start with one of `allowed_events`) and :duplicates (the payload's `id` was handled
+    #   already for this topic and key: deduplication)
     def skip_counts
       @native.skip_counts
     end

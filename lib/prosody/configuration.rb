@@ -48,6 +48,9 @@ module Prosody
       timeout: :duration,
       stall_threshold: :duration,
       probe_port: :port,
+      idempotence_cache_size: :whole,
+      idempotence_version: :version,
+      idempotence_ttl: :duration,
       database_url: :name,
       state_store: :name,
       kafka: :settings
@@ -56,7 +59,8 @@ module Prosody
     # Kind of option => the private method that checks and converts its value.
     CONVERTERS = {
       name: :name_value, list: :list_value, flag: :flag_value, count: :positive_value, whole: :whole_value,
-      duration: :duration_value, mode: :mode_value, port: :port_value, settings: :settings_value
+      duration: :duration_value, mode: :mode_value, port: :port_value, settings: :settings_value,
+      version: :version_value
     }.freeze
     private_constant :CONVERTERS
 
@@ -192,6 +196,11 @@ module Prosody
         value
       else raise invalid(name, "expected a whole number, got #{value.class}")
       end
+    end
+
+    # A label such as "2" or :v2; an Integer is taken as its digits.
+    def version_value(name, value)
+      value.is_a?(Integer) ? value.to_s : name_value(name, value)
     end
 
     # Seconds as a Float; Strings like "250ms" or "5m" are parsed natively.

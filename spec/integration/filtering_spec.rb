@@ -44,7 +44,7 @@ RSpec.describe "message filtering" do
         [{ "type" => "user.created", "id" => 1 }, { "id" => 4 }, "no type at all",
          { "type" => "user.deleted", "id" => 5 }]
       )
-      expect(client.skip_counts).to eq(event_type: 2, own_messages: 0)
+      expect(client.skip_counts).to eq(event_type: 2, own_messages: 0, duplicates: 0)
     end
 
     it "handles every type when not set" do

@@ -51,6 +51,14 @@ RSpec.describe Prosody::Configuration do
     expect(described_class.new(probe_port: 0)[:probe_port]).to eq(0)
   end
 
+  it "accepts the deduplication options, with 0 turning it off and a version of any label" do
+    config = described_class.new(idempotence_cache_size: 0, idempotence_version: 2, idempotence_ttl: "1d")
+    expect(config.to_native).to eq(
+      "idempotence_cache_size" => 0, "idempotence_version" => "2", "idempotence_ttl" => "1d"
+    )
+    expect(described_class.new(idempotence_version: :v3)[:idempotence_version]).to eq("v3")
+  end
+
   it "accepts allowed event prefixes as a list" do
     expect(described_class.new(allowed_events: %i[invoice. payment.])[:allowed_events]).to eq(%w[invoice. payment.])
   end
@@ -76,7 +84,10 @@ RSpec.describe Prosody::Configuration do
     { probe_port: 70_000 } => "probe_port",
     { probe_port: true } => "probe_port",
     { mode: 1 } => "mode",
-    { timeout: [1] } => "timeout"
+    { timeout: [1] } => "timeout",
+    { idempotence_cache_size: -1 } => "idempotence_cache_size",
+    { idempotence_version: "" } => "idempotence_version",
+    { idempotence_ttl: -5 } => "idempotence_ttl"
   }.each do |options, name|
     it "names `#{name}` when given #{options.inspect}" do
       expect(error_for(**options).message).to start_with("invalid option `#{name}`")

@@ -156,7 +156,8 @@ impl Client {
             .and_then(Subscription::probe_address)
     }
 
-    /// Messages skipped by the filters (own output, unwanted event types) since subscribing.
+    /// Messages skipped without running the handler (own output, unwanted event
+    /// types, message ids handled already) since the last `subscribe`.
     pub fn skip_counts(&self) -> SkipCounts {
         lock(&self.subscription)
             .as_ref()

@@ -32,12 +32,15 @@ pub const OPTION_NAMES: &[&str] = &[
     "timeout",
     "stall_threshold",
     "probe_port",
+    "idempotence_cache_size",
+    "idempotence_version",
+    "idempotence_ttl",
     "database_url",
     "state_store",
     "kafka",
 ];
 
-/// Where timers live.
+/// Where timers and deduplication records live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StateStore {
     /// PostgreSQL when `database_url` is set, memory in mock mode, else none.
@@ -138,6 +141,9 @@ pub struct Config {
     pub(crate) timeout: Duration,
     pub(crate) stall_threshold: Duration,
     pub(crate) probe_port: Option<u16>,
+    pub(crate) idempotence_cache_size: usize,
+    pub(crate) idempotence_version: String,
+    pub(crate) idempotence_ttl: Duration,
     pub(crate) database_url: Option<String>,
     pub(crate) state_store: StateStore,
     pub(crate) kafka: BTreeMap<String, String>,
@@ -167,6 +173,9 @@ impl std::fmt::Debug for Config {
             .field("timeout", &self.timeout)
             .field("stall_threshold", &self.stall_threshold)
             .field("probe_port", &self.probe_port)
+            .field("idempotence_cache_size", &self.idempotence_cache_size)
+            .field("idempotence_version", &self.idempotence_version)
+            .field("idempotence_ttl", &self.idempotence_ttl)
             // The URL may carry a password.
             .field("database_url", &self.database_url.as_ref().map(|_| "<set>"))
             .field("state_store", &self.state_store)
@@ -281,12 +290,28 @@ impl Config {
         self.probe_port
     }
 
-    /// PostgreSQL connection URL for timers.
+    /// PostgreSQL connection URL for timers and deduplication records.
     pub fn database_url(&self) -> Option<&str> {
         self.database_url.as_deref()
     }
 
-    /// Where timers live.
+    /// How many recently handled message ids each consumer remembers in memory;
+    /// 0 turns message-id deduplication off.
+    pub fn idempotence_cache_size(&self) -> usize {
+        self.idempotence_cache_size
+    }
+
+    /// Part of every deduplication record: changing it forgets earlier records.
+    pub fn idempotence_version(&self) -> &str {
+        &self.idempotence_version
+    }
+
+    /// How long a handled message id is remembered.
+    pub fn idempotence_ttl(&self) -> Duration {
+        self.idempotence_ttl
+    }
+
+    /// Where timers and deduplication records live.
     pub fn state_store(&self) -> StateStore {
         self.state_store
     }
@@ -538,6 +563,22 @@ impl Options {
             }
         };
         let probe_port = self.port("probe_port")?;
+        let idempotence_cache_size = match self.take("idempotence_cache_size") {
+            None => 8192,
+            Some(value) => {
+                let mut single = Options {
+                    values: BTreeMap::from([("idempotence_cache_size".to_owned(), value)]),
+                };
+                usize::try_from(single.count("idempotence_cache_size")?)
+                    .map_err(|_| Error::config("idempotence_cache_size", "too large"))?
+            }
+        };
+        let idempotence_version = self
+            .string("idempotence_version")?
+            .unwrap_or_else(|| "1".to_owned());
+        let idempotence_ttl = self
+            .nonzero_duration("idempotence_ttl")?
+            .unwrap_or(Duration::from_secs(7 * 86_400));
         let database_url = self.string("database_url")?;
         let state_store = match self.take("state_store") {
             None => StateStore::Auto,
@@ -581,6 +622,9 @@ impl Options {
             timeout,
             stall_threshold,
             probe_port,
+            idempotence_cache_size,
+            idempotence_version,
+            idempotence_ttl,
             bootstrap_servers,
             group_id,
             subscribed_topics,
@@ -823,6 +867,36 @@ mod tests {
         assert_eq!(config.stall_threshold, Duration::from_secs(300));
         assert_eq!(config.timeout, Duration::from_secs(240));
         assert_eq!(config.probe_port, Some(8000));
+        assert_eq!(config.idempotence_cache_size, 8192);
+        assert_eq!(config.idempotence_version, "1");
+        assert_eq!(config.idempotence_ttl, Duration::from_secs(7 * 86_400));
+    }
+
+    #[test]
+    fn idempotence_options() {
+        let config = Config::builder()
+            .mock(true)
+            .group_id("g")
+            .set("idempotence_cache_size", OptionValue::Int(0))
+            .and_then(|b| b.set("idempotence_version", "2".into()))
+            .and_then(|b| b.set("idempotence_ttl", "1h".into()))
+            .and_then(|b| b.build_with_env(no_env()))
+            .unwrap();
+        assert_eq!(config.idempotence_cache_size, 0);
+        assert_eq!(config.idempotence_version, "2");
+        assert_eq!(config.idempotence_ttl, Duration::from_secs(3600));
+        let negative = Config::builder()
+            .mock(true)
+            .group_id("g")
+            .set("idempotence_cache_size", OptionValue::Int(-1))
+            .and_then(|b| b.build_with_env(no_env()));
+        assert!(error_option(negative).contains("idempotence_cache_size"));
+        let zero_ttl = Config::builder()
+            .mock(true)
+            .group_id("g")
+            .set("idempotence_ttl", OptionValue::Int(0))
+            .and_then(|b| b.build_with_env(no_env()));
+        assert!(error_option(zero_ttl).contains("idempotence_ttl"));
     }
 
     #[test]

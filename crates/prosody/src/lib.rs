@@ -10,12 +10,14 @@
 //! - `message`: [`Message`], what handlers receive.
 //! - [`mock`]: the in-process mock Kafka cluster behind `mock: true`.
 //! - `probe`: the `/readyz` and `/livez` HTTP probe server.
+//! - `dedup`: message-id deduplication (an LRU per consumer, records in the state store).
 //! - `timers`: durable per-key timer storage ([`TimerStore`]: [`MemoryStore`], [`PostgresStore`]).
 //! - `error`: [`Error`], the crate's one error type.
 
 mod client;
 pub mod config;
 mod consumer;
+mod dedup;
 mod duration;
 mod error;
 mod handler;

@@ -1,35 +1,63 @@
-//! Choosing the timer store from `state_store`, `database_url` and `mock`.
+//! Choosing the state stores (timers, deduplication records) from
+//! `state_store`, `database_url` and `mock`.
 
 use std::sync::{Arc, OnceLock};
 
 use tokio::sync::OnceCell;
 
 use crate::config::{Config, StateStore};
+use crate::dedup::{DedupStore, HandledId, MemoryDedup};
 use crate::timers::{
     MemoryStore, PartitionScope, PostgresStore, StoreError, StoreFuture, TimerStore,
 };
 
-/// The store timers use under `config`, or `None` when there is none (the
-/// first timer call then explains how to configure one).
-pub(crate) fn timer_store(config: &Config) -> Option<Arc<dyn TimerStore>> {
+/// Where one consumer keeps its state.
+pub(crate) struct Stores {
+    /// `None` when there is no store: the first timer call then explains how
+    /// to configure one.
+    pub(crate) timers: Option<Arc<dyn TimerStore>>,
+    /// `None` when there is no store: deduplication then relies on the
+    /// in-memory cache alone.
+    pub(crate) dedup: Option<Arc<dyn DedupStore>>,
+}
+
+/// The stores `config` asks for. Both live in the same place: one PostgreSQL
+/// connection, or process memory.
+pub(crate) fn stores(config: &Config) -> Stores {
     match (
         config.state_store,
         config.database_url.as_deref(),
         config.mock,
     ) {
-        (StateStore::Memory, _, _) | (StateStore::Auto, None, true) => Some(memory()),
+        (StateStore::Memory, _, _) | (StateStore::Auto, None, true) => Stores {
+            timers: Some(memory_timers()),
+            dedup: Some(memory_dedup()),
+        },
         (StateStore::Postgres | StateStore::Auto, Some(url), _) => {
-            Some(Arc::new(LazyPostgres::new(url)))
+            let postgres = Arc::new(LazyPostgres::new(url));
+            Stores {
+                timers: Some(Arc::clone(&postgres) as Arc<dyn TimerStore>),
+                dedup: Some(postgres as Arc<dyn DedupStore>),
+            }
         }
-        (StateStore::Postgres, None, _) | (StateStore::Auto, None, false) => None,
+        (StateStore::Postgres, None, _) | (StateStore::Auto, None, false) => Stores {
+            timers: None,
+            dedup: None,
+        },
     }
 }
 
 /// One memory store per process, so that timers outlive a client (and move
 /// between clients on rebalance) the way they would with PostgreSQL.
-fn memory() -> Arc<dyn TimerStore> {
+fn memory_timers() -> Arc<dyn TimerStore> {
     static MEMORY: OnceLock<Arc<MemoryStore>> = OnceLock::new();
     Arc::clone(MEMORY.get_or_init(|| Arc::new(MemoryStore::new()))) as Arc<dyn TimerStore>
+}
+
+/// One per process, for the same reason as [`memory_timers`].
+fn memory_dedup() -> Arc<dyn DedupStore> {
+    static MEMORY: OnceLock<Arc<MemoryDedup>> = OnceLock::new();
+    Arc::clone(MEMORY.get_or_init(|| Arc::new(MemoryDedup::default()))) as Arc<dyn DedupStore>
 }
 
 /// Connects on first use, so `subscribe` never waits for the database and a
@@ -123,5 +151,15 @@ impl TimerStore for LazyPostgres {
                 .due_after(scope, after_ms, after_key, before_ms, limit)
                 .await
         })
+    }
+}
+
+impl DedupStore for LazyPostgres {
+    fn contains<'a>(&'a self, handled: &'a HandledId, now_ms: i64) -> StoreFuture<'a, bool> {
+        Box::pin(async move { self.store().await?.contains(handled, now_ms).await })
+    }
+
+    fn record<'a>(&'a self, handled: &'a HandledId, expires_at_ms: i64) -> StoreFuture<'a, ()> {
+        Box::pin(async move { self.store().await?.record(handled, expires_at_ms).await })
     }
 }

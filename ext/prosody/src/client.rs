@@ -132,12 +132,13 @@ impl NativeClient {
         self.client().source_system().to_owned()
     }
 
-    /// Messages skipped by the filters: `{own_messages:, event_type:}`.
+    /// Messages skipped by the filters: `{own_messages:, event_type:, duplicates:}`.
     fn skip_counts(ruby: &Ruby, rb_self: &Self) -> Result<RHash, Error> {
         let counts = rb_self.client().skip_counts();
         let hash = ruby.hash_new();
         hash.aset(ruby.to_symbol("own_messages"), counts.own_messages)?;
         hash.aset(ruby.to_symbol("event_type"), counts.event_type)?;
+        hash.aset(ruby.to_symbol("duplicates"), counts.duplicates)?;
         Ok(hash)
     }
 

@@ -1,5 +1,6 @@
 //! Messages a consumer skips without running its handler: its own output (loop
-//! prevention) and event types it did not ask for (`allowed_events`).
+//! prevention), event types it did not ask for (`allowed_events`) and message
+//! ids it handled already (deduplication, see `crate::dedup`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -14,6 +15,8 @@ pub(crate) enum Skip {
     OwnMessage,
     /// Its payload `type` matches none of `allowed_events`.
     EventType,
+    /// Its payload `id` was handled already for this topic and key.
+    Duplicate,
 }
 
 impl Skip {
@@ -21,6 +24,7 @@ impl Skip {
         match self {
             Self::OwnMessage => "produced by this group",
             Self::EventType => "event type not in allowed_events",
+            Self::Duplicate => "message id handled already",
         }
     }
 }
@@ -56,12 +60,15 @@ pub struct SkipCounts {
     pub own_messages: u64,
     /// Skipped because their `type` is not in `allowed_events`.
     pub event_type: u64,
+    /// Skipped because their `id` was handled already (deduplication).
+    pub duplicates: u64,
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct SkipCounters {
     own_messages: AtomicU64,
     event_type: AtomicU64,
+    duplicates: AtomicU64,
 }
 
 impl SkipCounters {
@@ -69,6 +76,7 @@ impl SkipCounters {
         let counter = match skip {
             Skip::OwnMessage => &self.own_messages,
             Skip::EventType => &self.event_type,
+            Skip::Duplicate => &self.duplicates,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -77,6 +85,7 @@ impl SkipCounters {
         SkipCounts {
             own_messages: self.own_messages.load(Ordering::Relaxed),
             event_type: self.event_type.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
         }
     }
 }

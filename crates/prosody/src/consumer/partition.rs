@@ -23,6 +23,7 @@ use super::hooks::Hooks;
 use super::offsets::{Admission, OffsetTracker};
 use super::shared::Shared;
 use super::timer_queue::TimerQueue;
+use crate::dedup::message_id;
 use crate::handler::{from_millis, Context};
 use crate::message::{Header, Message, Timer};
 use crate::timers::PartitionScope;
@@ -326,6 +327,20 @@ impl PartitionManager {
                     .await
             }
         };
+        let id = self
+            .shared
+            .dedup
+            .as_ref()
+            .and_then(|_| message_id(message.payload()));
+        if let (Some(dedup), Some(id)) = (&self.shared.dedup, &id) {
+            tokio::select! {
+                biased;
+                () = self.draining.cancelled() => return false,
+                seen = dedup.seen(&self.topic, key, id) => if seen {
+                    return self.skip(key, offset, Skip::Duplicate);
+                }
+            }
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -336,7 +351,12 @@ impl PartitionManager {
                 return false;
             };
             let failure = match outcome {
-                Outcome::Succeeded => return true,
+                Outcome::Succeeded => {
+                    if let (Some(dedup), Some(id)) = (&self.shared.dedup, &id) {
+                        dedup.record(&self.topic, key, id).await;
+                    }
+                    return true;
+                }
                 Outcome::Failed(_) if self.cancellation.is_cancelled() => {
                     debug!(topic = %self.topic, partition = self.partition, offset, key = %key, "handler stopped by cancellation; the message will run again");
                     return false;

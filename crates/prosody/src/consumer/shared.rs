@@ -15,6 +15,7 @@ use super::filter::SkipCounters;
 use super::hooks::Hooks;
 use super::partition::PartitionManager;
 use crate::config::Config;
+use crate::dedup::Deduplicator;
 use crate::probe::Health;
 use crate::producer::Producer;
 use crate::timers::TimerStore;
@@ -31,6 +32,8 @@ pub(crate) struct Shared {
     pub(crate) dead_letters: Option<Arc<Producer>>,
     /// Where timers live, when a store is configured.
     pub(crate) store: Option<Arc<dyn TimerStore>>,
+    /// Message-id deduplication, unless `idempotence_cache_size` is 0.
+    pub(crate) dedup: Option<Deduplicator>,
     /// Bounds running handlers across all partitions to `max_concurrency`.
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) runtime: Handle,
@@ -54,7 +57,9 @@ impl Shared {
     ) -> Arc<Self> {
         // One pending wake-up is enough: the poll thread looks at everything when it wakes.
         let (waker, wakeups) = crossbeam_channel::bounded(1);
-        let store = crate::state::timer_store(&config);
+        let stores = crate::state::stores(&config);
+        let dedup = Deduplicator::new(&config, stores.dedup);
+        let store = stores.timers;
         Arc::new(Self {
             waker,
             wakeups,
@@ -63,6 +68,7 @@ impl Shared {
             handler,
             dead_letters,
             store,
+            dedup,
             skips: SkipCounters::default(),
             runtime,
             cancellation: CancellationToken::new(),

@@ -15,6 +15,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::store::{source, PartitionScope, Reason, StoreError, StoreFuture, TimerStore};
+use crate::dedup::{DedupStore, HandledId};
 
 /// How long opening a connection may take when the URL sets no `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,8 +41,32 @@ const MAX_BATCH: usize = 512;
 /// component that migrates tables takes this same lock.
 pub(crate) const SCHEMA_LOCK_KEY: i64 = 0x7072_6f73_6f64_7901;
 
-/// This component's name in `prosody_schema_version`.
+/// The timer tables' name in `prosody_schema_version`.
 const COMPONENT: &str = "timers";
+
+/// The deduplication records' name in `prosody_schema_version`.
+const DEDUP_COMPONENT: &str = "dedup";
+
+/// Deduplication migrations, oldest first (same rules as [`MIGRATIONS`]).
+/// `id` is `bytea` for the same reason keys are: any string fits.
+const DEDUP_MIGRATIONS: &[&str] = &["
+    CREATE TABLE IF NOT EXISTS prosody_dedup (
+        group_id      text   NOT NULL,
+        topic         text   NOT NULL,
+        key           bytea  NOT NULL,
+        id            bytea  NOT NULL,
+        version       text   NOT NULL,
+        expires_at_ms bigint NOT NULL,
+        PRIMARY KEY (group_id, topic, key, id, version)
+    );
+    CREATE INDEX IF NOT EXISTS prosody_dedup_expiry ON prosody_dedup (expires_at_ms);
+"];
+
+/// Most expired deduplication records one sweep deletes.
+const PURGE_LIMIT: i64 = 10_000;
+
+/// How often, at most, a store sweeps expired deduplication records.
+const PURGE_EVERY: Duration = Duration::from_secs(600);
 
 /// Migrations, oldest first: the schema is at version `n` once the first `n`
 /// have run. Never edit one that has shipped; append a new one.
@@ -61,11 +87,12 @@ const MIGRATIONS: &[&str] = &["
         ON prosody_timers (group_id, topic, partition, fire_at_ms, key);
 "];
 
-/// Durable timers in PostgreSQL, the store behind `database_url`.
+/// Durable timers (and message-id deduplication records) in PostgreSQL, the
+/// store behind `database_url`.
 ///
 /// [`connect`](Self::connect) creates or migrates the schema (tables
-/// `prosody_timers` and `prosody_schema_version`), safely when several
-/// processes start at once. The connection and the batching writer are tasks
+/// `prosody_timers`, `prosody_dedup` and `prosody_schema_version`), safely when
+/// several processes start at once. The connection and the batching writer are tasks
 /// on the tokio runtime `connect` ran in, which must outlive the store.
 ///
 /// TLS is not supported: connections use no TLS, and a URL with
@@ -82,6 +109,8 @@ struct Shared {
     /// The live connection, `None` after one broke. A `tokio` mutex so only one
     /// caller at a time reconnects while the others wait for its result.
     connection: Mutex<Option<Arc<Connection>>>,
+    /// When expired deduplication records were last swept (ms since the epoch).
+    last_purge_ms: AtomicI64,
 }
 
 struct Connection {
@@ -98,6 +127,9 @@ struct Statements {
     scheduled: Statement,
     due: Statement,
     due_after: Statement,
+    dedup_contains: Statement,
+    dedup_record: Statement,
+    dedup_purge: Statement,
 }
 
 impl Statements {
@@ -160,6 +192,28 @@ impl Statements {
                      WHERE {PARTITION} AND (fire_at_ms, key) > ($4, $5) AND fire_at_ms < $6
                      ORDER BY fire_at_ms, key LIMIT $7"
                 ))
+                .await?,
+            dedup_contains: client
+                .prepare(
+                    "SELECT 1 FROM prosody_dedup
+                     WHERE group_id = $1 AND topic = $2 AND key = $3 AND id = $4
+                       AND version = $5 AND expires_at_ms > $6",
+                )
+                .await?,
+            dedup_record: client
+                .prepare(
+                    "INSERT INTO prosody_dedup (group_id, topic, key, id, version, expires_at_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (group_id, topic, key, id, version)
+                     DO UPDATE SET expires_at_ms = excluded.expires_at_ms",
+                )
+                .await?,
+            dedup_purge: client
+                .prepare(
+                    "DELETE FROM prosody_dedup WHERE ctid IN (
+                         SELECT ctid FROM prosody_dedup WHERE expires_at_ms <= $1 LIMIT $2
+                     )",
+                )
                 .await?,
         })
     }
@@ -326,6 +380,7 @@ async fn open(config: &Config) -> Result<Connection, StoreError> {
             }
         });
         migrate(&mut client, COMPONENT, MIGRATIONS).await?;
+        migrate(&mut client, DEDUP_COMPONENT, DEDUP_MIGRATIONS).await?;
         let statements = Statements::prepare(&client)
             .await
             .map_err(|error| classify("prepare", Phase::Query, error))?;
@@ -637,6 +692,7 @@ impl PostgresStore {
         let shared = Arc::new(Shared {
             config,
             connection: Mutex::new(Some(Arc::new(connection))),
+            last_purge_ms: AtomicI64::new(0),
         });
         let (writes, queue) = mpsc::unbounded_channel();
         tokio::spawn(write_batches(Arc::clone(&shared), queue));
@@ -805,5 +861,91 @@ impl TimerStore for PostgresStore {
             self.shared
                 .range(scope, Some((after_ms, after_key)), before_ms, limit),
         )
+    }
+}
+
+impl DedupStore for PostgresStore {
+    fn contains<'a>(&'a self, handled: &'a HandledId, now_ms: i64) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let row = self
+                .shared
+                .run("dedup lookup", |connection| async move {
+                    connection
+                        .client
+                        .query_opt(
+                            &connection.statements.dedup_contains,
+                            &[
+                                &&*handled.group,
+                                &&*handled.topic,
+                                &handled.key.as_bytes(),
+                                &handled.id.as_bytes(),
+                                &&*handled.version,
+                                &now_ms,
+                            ],
+                        )
+                        .await
+                })
+                .await?;
+            Ok(row.is_some())
+        })
+    }
+
+    fn record<'a>(&'a self, handled: &'a HandledId, expires_at_ms: i64) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.shared
+                .run("dedup record", |connection| async move {
+                    connection
+                        .client
+                        .execute(
+                            &connection.statements.dedup_record,
+                            &[
+                                &&*handled.group,
+                                &&*handled.topic,
+                                &handled.key.as_bytes(),
+                                &handled.id.as_bytes(),
+                                &&*handled.version,
+                                &expires_at_ms,
+                            ],
+                        )
+                        .await
+                })
+                .await?;
+            self.purge_expired_now_and_then();
+            Ok(())
+        })
+    }
+}
+
+impl PostgresStore {
+    /// Deletes expired deduplication records in the background, at most once
+    /// per [`PURGE_EVERY`] per store, a bounded number at a time.
+    fn purge_expired_now_and_then(&self) {
+        let now = crate::dedup::now_ms();
+        let every = i64::try_from(PURGE_EVERY.as_millis()).unwrap_or(i64::MAX);
+        let last = self.shared.last_purge_ms.load(Ordering::Relaxed);
+        if now - last < every
+            || self
+                .shared
+                .last_purge_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            let purged = shared
+                .run("dedup purge", |connection| async move {
+                    connection
+                        .client
+                        .execute(&connection.statements.dedup_purge, &[&now, &PURGE_LIMIT])
+                        .await
+                })
+                .await;
+            match purged {
+                Ok(count) => tracing::debug!(count, "purged expired deduplication records"),
+                Err(error) => tracing::warn!(%error, "cannot purge expired deduplication records"),
+            }
+        });
     }
 }

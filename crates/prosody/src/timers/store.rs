@@ -59,7 +59,7 @@ pub enum StoreError {
     /// The database cannot be reached or cannot serve right now: connection
     /// refused or lost, server shutting down, timeout, too many connections.
     /// Retriable: the store reconnects on the next call.
-    #[error("timer store unavailable ({operation}): {source}")]
+    #[error("state store unavailable ({operation}): {source}")]
     Unavailable {
         /// What the store was doing.
         operation: &'static str,
@@ -90,7 +90,7 @@ pub enum StoreError {
     },
 
     /// The database rejected a statement for a reason retrying will not fix.
-    #[error("timer store query failed ({operation}): {source}")]
+    #[error("state store query failed ({operation}): {source}")]
     Query {
         /// What the store was doing.
         operation: &'static str,
