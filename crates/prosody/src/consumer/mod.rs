@@ -99,10 +99,19 @@ impl Subscription {
         // default), then re-checks every `fetch.queue.backoff.ms` (1 s by default).
         // A smaller prefetch bounds memory under a large backlog; the short re-check
         // keeps a drained prefetch from stalling the partition for a second.
+        //
+        // A broker keeps one fetch in flight per connection, and holds it up to
+        // `fetch.wait.max.ms` (500 ms by default) when the partitions it asks for
+        // have nothing new. A partition whose small prefetch drains meanwhile waits
+        // for that fetch to return: with idle and backlogged partitions on one
+        // broker, consumption stalled for ~450 ms every ~15k messages (measured on
+        // the mock cluster: 170k msg/s with 500 ms, 780k msg/s with 50 ms). The
+        // price is one idle fetch per broker every 50 ms.
         let prefetch = (config.max_uncommitted * 16).max(10_000).to_string();
         for (key, value) in [
             ("queued.min.messages", prefetch.as_str()),
             ("fetch.queue.backoff.ms", "10"),
+            ("fetch.wait.max.ms", "50"),
         ] {
             if !config.kafka.contains_key(key) {
                 client.set(key, value);

@@ -178,9 +178,28 @@ impl PartitionManager {
             .queue
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(queue) = queue.as_ref() else {
-            return 0;
+        queue.as_ref().map_or(0, |queue| self.fill_from(queue))
+    }
+
+    /// Refills from a runner once a full buffer has drained a quarter, so in
+    /// steady state the poll thread need not be woken (a context switch per
+    /// refill). If the poll thread is filling right now, or nothing is
+    /// prefetched, it is woken to take over instead.
+    fn refill(self: &Arc<Self>) {
+        let taken = match self.queue.try_lock() {
+            Ok(queue) => queue.as_ref().map_or(0, |queue| self.fill_from(queue)),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                let queue = poisoned.into_inner();
+                queue.as_ref().map_or(0, |queue| self.fill_from(queue))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => 0,
         };
+        if taken == 0 {
+            self.shared.wake();
+        }
+    }
+
+    fn fill_from(self: &Arc<Self>, queue: &PartitionQueue<Hooks>) -> usize {
         let mut taken = 0;
         while self.has_room() {
             match queue.poll(Duration::ZERO) {
@@ -281,24 +300,31 @@ impl PartitionManager {
                 // Cancelled: leave the rest of the key's queue to the next owner.
                 return;
             }
-            let mut state = self.state();
-            if let Some(offset) = offset {
-                state.offsets.finish(offset);
-                state.finished += 1;
-            }
-            state.last_progress = Instant::now();
-            self.resume_if_drained(&mut state);
-            let queued = if self.draining.is_cancelled() {
-                None
-            } else {
-                state.queues.get_mut(&key).and_then(VecDeque::pop_front)
+            let (queued, resumed) = {
+                let mut state = self.state();
+                if let Some(offset) = offset {
+                    state.offsets.finish(offset);
+                    state.finished += 1;
+                }
+                state.last_progress = Instant::now();
+                let resumed = self.resume_if_drained(&mut state);
+                let queued = if self.draining.is_cancelled() {
+                    None
+                } else {
+                    state.queues.get_mut(&key).and_then(VecDeque::pop_front)
+                };
+                if queued.is_none() {
+                    state.queues.remove(&key);
+                }
+                (queued, resumed)
             };
+            // Outside the state lock: refilling takes it per message.
+            if resumed {
+                self.refill();
+            }
             match queued {
                 Some(work) => next = work,
-                None => {
-                    state.queues.remove(&key);
-                    return;
-                }
+                None => return,
             }
         }
     }
@@ -492,9 +518,12 @@ impl PartitionManager {
         };
         tokio::pin!(handler);
         let timeout = self.shared.config.timeout;
+        // Handler first, and the timer built only when polled: a handler that
+        // finishes on its first poll never reads the clock or arms a timer.
         tokio::select! {
+            biased;
             outcome = &mut handler => outcome,
-            () = tokio::time::sleep(timeout) => {
+            () = async { tokio::time::sleep(timeout).await } => {
                 call.cancel();
                 // The handler should stop promptly now; one that ignores cancellation
                 // holds its key until the partition is released and abandons it.
@@ -595,14 +624,16 @@ impl PartitionManager {
     }
 
     /// Resumes a full partition once a quarter of its buffer is free again, so
-    /// refills come in batches rather than one message at a time.
-    fn resume_if_drained(&self, state: &mut State) {
+    /// refills come in batches rather than one message at a time. True when it
+    /// resumed: the caller then refills (see [`refill`](Self::refill)).
+    fn resume_if_drained(&self, state: &mut State) -> bool {
         let max = self.shared.config.max_uncommitted;
         if state.paused && !state.released && state.offsets.pending() <= max - max.div_ceil(4) {
             state.paused = false;
             state.resumes += 1;
-            self.shared.wake();
+            return true;
         }
+        false
     }
 
     /// Stops starting queued messages; in-flight handlers keep running.
