@@ -359,12 +359,14 @@ impl PartitionManager {
             .as_ref()
             .and_then(|_| message_id(message.payload()));
         if let (Some(dedup), Some(id)) = (&self.shared.dedup, &id) {
+            // The lookup first: a cache or memory-store answer is ready at once,
+            // and then no cancellation waiter is registered.
             tokio::select! {
                 biased;
-                () = self.draining.cancelled() => return false,
                 seen = dedup.seen(&self.topic, key, id) => if seen {
                     return self.skip(key, offset, Skip::Duplicate);
-                }
+                },
+                () = self.draining.cancelled() => return false,
             }
         }
         let mut attempt = 0;
