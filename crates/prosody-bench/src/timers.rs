@@ -28,7 +28,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prosody::{MemoryStore, PartitionScope, PostgresStore, TimerStore};
-use serde_json::{json, Value};
+use serde_json::json;
+
+use crate::cluster::Cluster;
+use crate::memory::rss_kib;
+use crate::report::Report;
 
 type BenchResult<T> = Result<T, String>;
 
@@ -186,7 +190,8 @@ async fn run(options: Options) -> BenchResult<()> {
             results.insert(format!("timers_{store}_{name}"), json!(round(*value)));
         }
     }
-    match firing_lag(&options, &url, &postgres).await {
+    let lag = firing_lag(&options, &url, &postgres).await;
+    match &lag {
         Some(lag) => {
             results.insert("timers_fire_lag_p50_ms".to_owned(), json!(lag.p50_ms));
             results.insert("timers_fire_lag_p99_ms".to_owned(), json!(lag.p99_ms));
@@ -196,13 +201,17 @@ async fn run(options: Options) -> BenchResult<()> {
     }
 
     if let Some(path) = &options.json {
-        let results: Value = results
-            .into_iter()
-            .collect::<serde_json::Map<_, _>>()
-            .into();
-        let text = serde_json::to_string_pretty(&results).map_err(|error| error.to_string())?;
-        std::fs::write(path, text + "\n")
-            .map_err(|error| format!("cannot write {path}: {error}"))?;
+        let mut report = Report::default();
+        for (key, value) in results {
+            report.insert(key, value);
+        }
+        add_rows(
+            &mut report,
+            &memory_figures,
+            &postgres_figures,
+            lag.as_ref(),
+        );
+        report.write_json(path)?;
     }
     Ok(())
 }
@@ -435,7 +444,8 @@ async fn measure_firing(
         .map_or(0, |since| since.as_nanos());
     let topic = format!("bench-timers-{suffix}");
     let group = format!("bench-timers-group-{suffix}");
-    prosody::mock::create_topic(&topic, 1).map_err(|error| error.to_string())?;
+    let cluster = Cluster::new(None);
+    cluster.create_topic(&topic, 1).await?;
     let scope = PartitionScope::new(group.as_str(), topic.as_str(), 0);
     // Due after scheduling (allowing 8k schedules/s) and the consumer's start, spread over 5 s.
     let start = SystemTime::now()
@@ -461,12 +471,11 @@ async fn measure_firing(
     })
     .await?;
     let lags = Arc::new(std::sync::Mutex::new(Vec::with_capacity(count)));
-    let config = prosody::Config::builder()
-        .mock(true)
+    let config = cluster
+        .config()?
         .group_id(&group)
         .subscribed_topics([topic.as_str()])
         .set("database_url", url.into())
-        .and_then(|builder| builder.set("probe_port", prosody::OptionValue::Bool(false)))
         .and_then(prosody::ConfigBuilder::build)
         .map_err(|error| error.to_string())?;
     let client = prosody::Client::new(config).map_err(|error| error.to_string())?;
@@ -517,11 +526,55 @@ async fn measure_firing(
     Ok(lag)
 }
 
-/// Resident set size of this process, from `/proc/self/status`.
-fn rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+/// The merged table's rows: PostgreSQL against the in-memory store, and the
+/// firing lag (its baseline is the timer's due time itself).
+fn add_rows(report: &mut Report, memory: &Figures, postgres: &Figures, lag: Option<&FiringLag>) {
+    let shown = [
+        ("schedule_per_sec", "timers: PostgreSQL schedule, calls/s"),
+        (
+            "schedule_one_p50_ms",
+            "timers: PostgreSQL schedule one at a time, p50 ms",
+        ),
+        (
+            "due_window_p50_ms",
+            "timers: PostgreSQL due-soon window query, p50 ms",
+        ),
+        (
+            "load_all_per_sec",
+            "timers: PostgreSQL partition load, timers/s",
+        ),
+        (
+            "unschedule_per_sec",
+            "timers: PostgreSQL unschedule, calls/s",
+        ),
+    ];
+    for (name, scenario) in shown {
+        let find = |figures: &Figures| {
+            figures
+                .iter()
+                .find(|(figure, _)| *figure == name)
+                .map(|(_, value)| *value)
+        };
+        if let (Some(memory), Some(postgres)) = (find(memory), find(postgres)) {
+            let ratio = if memory > 0.0 { postgres / memory } else { 0.0 };
+            report.row(
+                scenario,
+                format_figure(postgres),
+                format!("memory store {}", format_figure(memory)),
+                format!("{ratio:.3}"),
+            );
+        }
+    }
+    if let Some(lag) = lag {
+        for (name, value) in [("p50", lag.p50_ms), ("p99", lag.p99_ms)] {
+            report.row(
+                format!("timers: firing lag {name}, PostgreSQL timers through a consumer"),
+                format!("{value:.1} ms"),
+                "due time",
+                "",
+            );
+        }
+    }
 }
 
 fn print_table(memory: &Figures, postgres: &Figures) {

@@ -1,0 +1,278 @@
+//! Consumer throughput:
+//!
+//! - (a) a plain rdkafka `BaseConsumer` loop vs Prosody with a no-op handler, on
+//!   the same messages: what the per-key machinery costs (target: core/plain ≥ 0.7);
+//! - (c) a handler awaiting 10 ms, 1 partition, 256 keys, at `max_concurrency` 32
+//!   and 128: vs the ideal (`max_concurrency` / 10 ms) and vs a sequential loop
+//!   doing the same waits.
+//!
+//! Throughput is messages over the time from the first handler start to the last
+//! handler end, so joining the consumer group is not counted; scenario (a) reports
+//! the median of three interleaved runs, each by a new group over the same messages.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use prosody::{Client, Context, EventHandler, Message, OptionValue};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::Message as _;
+use serde_json::Value;
+
+use crate::cluster::Cluster;
+use crate::data::{fill, unique, Payload};
+use crate::report::{median, per_second, rate, ratio, round0, round1, round3, Report};
+use crate::{as_i64, BenchResult, DEADLINE, MAX_PER_PARTITION};
+
+/// Distinct keys in the no-op scenario.
+const NOOP_KEYS: usize = 1_000;
+/// Distinct keys in the 10 ms scenario.
+const IO_KEYS: usize = 256;
+/// The 10 ms scenario's wait.
+const WAIT: Duration = Duration::from_millis(10);
+/// Messages the sequential 10 ms baseline handles (about 2 s).
+const SEQUENTIAL_MESSAGES: usize = 200;
+/// Runs of scenario (a); the median is reported.
+const RUNS: usize = 3;
+/// Core throughput over plain rdkafka that scenario (a) aims for.
+const TARGET_CORE_VS_PLAIN: f64 = 0.7;
+
+/// (a) plain rdkafka vs Prosody with a no-op handler, same messages.
+pub(crate) async fn noop(
+    cluster: &Cluster,
+    messages: usize,
+    report: &mut Report,
+) -> BenchResult<()> {
+    let topic = unique("noop");
+    let partitions = cluster
+        .create_topic(&topic, messages.div_ceil(MAX_PER_PARTITION).max(1))
+        .await?;
+    eprintln!("(a) producing {messages} messages over {partitions} partitions…");
+    fill(cluster, &topic, messages, NOOP_KEYS, Payload::Small).await?;
+    let mut plain = Vec::new();
+    let mut plain_json = Vec::new();
+    let mut core = Vec::new();
+    for run in 1..=RUNS {
+        eprintln!("(a) run {run}/{RUNS}: plain rdkafka consumer…");
+        plain.push(plain_rdkafka(cluster, &topic, messages, false).await?);
+        eprintln!("(a) run {run}/{RUNS}: plain rdkafka consumer decoding JSON…");
+        plain_json.push(plain_rdkafka(cluster, &topic, messages, true).await?);
+        eprintln!("(a) run {run}/{RUNS}: Prosody, no-op handler…");
+        core.push(prosody_rate(cluster, &topic, messages, None, &[]).await?);
+    }
+    let (plain, plain_json, core) = (median(plain), median(plain_json), median(core));
+    let core_vs_plain = ratio(core, plain);
+    report.insert("messages", messages);
+    report.insert("noop_partitions", partitions);
+    report.insert("plain_rdkafka_msgs_per_sec", round0(plain));
+    report.insert("core_noop_msgs_per_sec", round0(core));
+    report.insert("core_vs_plain_ratio", round3(core_vs_plain));
+    report.insert("plain_rdkafka_json_msgs_per_sec", round0(plain_json));
+    report.insert("core_vs_plain_json_ratio", round3(ratio(core, plain_json)));
+    let verdict = if core_vs_plain >= TARGET_CORE_VS_PLAIN {
+        "met"
+    } else {
+        "MISSED"
+    };
+    let scope =
+        format!("{messages} msgs, {partitions} partitions, {NOOP_KEYS} keys, median of {RUNS}");
+    report.row(
+        format!("(a) core, no-op handler ({scope})"),
+        per_second(core),
+        format!("plain BaseConsumer loop {}", per_second(plain)),
+        format!("{core_vs_plain:.2} (target ≥ {TARGET_CORE_VS_PLAIN}: {verdict})"),
+    );
+    report.row(
+        "(a) core, no-op handler (same runs)",
+        per_second(core),
+        format!("plain loop decoding JSON {}", per_second(plain_json)),
+        format!("{:.2}", ratio(core, plain_json)),
+    );
+    Ok(())
+}
+
+/// (c) a handler awaiting 10 ms, 1 partition, 256 keys.
+pub(crate) async fn io(cluster: &Cluster, report: &mut Report) -> BenchResult<()> {
+    eprintln!("(c) sequential baseline…");
+    let sequential = sequential_rate(SEQUENTIAL_MESSAGES).await;
+    report.insert("sequential_10ms_msgs_per_sec", round1(sequential));
+    // max_uncommitted (default 64) also caps how many messages of one partition can
+    // be in flight, so 128 is measured with the default and with room for 128.
+    let cases: [(usize, Option<usize>); 3] = [(32, None), (128, None), (128, Some(256))];
+    for (concurrency, max_uncommitted) in cases {
+        let count = (concurrency * 100).min(MAX_PER_PARTITION);
+        let topic = unique(&format!("io{concurrency}"));
+        cluster.create_topic(&topic, 1).await?;
+        fill(cluster, &topic, count, IO_KEYS, Payload::Small).await?;
+        let mut extra = vec![("max_concurrency", OptionValue::Int(as_i64(concurrency)))];
+        if let Some(max) = max_uncommitted {
+            extra.push(("max_uncommitted", OptionValue::Int(as_i64(max))));
+        }
+        let shown =
+            max_uncommitted.map_or_else(String::new, |max| format!(", max_uncommitted {max}"));
+        eprintln!("(c) Prosody, max_concurrency {concurrency}{shown}…");
+        let rate = prosody_rate(cluster, &topic, count, Some(WAIT), &extra).await?;
+        let ideal = crate::report::as_f64(concurrency) / WAIT.as_secs_f64();
+        let label = match max_uncommitted {
+            Some(max) => format!("c{concurrency}_max_uncommitted{max}"),
+            None => format!("c{concurrency}"),
+        };
+        report.insert(format!("io_10ms_{label}_msgs_per_sec"), round0(rate));
+        report.insert(format!("io_10ms_{label}_vs_ideal"), round3(rate / ideal));
+        report.insert(
+            format!("io_10ms_{label}_vs_sequential"),
+            round1(ratio(rate, sequential)),
+        );
+        let scenario = format!(
+            "(c) core, 10 ms handler, 1 partition, {IO_KEYS} keys, \
+             max_concurrency {concurrency}{shown} ({count} msgs)"
+        );
+        report.row(
+            &scenario,
+            per_second(rate),
+            format!("ideal {}", per_second(ideal)),
+            format!("{:.2}", rate / ideal),
+        );
+        report.row(
+            scenario,
+            per_second(rate),
+            format!("sequential loop {sequential:.0} msg/s ({SEQUENTIAL_MESSAGES} msgs)"),
+            format!("{:.1}x", ratio(rate, sequential)),
+        );
+    }
+    Ok(())
+}
+
+/// A plain consumer loop: poll and count; with `decode`, also decode each payload as JSON.
+async fn plain_rdkafka(
+    cluster: &Cluster,
+    topic: &str,
+    count: usize,
+    decode: bool,
+) -> BenchResult<f64> {
+    let topic = topic.to_owned();
+    let mut config = cluster.client_config()?;
+    config
+        .set("group.id", unique("plain"))
+        .set("auto.offset.reset", "earliest");
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config
+            .create()
+            .map_err(|error| format!("consumer: {error}"))?;
+        consumer
+            .subscribe(&[&topic])
+            .map_err(|error| error.to_string())?;
+        let started = Instant::now();
+        let mut first = None;
+        let mut seen = 0;
+        while seen < count {
+            if started.elapsed() > DEADLINE {
+                return Err(format!(
+                    "plain consumer: only {seen} of {count} messages in {DEADLINE:?}"
+                ));
+            }
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(message)) => {
+                    first.get_or_insert_with(Instant::now);
+                    if decode {
+                        let payload = message.payload().unwrap_or_default();
+                        let value: Value =
+                            serde_json::from_slice(payload).map_err(|error| error.to_string())?;
+                        std::hint::black_box(value);
+                    }
+                    seen += 1;
+                }
+                Some(Err(error)) => return Err(format!("plain consumer: {error}")),
+                None => {}
+            }
+        }
+        let first = first.ok_or("no messages")?;
+        Ok(rate(count, first.elapsed()))
+    })
+    .await
+    .map_err(|error| error.to_string())?
+}
+
+/// Counts handler calls, optionally awaiting `work` in each.
+struct Counting {
+    target: usize,
+    work: Option<Duration>,
+    handled: AtomicUsize,
+    first: OnceLock<Instant>,
+    last: OnceLock<Instant>,
+}
+
+struct CountingHandler(Arc<Counting>);
+
+impl EventHandler for CountingHandler {
+    type Error = std::convert::Infallible;
+
+    async fn on_message(&self, _context: Context, _message: Message) -> Result<(), Self::Error> {
+        self.0.first.get_or_init(Instant::now);
+        if let Some(work) = self.0.work {
+            tokio::time::sleep(work).await;
+        }
+        if self.0.handled.fetch_add(1, Ordering::AcqRel) + 1 == self.0.target {
+            let _ = self.0.last.set(Instant::now());
+        }
+        Ok(())
+    }
+}
+
+/// Prosody consuming `count` messages of `topic`, each handler awaiting `work`.
+async fn prosody_rate(
+    cluster: &Cluster,
+    topic: &str,
+    count: usize,
+    work: Option<Duration>,
+    extra: &[(&str, OptionValue)],
+) -> BenchResult<f64> {
+    let mut builder = cluster
+        .config()?
+        .group_id(&unique("prosody"))
+        .subscribed_topics([topic]);
+    for (option, value) in extra {
+        builder = builder
+            .set(option, value.clone())
+            .map_err(|error| error.to_string())?;
+    }
+    let config = builder.build().map_err(|error| error.to_string())?;
+    let client = Client::new(config).map_err(|error| error.to_string())?;
+    let counting = Arc::new(Counting {
+        target: count,
+        work,
+        handled: AtomicUsize::new(0),
+        first: OnceLock::new(),
+        last: OnceLock::new(),
+    });
+    client
+        .subscribe(CountingHandler(Arc::clone(&counting)))
+        .map_err(|error| error.to_string())?;
+    let started = Instant::now();
+    let outcome = loop {
+        if let (Some(first), Some(last)) = (counting.first.get(), counting.last.get()) {
+            break Ok(rate(count, last.duration_since(*first)));
+        }
+        if started.elapsed() > DEADLINE {
+            let handled = counting.handled.load(Ordering::Acquire);
+            break Err(format!(
+                "Prosody: only {handled} of {count} messages in {DEADLINE:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    client
+        .unsubscribe()
+        .await
+        .map_err(|error| error.to_string())?;
+    outcome
+}
+
+/// A loop awaiting [`WAIT`] once per message, one message at a time.
+async fn sequential_rate(count: usize) -> f64 {
+    let started = Instant::now();
+    for _ in 0..count {
+        tokio::time::sleep(WAIT).await;
+    }
+    rate(count, started.elapsed())
+}
