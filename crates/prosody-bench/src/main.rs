@@ -155,7 +155,7 @@ fn runtime() -> BenchResult<tokio::runtime::Runtime> {
 async fn run(options: &Options) -> BenchResult<()> {
     let cluster = Cluster::new(options.bootstrap.clone());
     let mut report = Report::default();
-    report.insert("cluster", cluster.describe());
+    report.insert("core_cluster", cluster.describe());
     let scenarios = &options.scenarios;
     if scenarios.contains('a') {
         consume::noop(&cluster, options.messages, &mut report).await?;

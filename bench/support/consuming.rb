@@ -1,0 +1,113 @@
+# frozen_string_literal: true
+
+module Bench
+  # Consumer throughput:
+  #   (b) a no-op Ruby handler vs the core's no-op figure: the cost of crossing
+  #       into Ruby per message;
+  #   (c) a handler that waits 10 ms (fiber-friendly), 1 partition, 256 keys, at
+  #       max_concurrency 32 and 128: vs the ideal (max_concurrency / 10 ms) and
+  #       vs a sequential loop doing the same waits.
+  # Throughput runs from the first handler start to the last handler end, so
+  # joining the group is not counted.
+  module Consuming
+    # The `source-system` of producing clients: a consumer skips messages whose
+    # header equals its own group id, which is every client's default.
+    PRODUCER_SOURCE = "bench-producer"
+    # Sends in flight while filling a topic.
+    FILL_FIBERS = 64
+    # Seconds a consumer may take over its messages.
+    DEADLINE = 300
+
+    # The 10 ms scenario's wait.
+    WAIT = 0.010
+    # max_uncommitted (default 64) also caps how many messages of one partition
+    # run at once, so 128 is measured with the default and with room for 128.
+    IO_CASES = [[32, {}], [128, {}], [128, { max_uncommitted: 256 }]].freeze
+
+    module_function
+
+    # (b)
+    def noop(cluster, report, messages)
+      topic = Bench.unique("noop")
+      partitions = cluster.create_topics(topic => [(messages / 20_000.0).ceil, 1].max).fetch(topic)
+      fill(cluster, topic, messages, 1_000)
+      rate = consume(cluster, topic, messages)
+      report["ruby_noop_messages"] = messages
+      report["ruby_noop_msgs_per_sec"] = rate.round
+      report.compare("(b) Ruby no-op handler (#{messages} msgs, #{partitions} partitions, 1000 keys)",
+                     rate, Bench.per_second(rate), key: "core_noop_msgs_per_sec", baseline: "core no-op",
+                                                   ratio_key: "ruby_vs_core_noop_ratio")
+    end
+
+    # (c)
+    def io(cluster, report)
+      sequential = sequential_rate
+      report["ruby_sequential_10ms_msgs_per_sec"] = sequential.round(1)
+      IO_CASES.each do |concurrency, extra|
+        count = concurrency * 60
+        topic = Bench.unique("io#{concurrency}")
+        cluster.create_topics(topic => 1)
+        fill(cluster, topic, count, 256)
+        rate = consume(cluster, topic, count, max_concurrency: concurrency, **extra) { sleep(WAIT) }
+        label = "c#{concurrency}#{extra.map { |name, value| "_#{name}#{value}" }.join}"
+        scope = "max_concurrency #{concurrency}#{extra.map { |name, value| ", #{name} #{value}" }.join} (#{count} msgs)"
+        io_report(report, label, scope, rate:, ideal: concurrency / WAIT, sequential:)
+      end
+    end
+
+    def sequential_rate(count = 100)
+      started = Bench.now
+      Async { count.times { sleep(WAIT) } }
+      count / (Bench.now - started)
+    end
+
+    # Records figures under ruby_io_10ms_<label>_* and a row against each baseline.
+    def io_report(report, label, scope, rate:, ideal:, sequential:)
+      figures = { "msgs_per_sec" => rate.round, "vs_ideal" => (rate / ideal).round(3),
+                  "vs_sequential" => (rate / sequential).round(1) }
+      figures.each { |name, value| report["ruby_io_10ms_#{label}_#{name}"] = value }
+      scenario = "(c) Ruby 10 ms handler, 1 partition, 256 keys, #{scope}"
+      report.row(scenario, Bench.per_second(rate), "ideal #{Bench.per_second(ideal)}", format("%.2f", rate / ideal))
+      report.row(scenario, Bench.per_second(rate), format("sequential loop %.0f msg/s", sequential),
+                 format("%.1fx", rate / sequential))
+    end
+
+    def producer(cluster) = Prosody::Client.new(**cluster.client_options, source_system: PRODUCER_SOURCE)
+
+    # Sends `count` messages over `keys` keys; payload `yield(n)`, by default {"i" => n}.
+    def fill(cluster, topic, count, keys)
+      client = producer(cluster)
+      Async do |task|
+        Array.new(FILL_FIBERS) do |fiber|
+          task.async do
+            fiber.step(count - 1, FILL_FIBERS) do |n|
+              client.send_message(topic, "key-#{n % keys}", block_given? ? yield(n) : { "i" => n })
+            end
+          end
+        end.each(&:wait)
+      end
+    end
+
+    # Consumes `count` messages of `topic`, calling `work` in each handler;
+    # returns messages per second from the first handler start to the last
+    # handler end (joining the group is not counted).
+    def consume(cluster, topic, count, **options, &work)
+      handled = 0
+      first = last = nil
+      handler = Class.new(Prosody::EventHandler) do
+        define_method(:on_message) do |_context, _message|
+          first ||= Bench.now
+          work&.call
+          handled += 1 # the processor thread runs handlers one fiber at a time
+          last = Bench.now if handled == count
+        end
+      end
+      client = Prosody::Client.new(**cluster.client_options, group_id: Bench.unique("group"),
+                                                             subscribed_topics: topic, **options)
+      client.subscribe(handler.new)
+      Bench.wait_until(DEADLINE, "#{count} messages") { last }
+      client.unsubscribe
+      count / (last - first)
+    end
+  end
+end
