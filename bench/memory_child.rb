@@ -4,8 +4,9 @@
 # consumes TOPIC on the broker at BOOTSTRAP with a handler that sleeps 5 ms,
 # samples its own resident set every 50 ms for 12 s after the first message,
 # and prints one JSON line: idle_kib (after Client.new, before subscribing),
-# peak_kib, peak_after_secs (since subscribing), final_kib (after
-# unsubscribing), handled.
+# peak_kib, peak_after_secs (since subscribing), rss_by_second_mb (RSS at each
+# second after the first message, to show whether it levels off), final_kib
+# (after unsubscribing), handled.
 #
 #   ruby -I<extension dir> -Ilib bench/memory_child.rb BOOTSTRAP TOPIC
 
@@ -41,10 +42,12 @@ client.subscribe(handler.new)
 subscribed = Bench.now
 peak = idle
 peak_after = 0.0
+by_second = []
 until first && Bench.now - first >= CONSUME_FOR
   raise "no message within #{FIRST_MESSAGE_DEADLINE} s" if first.nil? && Bench.now - subscribed > FIRST_MESSAGE_DEADLINE
 
   rss = rss_kib
+  by_second << (rss / 1024.0).round(1) if first && Bench.now - first >= by_second.size
   if rss > peak
     peak = rss
     peak_after = Bench.now - subscribed
@@ -54,4 +57,4 @@ end
 count = handled
 client.unsubscribe
 puts JSON.generate("idle_kib" => idle, "peak_kib" => peak, "peak_after_secs" => peak_after.round(1),
-                   "final_kib" => rss_kib, "handled" => count)
+                   "rss_by_second_mb" => by_second, "final_kib" => rss_kib, "handled" => count)

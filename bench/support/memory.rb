@@ -32,7 +32,7 @@ module Bench
         "backlog_messages" => backlog, "backlog_mb" => backlog_mb.round(1), "idle_rss_mb" => idle.round(1),
         "peak_rss_mb" => peak.round(1), "growth_mb" => (peak - idle).round(1),
         "peak_vs_idle_ratio" => (peak / idle).round(2), "peak_after_secs" => figures["peak_after_secs"],
-        "handled" => figures.fetch("handled")
+        "handled" => figures.fetch("handled"), "rss_by_second_mb" => figures["rss_by_second_mb"]
       }.each { |name, value| report["ruby_memory_#{name}"] = value }
       rows(report, figures, idle:, peak:, backlog_mb:)
     end

@@ -18,7 +18,8 @@
 //!
 //! ```text
 //! cargo run --release -p prosody-bench -- [--only acdef] [--messages N]
-//!     [--producer-messages N] [--backlog N] [--bootstrap HOST:PORT] [--json out.json]
+//!     [--producer-messages N] [--backlog N] [--memory-seconds N] [--bootstrap HOST:PORT]
+//!     [--json out.json]
 //! cargo run --release -p prosody-bench -- timers …        # the timer stores (timers.rs)
 //! cargo run --release -p prosody-bench -- loopback [CMD…] # the real-broker path on the mock
 //! ```
@@ -57,6 +58,8 @@ struct Options {
     producer_messages: usize,
     /// Messages of scenario (f)'s backlog.
     backlog: usize,
+    /// How long scenario (f) consumes.
+    memory_seconds: u64,
     bootstrap: Option<String>,
     json: Option<String>,
     /// Scenarios to run, by letter.
@@ -65,6 +68,7 @@ struct Options {
 
 const USAGE: &str = "usage: prosody-bench [--only LETTERS (default acdef)] \
 [--messages N (a; 100000)] [--producer-messages N (e; 50000)] [--backlog N (f; 500000)] \
+[--memory-seconds N (f; 12)] \
 [--bootstrap HOST:PORT (default: $PROSODY_BENCH_BOOTSTRAP, else the mock)] [--json out.json]
        prosody-bench timers --help
        prosody-bench loopback [COMMAND ARGS…]   (default COMMAND: this program)
@@ -75,6 +79,7 @@ fn parse_args(args: &[String]) -> BenchResult<Options> {
         messages: 100_000,
         producer_messages: 50_000,
         backlog: 500_000,
+        memory_seconds: memory::CONSUME_SECS,
         bootstrap: None,
         json: None,
         scenarios: SCENARIOS.to_owned(),
@@ -92,6 +97,10 @@ fn parse_args(args: &[String]) -> BenchResult<Options> {
             "--messages" => options.messages = count(arg, args.next())?,
             "--producer-messages" => options.producer_messages = count(arg, args.next())?,
             "--backlog" => options.backlog = count(arg, args.next())?,
+            "--memory-seconds" => {
+                options.memory_seconds = u64::try_from(count(arg, args.next())?)
+                    .map_err(|_| "--memory-seconds: too large".to_owned())?;
+            }
             "--bootstrap" => {
                 options.bootstrap = Some(args.next().ok_or("--bootstrap needs HOST:PORT")?.clone());
             }
@@ -170,7 +179,13 @@ async fn run(options: &Options) -> BenchResult<()> {
         producer::producer(&cluster, options.producer_messages, &mut report).await?;
     }
     if scenarios.contains('f') {
-        memory::memory(&cluster, options.backlog, &mut report).await?;
+        memory::memory(
+            &cluster,
+            options.backlog,
+            options.memory_seconds,
+            &mut report,
+        )
+        .await?;
     }
     report.print(&format!("Rust core ({})", cluster.describe()));
     if let Some(path) = &options.json {

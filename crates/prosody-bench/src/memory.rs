@@ -31,8 +31,8 @@ const PER_PARTITION: usize = 25_000;
 const KEYS: usize = 1_000;
 /// The slow handler's sleep.
 const WORK: Duration = Duration::from_millis(5);
-/// How long the child consumes while its RSS is sampled.
-const CONSUME_FOR: Duration = Duration::from_secs(12);
+/// How long the child consumes while its RSS is sampled, by default.
+pub(crate) const CONSUME_SECS: u64 = 12;
 /// RSS sampling period.
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 /// Longest wait for the child's first message.
@@ -42,6 +42,7 @@ const FIRST_MESSAGE_DEADLINE: Duration = Duration::from_secs(60);
 pub(crate) async fn memory(
     cluster: &Cluster,
     backlog: usize,
+    seconds: u64,
     report: &mut Report,
 ) -> BenchResult<()> {
     let topic = unique("memory");
@@ -52,9 +53,8 @@ pub(crate) async fn memory(
     let bytes = fill(cluster, &topic, backlog, KEYS, Payload::Padded).await?;
     let backlog_mb = mebibytes(bytes);
     eprintln!(
-        "(f) consumer in a child process, {} ms handler, for {} s…",
+        "(f) consumer in a child process, {} ms handler, for {seconds} s…",
         WORK.as_millis(),
-        CONSUME_FOR.as_secs()
     );
     let me =
         std::env::current_exe().map_err(|error| format!("cannot find this program: {error}"))?;
@@ -65,6 +65,8 @@ pub(crate) async fn memory(
             &cluster.bootstrap_servers()?,
             "--topic",
             &topic,
+            "--seconds",
+            &seconds.to_string(),
         ])
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
@@ -106,12 +108,15 @@ pub(crate) async fn memory(
     report.insert("memory_peak_after_secs", peak_after);
     report.insert("memory_after_unsubscribe_rss_mb", round1(after));
     report.insert("memory_handled", handled);
-    report.insert("memory_seconds", CONSUME_FOR.as_secs());
+    report.insert("memory_seconds", seconds);
+    report.insert(
+        "memory_rss_by_second_mb",
+        figures.get("rss_by_second_mb").cloned().unwrap_or_default(),
+    );
     let scenario = format!(
         "(f) consumer peak RSS, {backlog}-msg backlog, {partitions} partitions, \
-         {} ms handler, {} s ({handled} handled)",
+         {} ms handler, {seconds} s ({handled} handled)",
         WORK.as_millis(),
-        CONSUME_FOR.as_secs()
     );
     report.row(
         &scenario,
@@ -162,10 +167,12 @@ impl EventHandler for SlowHandler {
     }
 }
 
-/// `prosody-bench memory-child --bootstrap SERVERS --topic TOPIC`: consumes
-/// TOPIC with the slow handler for [`CONSUME_FOR`] after the first message and
-/// prints one JSON line: `idle_kib`, `peak_kib`, `peak_after_secs` (since
-/// subscribing), `final_kib` (after unsubscribing), `handled`.
+/// `prosody-bench memory-child --bootstrap SERVERS --topic TOPIC --seconds N`:
+/// consumes TOPIC with the slow handler for N seconds after the first message
+/// and prints one JSON line: `idle_kib`, `peak_kib`, `peak_after_secs` (since
+/// subscribing), `rss_by_second_mb` (RSS at each second after the first
+/// message, to show whether it levels off), `final_kib` (after unsubscribing),
+/// `handled`.
 pub(crate) async fn child(args: &[String]) -> BenchResult<()> {
     let value = |flag: &str| {
         args.iter()
@@ -176,6 +183,10 @@ pub(crate) async fn child(args: &[String]) -> BenchResult<()> {
     };
     let cluster = Cluster::External(value("--bootstrap")?);
     let topic = value("--topic")?;
+    let seconds: u64 = value("--seconds")?
+        .parse()
+        .map_err(|_| "memory-child: --seconds needs a number".to_owned())?;
+    let consume_for = Duration::from_secs(seconds);
     let config = cluster
         .config()?
         .group_id(&unique("memory"))
@@ -190,13 +201,20 @@ pub(crate) async fn child(args: &[String]) -> BenchResult<()> {
         .map_err(|error| error.to_string())?;
     let subscribed = Instant::now();
     let (mut peak, mut peak_at) = (idle, Duration::ZERO);
+    let mut by_second = Vec::new();
     let outcome = loop {
         let rss = rss_kib().unwrap_or(0);
         if rss > peak {
             (peak, peak_at) = (rss, subscribed.elapsed());
         }
+        if let Some(first) = slow.first.get() {
+            // One sample per whole second since the first message.
+            if first.elapsed().as_secs() >= u64::try_from(by_second.len()).unwrap_or(u64::MAX) {
+                by_second.push(round1(mebibytes(rss * 1024)));
+            }
+        }
         match slow.first.get() {
-            Some(first) if first.elapsed() >= CONSUME_FOR => break Ok(()),
+            Some(first) if first.elapsed() >= consume_for => break Ok(()),
             None if subscribed.elapsed() > FIRST_MESSAGE_DEADLINE => {
                 break Err(format!(
                     "no message within {FIRST_MESSAGE_DEADLINE:?} of subscribing"
@@ -217,6 +235,7 @@ pub(crate) async fn child(args: &[String]) -> BenchResult<()> {
             "idle_kib": idle,
             "peak_kib": peak,
             "peak_after_secs": round1(peak_at.as_secs_f64()),
+            "rss_by_second_mb": by_second,
             "final_kib": rss_kib().unwrap_or(0),
             "handled": handled,
         })
