@@ -14,10 +14,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use prosody_chaos::plan::Scenario;
+use prosody_chaos::plan::{self, Action, Scenario};
 use prosody_chaos::{
     default_run_dir, run, verify_dir, Error, Report, Result, RunOutcome, RunSettings,
 };
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 
 const USAGE: &str = "\
 usage: prosody-chaos [--short | --long] [options]
@@ -32,6 +34,7 @@ usage: prosody-chaos [--short | --long] [options]
   --window SECS      how long the chaos lasts       --drain SECS    deadline to finish after it
   --dir PATH         where records and logs go (default: a new directory under $TMPDIR)
   --keep             keep that directory when the run passes (it is always kept on failure)
+  --plan             print the faults and kills the seed draws, and exit
   --ruby PATH        Ruby interpreter (default: ruby)
   --repo PATH        repository root (default: this checkout)";
 
@@ -49,6 +52,7 @@ struct RunArgs {
     seed: u64,
     dir: Option<PathBuf>,
     keep: bool,
+    plan_only: bool,
     ruby: PathBuf,
     repo: PathBuf,
 }
@@ -67,6 +71,7 @@ fn parse_args(args: Vec<String>) -> Result<Invocation> {
         seed: clock_seed(),
         dir: None,
         keep: false,
+        plan_only: false,
         ruby: PathBuf::from("ruby"),
         repo: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")),
     };
@@ -79,6 +84,7 @@ fn parse_args(args: Vec<String>) -> Result<Invocation> {
             "--short" => run.scenario = Scenario::short(),
             "--long" => run.scenario = Scenario::long(),
             "--keep" => run.keep = true,
+            "--plan" => run.plan_only = true,
             _ => {
                 let value = args
                     .next()
@@ -170,6 +176,10 @@ fn chaos(args: &RunArgs) -> Result<bool> {
     if per_partition > 25_000 {
         println!("warning: over 25k messages per partition; the mock cluster's fetches slow down");
     }
+    if args.plan_only {
+        print_plan(scenario, args.seed);
+        return Ok(true);
+    }
     let run_dir = args
         .dir
         .clone()
@@ -191,6 +201,26 @@ fn chaos(args: &RunArgs) -> Result<bool> {
         println!("records and logs kept in {}", run_dir.display());
     }
     Ok(outcome.passed())
+}
+
+fn print_plan(scenario: &Scenario, seed: u64) {
+    let plan = plan::draw(scenario, &mut StdRng::seed_from_u64(seed));
+    println!("faults (seconds after the workers start):");
+    for fault in &plan.faults {
+        println!("  {fault}");
+    }
+    println!("kills (the orchestrator waits up to 5 s for a busy worker):");
+    for step in &plan.steps {
+        if let Action::Kill(kill) = &step.action {
+            println!(
+                "  {:>6.1}s slot {} {}, restart {:.1}s after it exits",
+                step.at.as_secs_f64(),
+                kill.slot,
+                kill.kind,
+                kill.restart_after.as_secs_f64()
+            );
+        }
+    }
 }
 
 fn print_outcome(scenario: &Scenario, seed: u64, outcome: &RunOutcome) {
@@ -258,6 +288,14 @@ fn print_report(report: &Report) {
         "violations  {} ({lost} lost, {out_of_order} out of order, {overlap} overlapping, {bad} bad records)",
         report.violations.len()
     );
+    let lost = report.lost_by_partition();
+    if !lost.is_empty() {
+        let summary: Vec<String> = lost
+            .iter()
+            .map(|(partition, (count, first))| format!("p{partition}: {count} from offset {first}"))
+            .collect();
+        println!("lost        {}", summary.join(", "));
+    }
     for violation in report.violations.iter().take(SHOWN_VIOLATIONS) {
         println!("            {violation}");
     }

@@ -60,7 +60,7 @@ impl Scenario {
             faults: 4,
             window: Duration::from_secs(40),
             bursts: 15,
-            drain: Duration::from_secs(180),
+            drain: Duration::from_secs(120),
         }
     }
 
@@ -230,7 +230,7 @@ pub fn draw(scenario: &Scenario, rng: &mut StdRng) -> Plan {
     let messages = draw_messages(scenario, rng);
     let upfront = messages.len() / 4;
     let bursts = draw_bursts(scenario, messages.len() - upfront, rng);
-    let mut cluster = ClusterMap::new(scenario);
+    let cluster = ClusterMap::new(scenario);
     let setup = cluster.setup_commands();
     let mut steps = Vec::new();
     let mut faults = Vec::new();
@@ -271,7 +271,7 @@ pub fn draw(scenario: &Scenario, rng: &mut StdRng) -> Plan {
         for index in 0..scenario.faults {
             let start = slot * index as f64 + slot * rng.random_range(0.0..0.3);
             let longest = slot * 0.6;
-            let (description, commands) = draw_fault(&mut cluster, rng, longest);
+            let (description, commands) = draw_fault(&cluster, rng, longest);
             faults.push(format!("{:>6.1}s {description}", start));
             for (after, command) in commands {
                 steps.push(Step {
@@ -333,7 +333,7 @@ fn draw_bursts(scenario: &Scenario, count: usize, rng: &mut StdRng) -> Vec<(Dura
         .collect()
 }
 
-/// Who leads what, as the plan moves leadership around.
+/// Who leads what when the cluster is healthy (faults move it and move it back).
 struct ClusterMap {
     brokers: i32,
     leaders: Vec<i32>,
@@ -369,35 +369,40 @@ impl ClusterMap {
         commands
     }
 
-    /// Moves everything `broker` leads or coordinates to the next broker.
-    fn fail_over(&mut self, broker: i32) -> Vec<BrokerCommand> {
+    /// Moves everything `broker` leads or coordinates to the next broker, as a
+    /// cluster does when a broker dies. Returns those moves and the ones that
+    /// move it all back (a preferred-leader election once the broker is back).
+    fn fail_over(&self, broker: i32) -> (Vec<BrokerCommand>, Vec<BrokerCommand>) {
         let successor = broker % self.brokers + 1;
-        let mut commands = Vec::new();
-        for (partition, leader) in self.leaders.iter_mut().enumerate() {
-            if *leader == broker {
-                *leader = successor;
-                commands.push(BrokerCommand::Leader {
-                    topic: TOPIC.to_owned(),
-                    partition: partition as i32,
-                    broker: successor,
-                });
+        let leader = |partition: usize, broker: i32| BrokerCommand::Leader {
+            topic: TOPIC.to_owned(),
+            partition: partition as i32,
+            broker,
+        };
+        let coordinator = |broker: i32| BrokerCommand::Coordinator {
+            kind: "group".to_owned(),
+            key: GROUP.to_owned(),
+            broker,
+        };
+        let mut away = Vec::new();
+        let mut back = Vec::new();
+        for (partition, &current) in self.leaders.iter().enumerate() {
+            if current == broker {
+                away.push(leader(partition, successor));
+                back.push(leader(partition, broker));
             }
         }
         if self.coordinator == broker {
-            self.coordinator = successor;
-            commands.push(BrokerCommand::Coordinator {
-                kind: "group".to_owned(),
-                key: GROUP.to_owned(),
-                broker: successor,
-            });
+            away.push(coordinator(successor));
+            back.push(coordinator(broker));
         }
-        commands
+        (away, back)
     }
 }
 
 /// One fault: its description and its commands, each at seconds after its start.
 fn draw_fault(
-    cluster: &mut ClusterMap,
+    cluster: &ClusterMap,
     rng: &mut StdRng,
     longest: f64,
 ) -> (String, Vec<(f64, BrokerCommand)>) {
@@ -427,13 +432,15 @@ fn draw_fault(
         1 if cluster.brokers > 1 => {
             let down = lasting(rng, 2.0, 9.0);
             let mut commands = vec![(0.0, BrokerCommand::Down { broker })];
-            let moves = cluster.fail_over(broker);
-            let moved = moves.len();
-            commands.extend(moves.into_iter().map(|command| (0.2, command)));
+            let (away, back) = cluster.fail_over(broker);
+            let moved = away.len();
+            commands.extend(away.into_iter().map(|command| (0.2, command)));
             commands.push((down, BrokerCommand::Up { broker }));
+            commands.extend(back.into_iter().map(|command| (down + 0.5, command)));
             (
                 format!(
-                    "broker {broker} down for {down:.1}s with failover ({moved} leadership/coordinator moves)"
+                    "broker {broker} down for {down:.1}s with failover ({moved} leaderships/coordinator \
+                     moved away, and back 0.5s after it is up)"
                 ),
                 commands,
             )

@@ -5,7 +5,8 @@
 //! 3. Start the workers; produce the rest in bursts while the plan's kills and
 //!    faults play out over the chaos window.
 //! 4. Wait (up to the drain deadline) until every message has a completed
-//!    handling and the group has committed every partition to its end.
+//!    handling, then (up to `SETTLE`) until the group has committed every
+//!    partition to its end.
 //! 5. Stop the workers gracefully (the commits must stay at the end), then
 //!    verify their records.
 
@@ -122,7 +123,7 @@ pub fn run(scenario: &Scenario, settings: &RunSettings) -> Result<RunOutcome> {
 
     let producer = Producer::new(&bootstrap, TOPIC)?;
     let (upfront, during) = plan.messages.split_at(plan.upfront);
-    let mut produced = producer.produce(upfront, &[(Duration::ZERO, upfront.len())])?;
+    let produced = producer.produce(upfront, &[(Duration::ZERO, upfront.len())])?;
     say(
         started,
         &format!("produced {} messages up front", produced.len()),
@@ -137,169 +138,271 @@ pub fn run(scenario: &Scenario, settings: &RunSettings) -> Result<RunOutcome> {
         group: GROUP.to_owned(),
     };
     setup.check()?;
-    let mut fleet = Fleet::start(setup, scenario.workers, started)?;
+    let fleet = Fleet::start(setup, scenario.workers, started)?;
     let commits = CommitWatcher::new(&bootstrap, GROUP, TOPIC)?;
 
-    let window_opened = Instant::now();
     let during = during.to_vec();
     let bursts = plan.bursts.clone();
-    let mut production: Option<JoinHandle<Result<Vec<Produced>>>> =
-        Some(std::thread::spawn(move || {
-            producer.produce(&during, &bursts)
-        }));
-    let deadline = window_opened + scenario.window + scenario.drain;
-    let mut steps = plan.steps.iter().peekable();
-    let mut pending_kills: VecDeque<(&Kill, Instant)> = VecDeque::new();
-    let mut progress = Progress::default();
-    let mut last_report = Instant::now();
-    let mut last_commit_check: Option<Instant> = None;
-    let mut commit_state = String::from("not checked yet");
-    let mut all_handled: Option<Instant> = None;
-    let mut warnings = Vec::new();
+    let production = std::thread::spawn(move || producer.produce(&during, &bursts));
+    let mut chaos = Chaos {
+        scenario,
+        plan: &plan,
+        started,
+        window_opened: Instant::now(),
+        broker,
+        fleet,
+        commits,
+        progress: Progress::default(),
+        produced,
+        production: Some(production),
+        next_step: 0,
+        pending_kills: VecDeque::new(),
+        all_handled: None,
+        last_commit_check: None,
+        commit_state: "not checked yet".to_owned(),
+        warnings: Vec::new(),
+    };
+    chaos.play()?;
+    chaos.finish(dir)
+}
 
-    loop {
-        let now = Instant::now();
-        let elapsed = now - window_opened;
-        while let Some(step) = steps.next_if(|step| step.at <= elapsed) {
-            match &step.action {
-                Action::Kill(kill) => pending_kills.push_back((kill, now)),
-                Action::Broker(command) => {
-                    say(started, &format!("broker: {command}"));
-                    broker.send(command)?;
-                }
+/// A run in progress, from the moment the workers start.
+struct Chaos<'a> {
+    scenario: &'a Scenario,
+    plan: &'a plan::Plan,
+    started: Instant,
+    window_opened: Instant,
+    broker: BrokerProcess,
+    fleet: Fleet,
+    commits: CommitWatcher,
+    progress: Progress,
+    /// What has been acknowledged so far (all of it once `production` is joined).
+    produced: Vec<Produced>,
+    production: Option<JoinHandle<Result<Vec<Produced>>>>,
+    /// The first step of the plan not yet carried out.
+    next_step: usize,
+    /// Kills that are due, with when they became due.
+    pending_kills: VecDeque<(usize, Instant)>,
+    all_handled: Option<Instant>,
+    last_commit_check: Option<Instant>,
+    commit_state: String,
+    warnings: Vec<String>,
+}
+
+impl Chaos<'_> {
+    /// Plays the plan and waits until everything is handled (and committed, or
+    /// `SETTLE` has passed), or the deadline.
+    fn play(&mut self) -> Result<()> {
+        let deadline = self.window_opened + self.scenario.window + self.scenario.drain;
+        let mut last_report = Instant::now();
+        loop {
+            let now = Instant::now();
+            self.run_due_steps(now)?;
+            self.fleet.tick()?;
+            self.progress.update(&self.fleet.record_files)?;
+            self.run_pending_kill()?;
+            self.collect_production()?;
+            if self.done(now) {
+                return Ok(());
             }
-        }
-        fleet.tick()?;
-        progress.update(&fleet.record_files)?;
-        if let Some(&(kill, due)) = pending_kills.front() {
-            if fleet.try_kill(kill, due, |instance| progress.last_active(instance))? {
-                pending_kills.pop_front();
+            if now >= deadline {
+                return self.missed_deadline();
             }
-        }
-        if production.as_ref().is_some_and(JoinHandle::is_finished) {
-            if let Some(handle) = production.take() {
-                let more = handle
-                    .join()
-                    .map_err(|_| Error::Broker("the producing thread panicked".to_owned()))??;
-                produced.extend(more);
-                say(
-                    started,
-                    &format!("produced all {} messages", produced.len()),
-                );
+            if now - last_report >= PROGRESS_EVERY {
+                last_report = now;
+                self.report_progress();
             }
+            std::thread::sleep(TICK);
         }
-        let settled = production.is_none() && steps.peek().is_none() && pending_kills.is_empty();
-        if settled && all_handled.is_none() && progress.covers(&produced) {
-            all_handled = Some(now);
-            say(
-                started,
-                &format!(
-                    "all {} messages handled; waiting for the group to commit them",
-                    produced.len()
-                ),
-            );
-        }
-        // Done when the group has durably committed everything, which after a kill
-        // means the partitions' new owners have handled the uncommitted messages again.
-        if let Some(handled_at) = all_handled {
-            if last_commit_check.is_none_or(|at| now - at >= COMMIT_CHECK_EVERY) {
-                last_commit_check = Some(now);
-                match commits.committed(&log_ends(&produced)) {
-                    Ok(committed) => {
-                        let lags = lagging(&committed, &log_ends(&produced));
-                        if lags.is_empty() {
-                            say(started, "every partition committed to its end");
-                            break;
-                        }
-                        commit_state = format!("committed behind: {}", describe(&lags));
-                    }
-                    Err(error) => commit_state = format!("cannot read commits: {error}"),
-                }
-            }
-            if now - handled_at >= SETTLE {
-                warnings.push(format!(
-                    "{}s after every message was handled the group had still not committed them all \
-                     ({commit_state}); stopping anyway",
-                    SETTLE.as_secs()
-                ));
-                say(started, warnings.last().map_or("", String::as_str));
+    }
+
+    fn run_due_steps(&mut self, now: Instant) -> Result<()> {
+        let steps = &self.plan.steps;
+        while let Some(step) = steps.get(self.next_step) {
+            if step.at > now - self.window_opened {
                 break;
             }
-        }
-        if now >= deadline {
-            let missing = produced.len().saturating_sub(progress.done.len());
-            let what = format!("{missing} message(s) never handled");
-            fleet.incidents.push(format!(
-                "deadline: {:.0}s after the chaos window ended, {what}",
-                scenario.drain.as_secs_f64()
-            ));
-            if production.is_some() {
-                return Err(Error::Timeout(
-                    "producing did not finish before the deadline".to_owned(),
-                ));
+            match &step.action {
+                Action::Kill(_) => self.pending_kills.push_back((self.next_step, now)),
+                Action::Broker(command) => {
+                    say(self.started, &format!("broker: {command}"));
+                    self.broker.send(command)?;
+                }
             }
-            break;
+            self.next_step += 1;
         }
-        if now - last_report >= PROGRESS_EVERY {
-            last_report = now;
-            let extra = if all_handled.is_some() {
-                format!("; {commit_state}")
-            } else {
-                String::new()
-            };
-            say(
-                started,
-                &format!(
-                    "progress: {} of {} messages handled, {}/{} workers running{extra}",
-                    progress.done.len(),
-                    plan.messages.len(),
-                    fleet.running(),
-                    scenario.workers
-                ),
-            );
-        }
-        std::thread::sleep(TICK);
+        Ok(())
     }
 
-    let ends = log_ends(&produced);
-    let before = commits.committed(&ends);
-    fleet.stop_all(started)?;
-    // A graceful stop commits what is finished; it must never move a commit back.
-    match (before, commits.committed(&ends)) {
-        (Ok(before), Ok(after)) => {
-            for (partition, was, now) in moved_back(&before, &after) {
-                fleet.incidents.push(format!(
-                    "the graceful stop moved partition {partition}'s commit back from {was} to {}",
-                    now.map_or_else(|| "nothing".to_owned(), |offset| offset.to_string())
-                ));
+    fn run_pending_kill(&mut self) -> Result<()> {
+        let Some(&(step, due)) = self.pending_kills.front() else {
+            return Ok(());
+        };
+        let Action::Kill(kill) = &self.plan.steps[step].action else {
+            unreachable!("only kills are queued");
+        };
+        let progress = &self.progress;
+        if self
+            .fleet
+            .try_kill(kill, due, |instance| progress.last_active(instance))?
+        {
+            self.pending_kills.pop_front();
+        }
+        Ok(())
+    }
+
+    fn collect_production(&mut self) -> Result<()> {
+        if !self
+            .production
+            .as_ref()
+            .is_some_and(JoinHandle::is_finished)
+        {
+            return Ok(());
+        }
+        if let Some(handle) = self.production.take() {
+            let more = handle
+                .join()
+                .map_err(|_| Error::Broker("the producing thread panicked".to_owned()))??;
+            self.produced.extend(more);
+            say(
+                self.started,
+                &format!("produced all {} messages", self.produced.len()),
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether the run can stop: everything produced, planned and handled, and
+    /// the group committed to the end (which after a kill means the partitions'
+    /// new owners have handled the uncommitted messages again), or `SETTLE`
+    /// passed waiting for that.
+    fn done(&mut self, now: Instant) -> bool {
+        let planned = self.production.is_none()
+            && self.next_step == self.plan.steps.len()
+            && self.pending_kills.is_empty();
+        if !planned {
+            return false;
+        }
+        let handled_at = match self.all_handled {
+            Some(at) => at,
+            None if self.progress.covers(&self.produced) => {
+                self.all_handled = Some(now);
+                say(
+                    self.started,
+                    &format!(
+                        "all {} messages handled; waiting for the group to commit them",
+                        self.produced.len()
+                    ),
+                );
+                now
             }
-            let lags = lagging(&after, &ends);
-            if !lags.is_empty() {
-                warnings.push(format!(
-                    "after the workers stopped, partitions are committed short of their end: {}",
-                    describe(&lags)
-                ));
+            None => return false,
+        };
+        if self
+            .last_commit_check
+            .is_none_or(|at| now - at >= COMMIT_CHECK_EVERY)
+        {
+            self.last_commit_check = Some(now);
+            let ends = log_ends(&self.produced);
+            match self.commits.committed(&ends) {
+                Ok(committed) => {
+                    let lags = lagging(&committed, &ends);
+                    if lags.is_empty() {
+                        say(self.started, "every partition committed to its end");
+                        return true;
+                    }
+                    self.commit_state = format!("committed behind: {}", describe(&lags));
+                }
+                Err(error) => self.commit_state = format!("cannot read commits: {error}"),
             }
         }
-        (Err(error), _) | (_, Err(error)) => {
-            warnings.push(format!(
-                "cannot compare commits around the final stop: {error}"
+        if now - handled_at < SETTLE {
+            return false;
+        }
+        self.warnings.push(format!(
+            "{}s after every message was handled the group had still not committed them all \
+             ({}); stopping anyway",
+            SETTLE.as_secs(),
+            self.commit_state
+        ));
+        say(
+            self.started,
+            self.warnings.last().map_or("", String::as_str),
+        );
+        true
+    }
+
+    fn missed_deadline(&mut self) -> Result<()> {
+        if self.production.is_some() {
+            return Err(Error::Timeout(
+                "producing did not finish before the deadline".to_owned(),
             ));
         }
+        let missing = self.produced.len().saturating_sub(self.progress.done.len());
+        self.fleet.incidents.push(format!(
+            "deadline: {:.0}s after the chaos window ended, {missing} message(s) never handled",
+            self.scenario.drain.as_secs_f64()
+        ));
+        Ok(())
     }
-    drop(commits);
-    broker.stop()?;
-    write_manifest(&dir.join(MANIFEST_FILE), &produced)?;
-    let logs = RecordLog::read_dir(dir)?;
-    let report = verify(&produced, &logs);
-    Ok(RunOutcome {
-        report,
-        incidents: fleet.incidents,
-        warnings,
-        kills: fleet.kills,
-        faults: plan.faults,
-        elapsed: started.elapsed(),
-    })
+
+    fn report_progress(&self) {
+        let commits = if self.all_handled.is_some() {
+            format!("; {}", self.commit_state)
+        } else {
+            String::new()
+        };
+        say(
+            self.started,
+            &format!(
+                "progress: {} of {} messages handled, {}/{} workers running{commits}",
+                self.progress.done.len(),
+                self.plan.messages.len(),
+                self.fleet.running(),
+                self.scenario.workers
+            ),
+        );
+    }
+
+    /// Stops the workers, checks the commits around the stop, and verifies.
+    fn finish(mut self, dir: &Path) -> Result<RunOutcome> {
+        let ends = log_ends(&self.produced);
+        let before = self.commits.committed(&ends);
+        self.fleet.stop_all(self.started)?;
+        // A graceful stop commits what is finished; it must never move a commit back.
+        match (before, self.commits.committed(&ends)) {
+            (Ok(before), Ok(after)) => {
+                for (partition, was, now) in moved_back(&before, &after) {
+                    self.fleet.incidents.push(format!(
+                        "the graceful stop moved partition {partition}'s commit back from {was} to {}",
+                        now.map_or_else(|| "nothing".to_owned(), |offset| offset.to_string())
+                    ));
+                }
+                let lags = lagging(&after, &ends);
+                if !lags.is_empty() {
+                    self.warnings.push(format!(
+                        "after the workers stopped, partitions are committed short of their end: {}",
+                        describe(&lags)
+                    ));
+                }
+            }
+            (Err(error), _) | (_, Err(error)) => self.warnings.push(format!(
+                "cannot compare commits around the final stop: {error}"
+            )),
+        }
+        drop(self.commits);
+        self.broker.stop()?;
+        write_manifest(&dir.join(MANIFEST_FILE), &self.produced)?;
+        let logs = RecordLog::read_dir(dir)?;
+        Ok(RunOutcome {
+            report: verify(&self.produced, &logs),
+            incidents: self.fleet.incidents,
+            warnings: self.warnings,
+            kills: self.fleet.kills,
+            faults: self.plan.faults.clone(),
+            elapsed: self.started.elapsed(),
+        })
+    }
 }
 
 fn say(started: Instant, text: &str) {

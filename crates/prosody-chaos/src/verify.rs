@@ -101,7 +101,7 @@ impl fmt::Display for Violation {
             } => write!(
                 f,
                 "LOST: partition {partition} offset {offset} (key {key} seq {seq}) never completed \
-                 ({started} start(s) without a completion)"
+                 by the end of the run ({started} start(s) without a completion)"
             ),
             Violation::OutOfOrder {
                 key,
@@ -193,6 +193,22 @@ impl Report {
         } else {
             self.duplicates as f64 / self.messages as f64
         }
+    }
+
+    /// Per partition with lost messages: how many, and the lowest lost offset.
+    pub fn lost_by_partition(&self) -> BTreeMap<i32, (usize, i64)> {
+        let mut lost = BTreeMap::new();
+        for violation in &self.violations {
+            if let Violation::Lost {
+                partition, offset, ..
+            } = violation
+            {
+                let entry = lost.entry(*partition).or_insert((0, *offset));
+                entry.0 += 1;
+                entry.1 = entry.1.min(*offset);
+            }
+        }
+        lost
     }
 
     /// Counts of violations by kind: (lost, out of order, overlap, bad record).
