@@ -43,16 +43,20 @@ module Bench
     def io(cluster, report)
       sequential = sequential_rate
       report["ruby_sequential_10ms_msgs_per_sec"] = sequential.round(1)
-      IO_CASES.each do |concurrency, extra|
-        count = concurrency * 60
-        topic = Bench.unique("io#{concurrency}")
-        cluster.create_topics(topic => 1)
-        fill(cluster, topic, count, 256)
-        rate = consume(cluster, topic, count, max_concurrency: concurrency, **extra) { sleep(WAIT) }
-        label = "c#{concurrency}#{extra.map { |name, value| "_#{name}#{value}" }.join}"
-        scope = "max_concurrency #{concurrency}#{extra.map { |name, value| ", #{name} #{value}" }.join} (#{count} msgs)"
-        io_report(report, label, scope, rate:, ideal: concurrency / WAIT, sequential:)
-      end
+      IO_CASES.each { |concurrency, extra| io_case(cluster, report, sequential, concurrency, extra) }
+    end
+
+    def io_case(cluster, report, sequential, concurrency, extra)
+      count = concurrency * 60
+      topic = Bench.unique("io#{concurrency}")
+      # 1 unless a real broker auto-created the topic with its own default.
+      partitions = cluster.create_topics(topic => 1).fetch(topic)
+      fill(cluster, topic, count, 256)
+      rate = consume(cluster, topic, count, max_concurrency: concurrency, **extra) { sleep(WAIT) }
+      label = "c#{concurrency}#{extra.map { |name, value| "_#{name}#{value}" }.join}"
+      scope = "#{partitions == 1 ? "1 partition" : "#{partitions} partitions"}, 256 keys, " \
+              "max_concurrency #{concurrency}#{extra.map { |name, value| ", #{name} #{value}" }.join} (#{count} msgs)"
+      io_report(report, label, scope, rate:, ideal: concurrency / WAIT, sequential:)
     end
 
     def sequential_rate(count = 100)
@@ -66,7 +70,7 @@ module Bench
       figures = { "msgs_per_sec" => rate.round, "vs_ideal" => (rate / ideal).round(3),
                   "vs_sequential" => (rate / sequential).round(1) }
       figures.each { |name, value| report["ruby_io_10ms_#{label}_#{name}"] = value }
-      scenario = "(c) Ruby 10 ms handler, 1 partition, 256 keys, #{scope}"
+      scenario = "(c) Ruby 10 ms handler, #{scope}"
       report.row(scenario, Bench.per_second(rate), "ideal #{Bench.per_second(ideal)}", format("%.2f", rate / ideal))
       report.row(scenario, Bench.per_second(rate), format("sequential loop %.0f msg/s", sequential),
                  format("%.1fx", rate / sequential))

@@ -102,7 +102,8 @@ pub(crate) async fn io(cluster: &Cluster, report: &mut Report) -> BenchResult<()
     for (concurrency, max_uncommitted) in cases {
         let count = (concurrency * 100).min(MAX_PER_PARTITION);
         let topic = unique(&format!("io{concurrency}"));
-        cluster.create_topic(&topic, 1).await?;
+        // 1 unless a real broker auto-created the topic with its own default.
+        let partitions = cluster.create_topic(&topic, 1).await?;
         fill(cluster, &topic, count, IO_KEYS, Payload::Small).await?;
         let mut extra = vec![("max_concurrency", OptionValue::Int(as_i64(concurrency)))];
         if let Some(max) = max_uncommitted {
@@ -124,8 +125,9 @@ pub(crate) async fn io(cluster: &Cluster, report: &mut Report) -> BenchResult<()
             round1(ratio(rate, sequential)),
         );
         let scenario = format!(
-            "(c) core, 10 ms handler, 1 partition, {IO_KEYS} keys, \
-             max_concurrency {concurrency}{shown} ({count} msgs)"
+            "(c) core, 10 ms handler, {}, {IO_KEYS} keys, \
+             max_concurrency {concurrency}{shown} ({count} msgs)",
+            partitions_shown(partitions)
         );
         report.row(
             &scenario,
@@ -275,4 +277,13 @@ async fn sequential_rate(count: usize) -> f64 {
         tokio::time::sleep(WAIT).await;
     }
     rate(count, started.elapsed())
+}
+
+/// "1 partition", "4 partitions".
+fn partitions_shown(partitions: usize) -> String {
+    if partitions == 1 {
+        "1 partition".to_owned()
+    } else {
+        format!("{partitions} partitions")
+    }
 }

@@ -17,6 +17,10 @@ const FLUSH_DEADLINE: Duration = Duration::from_secs(300);
 /// the size of a small domain event.
 pub(crate) const PAD: usize = 64;
 
+/// The `source-system` of sending clients: a consumer skips messages whose
+/// header equals its own group id, which is every client's default.
+pub(crate) const PRODUCER_SOURCE: &str = "bench-producer";
+
 /// A name no earlier run used: topics and groups are never reused.
 pub(crate) fn unique(name: &str) -> String {
     let nanos = std::time::SystemTime::now()

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
 use crate::cluster::Cluster;
-use crate::data::{key, unique};
+use crate::data::{key, unique, PRODUCER_SOURCE};
 use crate::report::{percentile, ratio, round3, Report};
 use crate::BenchResult;
 
@@ -42,8 +42,6 @@ const KEYS: usize = 100;
 /// Longest wait for the consumer group to assign the partitions, and for the
 /// last message to arrive after the last send.
 const WAIT_DEADLINE: Duration = Duration::from_secs(60);
-/// The `source-system` of the sending side (the consumer skips its own group's).
-pub(crate) const PRODUCER_SOURCE: &str = "bench-producer";
 
 /// p50 and p99 of one path, in milliseconds.
 struct Latency {

@@ -25,8 +25,7 @@ use rdkafka::util::Timeout;
 use tokio::task::JoinSet;
 
 use crate::cluster::Cluster;
-use crate::data::{key, padded_payload, unique};
-use crate::latency::PRODUCER_SOURCE;
+use crate::data::{key, padded_payload, unique, PRODUCER_SOURCE};
 use crate::report::{per_second, rate, ratio, round0, round1, round3, Report};
 use crate::BenchResult;
 
