@@ -25,7 +25,7 @@ const USAGE: &str = "\
 usage: prosody-chaos [--short | --long] [options]
        prosody-chaos verify <run-dir>
 
-  --short            20k messages, 3 workers, 5 kills, 4 faults, 30 s of chaos (default)
+  --short            20k messages, 3 workers, 5 kills, 4 faults, 40 s of chaos (default)
   --long             200k messages, 5 workers, 50 kills, 20 faults, 5 min of chaos
   --seed N           seed for every random choice (printed at start; default: from the clock)
   --messages N       messages to produce            --keys N        distinct keys
@@ -37,6 +37,22 @@ usage: prosody-chaos [--short | --long] [options]
   --plan             print the faults and kills the seed draws, and exit
   --ruby PATH        Ruby interpreter (default: ruby)
   --repo PATH        repository root (default: this checkout)";
+
+/// Options that take a value.
+const VALUE_FLAGS: [&str; 12] = [
+    "--seed",
+    "--dir",
+    "--ruby",
+    "--repo",
+    "--messages",
+    "--keys",
+    "--partitions",
+    "--workers",
+    "--kills",
+    "--faults",
+    "--window",
+    "--drain",
+];
 
 /// Shown violations, at most.
 const SHOWN_VIOLATIONS: usize = 20;
@@ -85,6 +101,9 @@ fn parse_args(args: Vec<String>) -> Result<Invocation> {
             "--long" => run.scenario = Scenario::long(),
             "--keep" => run.keep = true,
             "--plan" => run.plan_only = true,
+            _ if !VALUE_FLAGS.contains(&flag.as_str()) => {
+                return Err(Error::Usage(format!("unknown option `{flag}`\n\n{USAGE}")))
+            }
             _ => {
                 let value = args
                     .next()
@@ -110,7 +129,7 @@ fn parse_args(args: Vec<String>) -> Result<Invocation> {
             "--faults" => scenario.faults = number(&flag, &value)?,
             "--window" => scenario.window = Duration::from_secs(number(&flag, &value)?),
             "--drain" => scenario.drain = Duration::from_secs(number(&flag, &value)?),
-            _ => return Err(Error::Usage(format!("unknown option `{flag}`\n\n{USAGE}"))),
+            _ => unreachable!("{flag} is in VALUE_FLAGS"),
         }
     }
     let scenario = &run.scenario;
