@@ -11,6 +11,7 @@
 //!   verifier (`prosody-chaos verify <dir>`).
 //! - [`plan`]: the seeded schedule of messages, kills and faults.
 //! - `producer.rs`, `workers.rs`, `broker_process.rs`: the processes a run drives.
+//! - [`CommitWatcher`]: the group's committed offsets, read without joining it.
 //! - [`records`], [`manifest`]: the files workers and the orchestrator write.
 //! - [`verify()`]: the checks (loss, per-key order, overlap inside a process).
 //!
