@@ -163,7 +163,7 @@ module Prosody
       error = stopper.value
       return report_failed_stop(error) if error
 
-      Prosody.logger.info(format("prosody: stopped cleanly in %.1fs: progress committed, group left",
+      Prosody.logger.info(format("prosody: stopped cleanly in %.1fs: group left",
                                  monotonic - started))
       0
     end

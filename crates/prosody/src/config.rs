@@ -321,11 +321,13 @@ impl Config {
         &self.kafka
     }
 
-    /// A librdkafka client configuration carrying the passthrough settings.
+    /// A librdkafka client configuration carrying the passthrough settings that
+    /// apply to `role`: one `kafka` map serves the consumer and the producer, and
+    /// librdkafka warns (CONFWARN) about each property meant for the other one.
     ///
     /// librdkafka's own logs flow through tracing at info level, or at debug level
     /// when the passthrough asks for `debug` contexts (e.g. `debug: "fetch"`).
-    pub(crate) fn client_config(&self) -> rdkafka::ClientConfig {
+    pub(crate) fn client_config(&self, role: Role) -> rdkafka::ClientConfig {
         let mut client = rdkafka::ClientConfig::new();
         let level = if self.kafka.contains_key("debug") {
             rdkafka::config::RDKafkaLogLevel::Debug
@@ -333,12 +335,83 @@ impl Config {
             rdkafka::config::RDKafkaLogLevel::Info
         };
         client.set_log_level(level);
+        let other_role = match role {
+            Role::Consumer => PRODUCER_ONLY,
+            Role::Producer => CONSUMER_ONLY,
+        };
         for (key, value) in &self.kafka {
-            client.set(key, value);
+            if !other_role.contains(&key.as_str()) {
+                client.set(key, value);
+            }
         }
         client
     }
 }
+
+/// Which librdkafka client a configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Consumer,
+    Producer,
+}
+
+/// librdkafka properties only consumers read (marked `C` in its CONFIGURATION.md).
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "group.protocol",
+    "group.protocol.type",
+    "group.remote.assignor",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "coordinator.query.interval.ms",
+    "max.poll.interval.ms",
+    "enable.auto.commit",
+    "auto.commit.interval.ms",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "fetch.wait.max.ms",
+    "fetch.queue.backoff.ms",
+    "fetch.message.max.bytes",
+    "max.partition.fetch.bytes",
+    "fetch.max.bytes",
+    "fetch.min.bytes",
+    "fetch.error.backoff.ms",
+    "isolation.level",
+    "enable.partition.eof",
+    "check.crcs",
+];
+
+/// librdkafka properties only producers read (marked `P` in its CONFIGURATION.md).
+const PRODUCER_ONLY: &[&str] = &[
+    "transactional.id",
+    "transaction.timeout.ms",
+    "enable.idempotence",
+    "enable.gapless.guarantee",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.ms",
+    "linger.ms",
+    "message.send.max.retries",
+    "retries",
+    "queue.buffering.backpressure.threshold",
+    "compression.codec",
+    "compression.type",
+    "compression.level",
+    "batch.num.messages",
+    "batch.size",
+    "delivery.report.only.error",
+    "sticky.partitioning.linger.ms",
+    "acks",
+    "request.required.acks",
+    "request.timeout.ms",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "partitioner",
+];
 
 /// Collects options; [`ConfigBuilder::build`] applies environment fallbacks and validates.
 #[derive(Debug, Default, Clone)]
@@ -838,6 +911,26 @@ mod tests {
 
     fn no_env() -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    #[test]
+    fn each_client_gets_only_the_passthrough_keys_it_reads() {
+        let config = Config::builder()
+            .mock(true)
+            .group_id("g")
+            .kafka("session.timeout.ms", "9000")
+            .kafka("linger.ms", "20")
+            .kafka("client.rack", "az1")
+            .build()
+            .expect("valid config");
+        let consumer = config.client_config(Role::Consumer);
+        let producer = config.client_config(Role::Producer);
+        assert_eq!(consumer.get("session.timeout.ms"), Some("9000"));
+        assert_eq!(consumer.get("linger.ms"), None);
+        assert_eq!(producer.get("linger.ms"), Some("20"));
+        assert_eq!(producer.get("session.timeout.ms"), None);
+        assert_eq!(consumer.get("client.rack"), Some("az1"));
+        assert_eq!(producer.get("client.rack"), Some("az1"));
     }
 
     fn error_option(result: Result<Config>) -> String {

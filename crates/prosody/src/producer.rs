@@ -8,7 +8,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::error::{Error, Result};
 use crate::mock;
 
@@ -25,7 +25,7 @@ pub struct Producer {
 
 impl Producer {
     pub(crate) fn new(config: &Config, bootstrap_servers: &str) -> Result<Self> {
-        let mut client = config.client_config();
+        let mut client = config.client_config(Role::Producer);
         client
             .set("bootstrap.servers", bootstrap_servers)
             .set("client.id", config.source_system())

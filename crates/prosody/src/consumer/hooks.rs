@@ -5,18 +5,22 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, RebalanceProtocol,
+};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
 use super::offsets::OffsetTracker;
 use super::partition::PartitionManager;
 use super::shared::Shared;
+use crate::config::Config;
 
 pub(crate) struct Hooks {
     shared: OnceLock<Arc<Shared>>,
@@ -72,10 +76,11 @@ impl ClientContext for Hooks {
     }
 }
 
-impl ConsumerContext for Hooks {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        self.serve();
-        let (Some(shared), Rebalance::Revoke(list)) = (self.shared.get(), rebalance) else {
+impl Hooks {
+    /// Cancels the revoked partitions' handlers, waits for them within
+    /// `shutdown_timeout`, and commits what they finished.
+    fn revoke(&self, consumer: &BaseConsumer<Self>, list: &TopicPartitionList) {
+        let Some(shared) = self.shared.get() else {
             return;
         };
         let revoked: Vec<Arc<PartitionManager>> = {
@@ -103,72 +108,189 @@ impl ConsumerContext for Hooks {
                 manager.wait_idle(budget).await;
             }
         });
-        commit(consumer, &revoked, true, CommitMode::Sync);
+        let _ = commit(consumer, &revoked, true, CommitMode::Sync);
     }
+}
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let (Some(shared), Rebalance::Assign(list)) = (self.shared.get(), rebalance) else {
-            if let Rebalance::Error(error) = rebalance {
-                warn!("rebalance failed: {error}");
+impl ConsumerContext for Hooks {
+    /// Runs on the poll thread for every assignment change.
+    ///
+    /// On assignment, Prosody reads the committed offsets itself (retrying
+    /// coordinator errors) and assigns explicit positions. Left to librdkafka,
+    /// an offset fetch that fails a few times leaves the partition assigned but
+    /// never fetched, with nothing but a consume error to show for it.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        list: &mut TopicPartitionList,
+    ) {
+        self.serve();
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let Some(shared) = self.shared.get() else {
+                    assign(consumer, list, cooperative);
+                    return;
+                };
+                let committed = read_committed(consumer, list, &shared.config);
+                let positions = starting_positions(&committed, &shared.config);
+                assign(consumer, &positions, cooperative);
+                start_partitions(shared, &committed);
             }
-            return;
-        };
-        let committed = match consumer.committed_offsets((*list).clone(), Duration::from_secs(10)) {
-            Ok(committed) => committed,
-            Err(error) => {
-                warn!("cannot read committed offsets; finished-out-of-order offsets may run again: {error}");
-                (*list).clone()
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.revoke(consumer, list);
+                unassign(consumer, list, cooperative);
             }
-        };
-        let owner = shared.consumer();
-        let mut partitions = shared.partitions();
-        for element in committed.elements() {
-            let offset = match element.offset() {
-                Offset::Offset(offset) => Some(offset),
-                _ => None,
-            };
-            let tracker = OffsetTracker::resume_from(offset, element.metadata());
-            let topic: Arc<str> = Arc::from(element.topic());
-            let manager = PartitionManager::new(
-                Arc::clone(shared),
-                Arc::clone(&topic),
-                element.partition(),
-                tracker,
-            );
-            // Messages already on the main queue still arrive there; the poll loop handles both.
-            if let Some(mut queue) = owner
-                .as_ref()
-                .and_then(|owner| owner.split_partition_queue(&topic, element.partition()))
-            {
-                let waker = Arc::clone(shared);
-                queue.set_nonempty_callback(move || waker.wake());
-                manager.attach_queue(queue);
+            other => {
+                warn!("rebalance failed: {}", RDKafkaErrorCode::from(other));
+                unassign(consumer, list, cooperative);
             }
-            partitions.insert((topic, element.partition()), manager);
         }
-        info!(assigned = partitions.len(), "partitions assigned");
-        drop(partitions);
-        shared.wake();
     }
 
+    /// librdkafka reports the results of async manual commits only to an
+    /// `offset_commit_cb`, which rust-rdkafka does not install, so this sees
+    /// little; the poll loop re-sends every commit point periodically instead.
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         self.serve();
         if let Err(error) = result {
-            warn!("commit failed; retrying on the next tick: {error}");
-            if let Some(shared) = self.shared.get() {
-                shared.recommit.store(true, Ordering::Release);
+            warn!("commit failed; the next full commit sends it again: {error}");
+        }
+    }
+}
+
+/// Longest the poll thread keeps asking for committed offsets at assignment
+/// before it lets librdkafka try on its own.
+const OFFSET_FETCH_BUDGET: Duration = Duration::from_secs(30);
+
+/// The group's committed offsets (and metadata) for `list`, retrying while the
+/// coordinator is unavailable; `list` itself (no offsets) if that never works.
+fn read_committed(
+    consumer: &BaseConsumer<Hooks>,
+    list: &TopicPartitionList,
+    config: &Config,
+) -> TopicPartitionList {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let attempt = (OFFSET_FETCH_BUDGET.saturating_sub(started.elapsed()))
+            .min(Duration::from_secs(10))
+            .max(Duration::from_millis(100));
+        match consumer.committed_offsets(list.clone(), attempt) {
+            Ok(committed) => return committed,
+            Err(error) if started.elapsed() + pause < OFFSET_FETCH_BUDGET => {
+                debug!("cannot read committed offsets yet, retrying: {error}");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(error) => {
+                warn!(
+                    group_id = config.group_id.as_deref().unwrap_or_default(),
+                    "cannot read committed offsets after {:?}; librdkafka will try again, and offsets that finished out of order may run again: {error}",
+                    started.elapsed()
+                );
+                return list.clone();
             }
         }
     }
 }
 
+/// Where each assigned partition starts: its committed offset, or the
+/// `auto.offset.reset` position when the group never committed one.
+fn starting_positions(committed: &TopicPartitionList, config: &Config) -> TopicPartitionList {
+    let reset = match config.kafka.get("auto.offset.reset").map(String::as_str) {
+        None | Some("earliest" | "smallest" | "beginning") => Offset::Beginning,
+        Some("latest" | "largest" | "end") => Offset::End,
+        // `error` and anything new: let librdkafka apply its own rule.
+        Some(_) => Offset::Invalid,
+    };
+    let mut positions = TopicPartitionList::new();
+    for element in committed.elements() {
+        let offset = match element.offset() {
+            Offset::Offset(offset) => Offset::Offset(offset),
+            _ => reset,
+        };
+        if let Err(error) =
+            positions.add_partition_offset(element.topic(), element.partition(), offset)
+        {
+            warn!(
+                topic = element.topic(),
+                partition = element.partition(),
+                "cannot set a starting position: {error}"
+            );
+            positions.add_partition(element.topic(), element.partition());
+        }
+    }
+    positions
+}
+
+fn assign(consumer: &BaseConsumer<Hooks>, list: &TopicPartitionList, cooperative: bool) {
+    let result = if cooperative {
+        consumer.incremental_assign(list)
+    } else {
+        consumer.assign(list)
+    };
+    if let Err(error) = result {
+        error!("cannot take the assigned partitions: {error}");
+    }
+}
+
+fn unassign(consumer: &BaseConsumer<Hooks>, list: &TopicPartitionList, cooperative: bool) {
+    let result = if cooperative {
+        consumer.incremental_unassign(list)
+    } else {
+        consumer.unassign()
+    };
+    if let Err(error) = result {
+        error!("cannot hand back the revoked partitions: {error}");
+    }
+}
+
+/// Creates a manager, with its own message queue, for each newly assigned partition.
+fn start_partitions(shared: &Arc<Shared>, committed: &TopicPartitionList) {
+    let owner = shared.consumer();
+    let mut partitions = shared.partitions();
+    for element in committed.elements() {
+        let offset = match element.offset() {
+            Offset::Offset(offset) => Some(offset),
+            _ => None,
+        };
+        let tracker = OffsetTracker::resume_from(offset, element.metadata());
+        let topic: Arc<str> = Arc::from(element.topic());
+        let manager = PartitionManager::new(
+            Arc::clone(shared),
+            Arc::clone(&topic),
+            element.partition(),
+            tracker,
+        );
+        // Messages already on the main queue still arrive there; the poll loop handles both.
+        if let Some(mut queue) = owner
+            .as_ref()
+            .and_then(|owner| owner.split_partition_queue(&topic, element.partition()))
+        {
+            let waker = Arc::clone(shared);
+            queue.set_nonempty_callback(move || waker.wake());
+            manager.attach_queue(queue);
+        }
+        partitions.insert((topic, element.partition()), manager);
+    }
+    info!(assigned = partitions.len(), "partitions assigned");
+    drop(partitions);
+    shared.wake();
+}
+
 /// Commits the given partitions' commit points; `release` marks them handed back.
+/// Failures are logged and returned.
 pub(crate) fn commit(
     consumer: &BaseConsumer<Hooks>,
     managers: &[Arc<PartitionManager>],
     release: bool,
     mode: CommitMode,
-) {
+) -> KafkaResult<()> {
     let mut list = TopicPartitionList::new();
     for manager in managers {
         let point = if release {
@@ -194,9 +316,31 @@ pub(crate) fn commit(
         }
     }
     if list.count() == 0 {
-        return;
+        return Ok(());
     }
-    if let Err(error) = consumer.commit(&list, mode) {
+    consumer.commit(&list, mode).inspect_err(|error| {
         warn!("commit failed: {error}");
-    }
+    })
+}
+
+/// Whether a commit that failed with `error` may succeed if sent again: the
+/// coordinator moved, is loading, or the group is between generations.
+pub(crate) fn is_retriable(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as Code;
+    let Some(code) = error.rdkafka_error_code() else {
+        return false;
+    };
+    matches!(
+        code,
+        Code::RebalanceInProgress
+            | Code::NotCoordinator
+            | Code::CoordinatorNotAvailable
+            | Code::CoordinatorLoadInProgress
+            | Code::RequestTimedOut
+            | Code::NetworkException
+            | Code::OperationTimedOut
+            | Code::BrokerTransportFailure
+            | Code::AllBrokersDown
+            | Code::WaitingForCoordinator
+    )
 }

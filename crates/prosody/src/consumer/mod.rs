@@ -33,7 +33,7 @@ pub use filter::SkipCounts;
 pub use partition::PartitionStats;
 pub(crate) use timer_queue::TimerQueue;
 
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::error::Result;
 use crate::handler::EventHandler;
 use crate::message::Header;
@@ -72,7 +72,7 @@ impl Subscription {
         runtime: Handle,
     ) -> Result<Self> {
         let group_id = config.group_id.clone().unwrap_or_default();
-        let mut client = config.client_config();
+        let mut client = config.client_config(Role::Consumer);
         // Defaults the passthrough may override.
         let mut defaults = vec![
             ("auto.offset.reset", "earliest"),
@@ -215,6 +215,13 @@ impl Drop for Subscription {
     }
 }
 
+/// Every this many commit ticks, all commit points are sent, moved or not.
+const FULL_COMMIT_EVERY: u64 = 5;
+
+/// The final commit may retry at least this long, even when handlers used up
+/// `shutdown_timeout`.
+const FINAL_COMMIT_FLOOR: Duration = Duration::from_secs(5);
+
 /// Most librdkafka events the poll thread serves before it fills partitions again.
 const EVENTS_PER_TURN: usize = 1_000;
 
@@ -223,6 +230,8 @@ struct PollLoop {
     shared: Arc<Shared>,
     stopped: oneshot::Receiver<()>,
     last_commit: Instant,
+    /// Commit ticks so far.
+    ticks: u64,
     committed: HashMap<TopicPartition, (i64, String)>,
 }
 
@@ -237,6 +246,7 @@ impl PollLoop {
             shared,
             stopped,
             last_commit: Instant::now(),
+            ticks: 0,
             committed: HashMap::new(),
         }
     }
@@ -315,10 +325,14 @@ impl PollLoop {
         }
     }
 
-    /// Commits partitions whose commit point moved since their last commit.
+    /// Commits partitions whose commit point moved since their last commit, and
+    /// every [`FULL_COMMIT_EVERY`] ticks all of them: librdkafka does not report
+    /// async commit failures, so re-sending is how a rejected commit gets repaired
+    /// (the Java client's auto-commit likewise re-sends unchanged positions).
     fn commit_progress(&mut self) {
         self.last_commit = Instant::now();
-        if self.shared.take_recommit() {
+        self.ticks += 1;
+        if self.ticks % FULL_COMMIT_EVERY == 0 {
             self.committed.clear();
         }
         let managers = self.shared.managers();
@@ -338,7 +352,7 @@ impl PollLoop {
             })
             .collect();
         if !moved.is_empty() {
-            commit(&self.consumer, &moved, false, CommitMode::Async);
+            let _ = commit(&self.consumer, &moved, false, CommitMode::Async);
         }
     }
 
@@ -365,11 +379,46 @@ impl PollLoop {
             self.shared.cancellation.cancel();
             self.wait_until_idle(&managers, started + budget);
         }
-        commit(&self.consumer, &managers, true, CommitMode::Sync);
+        self.commit_finally(
+            &managers,
+            (started + budget).max(Instant::now() + FINAL_COMMIT_FLOOR),
+        );
         self.shared.partitions().clear();
         self.consumer.unsubscribe();
         self.shared.cancellation.cancel();
         info!(elapsed = ?started.elapsed(), "unsubscribed");
+    }
+
+    /// The last commit before leaving the group, sent again until `deadline` while
+    /// the coordinator answers with a retriable error (a group-wide stop meets
+    /// `REBALANCE_IN_PROGRESS`). Polls between attempts so the consumer can rejoin;
+    /// a partition revoked meanwhile was committed by the revocation and drops out.
+    fn commit_finally(&self, managers: &[Arc<partition::PartitionManager>], deadline: Instant) {
+        let mut pause = Duration::from_millis(50);
+        let mut release = true;
+        loop {
+            let ours: Vec<_> = if release {
+                managers.to_vec()
+            } else {
+                self.shared.managers()
+            };
+            match commit(&self.consumer, &ours, release, CommitMode::Sync) {
+                Ok(()) => {
+                    debug!("final commit done");
+                    return;
+                }
+                Err(error) if hooks::is_retriable(&error) && Instant::now() + pause < deadline => {
+                    release = false;
+                    let _ = self.consumer.poll(Duration::ZERO);
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Err(error) => {
+                    error!("final commit failed; messages handled since the last commit will be handled again: {error}");
+                    return;
+                }
+            }
+        }
     }
 
     /// Keeps polling (so the group session stays alive) until every manager is idle or `deadline`.

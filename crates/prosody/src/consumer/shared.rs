@@ -1,7 +1,6 @@
 //! State shared by the poll thread, the rebalance hooks and the key runners.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -41,8 +40,6 @@ pub(crate) struct Shared {
     pub(crate) cancellation: CancellationToken,
     partitions: Mutex<HashMap<TopicPartition, Arc<PartitionManager>>>,
     consumer: OnceLock<Weak<KafkaConsumer>>,
-    /// Set when a commit failed, so the next tick commits every partition again.
-    pub(crate) recommit: AtomicBool,
     /// Wakes the poll thread: a queue became non-empty, a full buffer drained, or stop.
     waker: Sender<()>,
     pub(crate) wakeups: Receiver<()>,
@@ -74,7 +71,6 @@ impl Shared {
             cancellation: CancellationToken::new(),
             partitions: Mutex::new(HashMap::new()),
             consumer: OnceLock::new(),
-            recommit: AtomicBool::new(false),
         })
     }
 
@@ -111,10 +107,6 @@ impl Shared {
         self.managers()
             .iter()
             .any(|manager| manager.is_stalled(threshold))
-    }
-
-    pub(crate) fn take_recommit(&self) -> bool {
-        self.recommit.swap(false, Ordering::AcqRel)
     }
 }
 
