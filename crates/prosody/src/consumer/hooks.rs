@@ -108,7 +108,9 @@ impl Hooks {
                 manager.wait_idle(budget).await;
             }
         });
-        let _ = commit(consumer, &revoked, true, CommitMode::Sync);
+        if let Err(error) = commit(consumer, &revoked, true, CommitMode::Sync) {
+            warn!("commit of the revoked partitions failed; their new owner repeats what finished since the last commit: {error}");
+        }
     }
 }
 
@@ -132,7 +134,7 @@ impl ConsumerContext for Hooks {
         );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let Some(shared) = self.shared.get() else {
+                let Some(shared) = self.shared.get().filter(|shared| !shared.is_stopping()) else {
                     assign(consumer, list, cooperative);
                     return;
                 };
@@ -182,7 +184,9 @@ fn read_committed(
             .max(Duration::from_millis(100));
         match consumer.committed_offsets(list.clone(), attempt) {
             Ok(committed) => return committed,
-            Err(error) if started.elapsed() + pause < OFFSET_FETCH_BUDGET => {
+            Err(error)
+                if is_retriable(&error) && started.elapsed() + pause < OFFSET_FETCH_BUDGET =>
+            {
                 debug!("cannot read committed offsets yet, retrying: {error}");
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_secs(1));
@@ -284,7 +288,6 @@ fn start_partitions(shared: &Arc<Shared>, committed: &TopicPartitionList) {
 }
 
 /// Commits the given partitions' commit points; `release` marks them handed back.
-/// Failures are logged and returned.
 pub(crate) fn commit(
     consumer: &BaseConsumer<Hooks>,
     managers: &[Arc<PartitionManager>],
@@ -318,13 +321,12 @@ pub(crate) fn commit(
     if list.count() == 0 {
         return Ok(());
     }
-    consumer.commit(&list, mode).inspect_err(|error| {
-        warn!("commit failed: {error}");
-    })
+    consumer.commit(&list, mode)
 }
 
-/// Whether a commit that failed with `error` may succeed if sent again: the
-/// coordinator moved, is loading, or the group is between generations.
+/// Whether a commit or offset fetch that failed with `error` may succeed if
+/// sent again: the coordinator moved or is loading, or the group is between
+/// generations (librdkafka rejoins on its own).
 pub(crate) fn is_retriable(error: &KafkaError) -> bool {
     use RDKafkaErrorCode as Code;
     let Some(code) = error.rdkafka_error_code() else {
@@ -333,6 +335,7 @@ pub(crate) fn is_retriable(error: &KafkaError) -> bool {
     matches!(
         code,
         Code::RebalanceInProgress
+            | Code::IllegalGeneration
             | Code::NotCoordinator
             | Code::CoordinatorNotAvailable
             | Code::CoordinatorLoadInProgress

@@ -352,7 +352,9 @@ impl PollLoop {
             })
             .collect();
         if !moved.is_empty() {
-            let _ = commit(&self.consumer, &moved, false, CommitMode::Async);
+            if let Err(error) = commit(&self.consumer, &moved, false, CommitMode::Async) {
+                warn!("commit failed; the next full commit sends it again: {error}");
+            }
         }
     }
 
@@ -362,6 +364,7 @@ impl PollLoop {
         let budget = self.shared.config.shutdown_timeout;
         let cancel_at = budget.saturating_sub((budget / 5).min(Duration::from_secs(5)));
         let started = Instant::now();
+        self.shared.begin_stopping();
         let managers = self.shared.managers();
         info!(
             partitions = managers.len(),
@@ -408,6 +411,7 @@ impl PollLoop {
                     return;
                 }
                 Err(error) if hooks::is_retriable(&error) && Instant::now() + pause < deadline => {
+                    debug!("final commit failed, retrying: {error}");
                     release = false;
                     let _ = self.consumer.poll(Duration::ZERO);
                     std::thread::sleep(pause);

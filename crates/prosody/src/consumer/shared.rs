@@ -1,6 +1,7 @@
 //! State shared by the poll thread, the rebalance hooks and the key runners.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -40,6 +41,9 @@ pub(crate) struct Shared {
     pub(crate) cancellation: CancellationToken,
     partitions: Mutex<HashMap<TopicPartition, Arc<PartitionManager>>>,
     consumer: OnceLock<Weak<KafkaConsumer>>,
+    /// Set once the consumer starts leaving the group: partitions assigned from
+    /// then on are taken (librdkafka requires it) but not started.
+    stopping: AtomicBool,
     /// Wakes the poll thread: a queue became non-empty, a full buffer drained, or stop.
     waker: Sender<()>,
     pub(crate) wakeups: Receiver<()>,
@@ -71,7 +75,16 @@ impl Shared {
             cancellation: CancellationToken::new(),
             partitions: Mutex::new(HashMap::new()),
             consumer: OnceLock::new(),
+            stopping: AtomicBool::new(false),
         })
+    }
+
+    pub(crate) fn begin_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     pub(crate) fn attach(&self, consumer: &Arc<KafkaConsumer>) {
