@@ -36,18 +36,25 @@ impl Cluster {
         let topic = unique("coordinator-faults");
         mock.create_topic(&topic, PARTITIONS, 1)
             .expect("create topic");
+        let cluster = Self { mock, topic };
+        cluster.produce(0..PER_PARTITION);
+        cluster
+    }
+
+    /// Produces messages numbered `numbers` to every partition.
+    fn produce(&self, numbers: std::ops::Range<i64>) {
         let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("bootstrap.servers", self.mock.bootstrap_servers())
             .set("linger.ms", "1")
             .create()
             .expect("raw producer");
         for partition in 0..PARTITIONS {
-            for n in 0..PER_PARTITION {
+            for n in numbers.clone() {
                 let key = format!("key-{}", n % 5);
                 let payload = format!("{{\"n\":{n}}}");
                 producer
                     .send(
-                        BaseRecord::to(&topic)
+                        BaseRecord::to(&self.topic)
                             .partition(partition)
                             .key(&key)
                             .payload(&payload),
@@ -56,7 +63,6 @@ impl Cluster {
             }
         }
         producer.flush(DEADLINE).expect("all messages acknowledged");
-        Self { mock, topic }
     }
 
     fn client(&self, group: &str, commit_interval: Duration) -> Arc<Client> {
@@ -173,5 +179,51 @@ async fn the_final_commit_is_retried_when_the_coordinator_rejects_it() {
         cluster.committed(&group),
         vec![PER_PARTITION; PARTITIONS as usize],
         "the final commit stored every partition's progress"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_offset_read_leaves_the_committed_offset_to_librdkafka() {
+    let cluster = Cluster::start();
+    let group = unique("read-fails");
+    let first = cluster.client(&group, Duration::from_millis(100));
+    let seen = Seen::default();
+    first.subscribe(seen.recorder()).expect("subscribe");
+    wait_until("the first client handled everything", || all_handled(&seen)).await;
+    first.unsubscribe().await.expect("unsubscribe");
+    assert_eq!(
+        cluster.committed(&group),
+        vec![PER_PARTITION; PARTITIONS as usize]
+    );
+
+    cluster.produce(PER_PARTITION..PER_PARTITION + 10);
+    // A permanent error: Prosody's own read gives up at once, and librdkafka's
+    // read, which follows, succeeds. The partitions must resume at the committed
+    // offset, not at `auto.offset.reset`.
+    cluster.mock.request_errors(
+        RDKafkaApiKey::OffsetFetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED],
+    );
+    let second = cluster.client(&group, Duration::from_millis(100));
+    let resumed = Seen::default();
+    second.subscribe(resumed.recorder()).expect("subscribe");
+    wait_until("the new messages handled", || {
+        resumed
+            .positions()
+            .iter()
+            .filter(|(_, offset)| *offset >= PER_PARTITION)
+            .count()
+            == 2 * 10
+    })
+    .await;
+    second.unsubscribe().await.expect("unsubscribe");
+    let replayed: Vec<_> = resumed
+        .positions()
+        .into_iter()
+        .filter(|(_, offset)| *offset < PER_PARTITION)
+        .collect();
+    assert!(
+        replayed.is_empty(),
+        "committed messages ran again: {replayed:?}"
     );
 }

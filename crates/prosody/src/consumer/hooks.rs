@@ -138,10 +138,15 @@ impl ConsumerContext for Hooks {
                     assign(consumer, list, cooperative);
                     return;
                 };
-                let committed = read_committed(consumer, list, &shared.config);
-                let positions = starting_positions(&committed, &shared.config);
-                assign(consumer, &positions, cooperative);
-                start_partitions(shared, &committed);
+                if let Some(committed) = read_committed(consumer, list, &shared.config) {
+                    let positions = starting_positions(&committed, &shared.config);
+                    assign(consumer, &positions, cooperative);
+                    start_partitions(shared, &committed);
+                } else {
+                    // No positions given: librdkafka fetches the committed offsets itself.
+                    assign(consumer, list, cooperative);
+                    start_partitions(shared, list);
+                }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.revoke(consumer, list);
@@ -170,12 +175,12 @@ impl ConsumerContext for Hooks {
 const OFFSET_FETCH_BUDGET: Duration = Duration::from_secs(30);
 
 /// The group's committed offsets (and metadata) for `list`, retrying while the
-/// coordinator is unavailable; `list` itself (no offsets) if that never works.
+/// coordinator is unavailable; `None` if that never works.
 fn read_committed(
     consumer: &BaseConsumer<Hooks>,
     list: &TopicPartitionList,
     config: &Config,
-) -> TopicPartitionList {
+) -> Option<TopicPartitionList> {
     let started = Instant::now();
     let mut pause = Duration::from_millis(50);
     loop {
@@ -183,7 +188,7 @@ fn read_committed(
             .min(Duration::from_secs(10))
             .max(Duration::from_millis(100));
         match consumer.committed_offsets(list.clone(), attempt) {
-            Ok(committed) => return committed,
+            Ok(committed) => return Some(committed),
             Err(error)
                 if is_retriable(&error) && started.elapsed() + pause < OFFSET_FETCH_BUDGET =>
             {
@@ -197,7 +202,7 @@ fn read_committed(
                     "cannot read committed offsets after {:?}; librdkafka will try again, and offsets that finished out of order may run again: {error}",
                     started.elapsed()
                 );
-                return list.clone();
+                return None;
             }
         }
     }
