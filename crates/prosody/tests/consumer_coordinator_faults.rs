@@ -122,6 +122,15 @@ fn all_handled(seen: &Seen) -> bool {
     seen.positions().len() == (PARTITIONS as usize) * (PER_PARTITION as usize)
 }
 
+/// Subscribes a recording client and waits until it handled every message
+/// `Cluster::start` produced.
+async fn handle_all(client: &Client, what: &str) -> Seen {
+    let seen = Seen::default();
+    client.subscribe(seen.recorder()).expect("subscribe");
+    wait_until(what, || all_handled(&seen)).await;
+    seen
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_start_when_the_offset_fetch_at_assignment_fails() {
     let cluster = Cluster::start();
@@ -133,11 +142,9 @@ async fn partitions_start_when_the_offset_fetch_at_assignment_fails() {
     );
     let group = unique("fetch-fails");
     let client = cluster.client(&group, Duration::from_millis(100));
-    let seen = Seen::default();
-    client.subscribe(seen.recorder()).expect("subscribe");
-    wait_until(
+    handle_all(
+        &client,
         "every message handled despite failed offset fetches",
-        || all_handled(&seen),
     )
     .await;
     client.unsubscribe().await.expect("unsubscribe");
@@ -148,15 +155,13 @@ async fn rejected_periodic_commits_are_sent_again() {
     let cluster = Cluster::start();
     let group = unique("commits-rejected");
     let client = cluster.client(&group, Duration::from_millis(100));
-    let seen = Seen::default();
     // Every commit for the next while fails; progress must still be committed
     // once the coordinator accepts commits again, without new messages.
     cluster.mock.request_errors(
         RDKafkaApiKey::OffsetCommit,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 30],
     );
-    client.subscribe(seen.recorder()).expect("subscribe");
-    wait_until("every message handled", || all_handled(&seen)).await;
+    handle_all(&client, "every message handled").await;
     cluster.wait_for_commits(&group).await;
     client.unsubscribe().await.expect("unsubscribe");
 }
@@ -167,9 +172,7 @@ async fn the_final_commit_is_retried_when_the_coordinator_rejects_it() {
     let group = unique("final-commit");
     // No periodic commit runs during the test: only the final one can commit.
     let client = cluster.client(&group, Duration::from_secs(600));
-    let seen = Seen::default();
-    client.subscribe(seen.recorder()).expect("subscribe");
-    wait_until("every message handled", || all_handled(&seen)).await;
+    handle_all(&client, "every message handled").await;
     cluster.mock.request_errors(
         RDKafkaApiKey::OffsetCommit,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 3],
@@ -187,16 +190,15 @@ async fn a_failed_offset_read_leaves_the_committed_offset_to_librdkafka() {
     let cluster = Cluster::start();
     let group = unique("read-fails");
     let first = cluster.client(&group, Duration::from_millis(100));
-    let seen = Seen::default();
-    first.subscribe(seen.recorder()).expect("subscribe");
-    wait_until("the first client handled everything", || all_handled(&seen)).await;
+    handle_all(&first, "the first client handled everything").await;
     first.unsubscribe().await.expect("unsubscribe");
     assert_eq!(
         cluster.committed(&group),
         vec![PER_PARTITION; PARTITIONS as usize]
     );
 
-    cluster.produce(PER_PARTITION..PER_PARTITION + 10);
+    const MORE: i64 = 10;
+    cluster.produce(PER_PARTITION..PER_PARTITION + MORE);
     // A permanent error: Prosody's own read gives up at once, and librdkafka's
     // read, which follows, succeeds. The partitions must resume at the committed
     // offset, not at `auto.offset.reset`.
@@ -213,7 +215,7 @@ async fn a_failed_offset_read_leaves_the_committed_offset_to_librdkafka() {
             .iter()
             .filter(|(_, offset)| *offset >= PER_PARTITION)
             .count()
-            == 2 * 10
+            == (PARTITIONS * MORE as i32) as usize
     })
     .await;
     second.unsubscribe().await.expect("unsubscribe");
