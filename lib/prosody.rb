@@ -5,18 +5,19 @@
 # Prosody::Client for where to start.
 
 require_relative "prosody/version"
-# The native extension looks up the exception classes by name, so they must
-# exist before it loads.
+# The native extension resolves these classes once when it loads, so they must
+# exist before it does.
 require_relative "prosody/errors"
+require_relative "prosody/message"
+require_relative "prosody/timer"
 require "prosody/prosody_native"
 require_relative "prosody/logging"
 require_relative "prosody/configuration"
-require_relative "prosody/message"
-require_relative "prosody/timer"
 require_relative "prosody/native_call"
 require_relative "prosody/error_classification"
 require_relative "prosody/event_handler"
 require_relative "prosody/context"
+require_relative "prosody/reactor_watchdog"
 require_relative "prosody/async_task_processor"
 require_relative "prosody/client"
 require_relative "prosody/mock_cluster"

@@ -31,7 +31,8 @@ RSpec.describe "RBS signatures" do
   end
 
   %w[
-    Client Configuration Message Timer EventHandler ErrorClassification Context AsyncTaskProcessor CLI Runner
+    Client Configuration Message Timer EventHandler ErrorClassification Context AsyncTaskProcessor ReactorWatchdog
+    CLI Runner
   ].each do |name|
     it "declares every public method of Prosody::#{name}" do
       klass = Prosody.const_get(name)

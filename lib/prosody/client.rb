@@ -32,6 +32,7 @@ module Prosody
       @native = Native::Client.new(@config.to_native)
       @processor = nil
       @lifecycle = Mutex.new
+      @exit_listener = nil
     end
 
     # @return [Configuration] the options this client was built with (without environment fallbacks)
@@ -140,6 +141,29 @@ module Prosody
       @native.partition_stats
     end
 
+    # Handlers of the current subscription that ran longer than
+    # {ReactorWatchdog::DEFAULT_THRESHOLD} seconds without yielding, which
+    # holds up every other handler of the process (each is also logged at WARN).
+    #
+    # @return [Integer] 0 when not subscribed
+    def blocking_handlers
+      @processor&.blocking_calls || 0
+    end
+
+    # Replaces what happens when a handler calls `exit` (or raises SystemExit).
+    # By default the client unsubscribes gracefully (in-flight handlers finish,
+    # progress is committed), then raises the SystemExit in the main thread, so
+    # the process exits with its status as `exit` in any thread would. The block
+    # runs on a thread of its own with the SystemExit. The `prosody` runner uses
+    # it to stop as on TERM.
+    #
+    # @yieldparam error [SystemExit]
+    # @return [nil]
+    def on_handler_exit(&block)
+      @exit_listener = block
+      nil
+    end
+
     # @return [String]
     def inspect
       "#<#{self.class.name} state=#{consumer_state} source_system=#{source_system.inspect}>"
@@ -164,7 +188,11 @@ module Prosody
     end
 
     def start_processor(handler)
-      processor = AsyncTaskProcessor.new(handler).start
+      processor = AsyncTaskProcessor.new(
+        handler,
+        on_exit: method(:handler_exited),
+        on_death: ->(_cause) { @native.processor_died }
+      ).start
       subscribed = false
       begin
         NativeCall.await { |queue| @native.subscribe(processor, queue) }
@@ -175,6 +203,22 @@ module Prosody
         processor.stop unless subscribed
       end
       @processor = processor
+    end
+
+    # Runs on the processor thread: hand the stop to another thread, since
+    # unsubscribe waits for the handlers (this one included).
+    def handler_exited(error)
+      listener = @exit_listener
+      Thread.new do
+        if listener
+          listener.call(error)
+        else
+          unsubscribe
+          Thread.main.raise(error)
+        end
+      rescue StandardError => e
+        Prosody.logger.error("stopping after a handler called exit failed: #{e.class}: #{e.message}")
+      end
     end
 
     def stop_processor

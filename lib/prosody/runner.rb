@@ -136,6 +136,8 @@ module Prosody
     end
 
     def run_client(client, handler)
+      # A handler calling `exit` stops the runner as TERM would.
+      client.on_handler_exit { stop }
       client.subscribe(handler)
       Prosody.logger.info(
         "prosody: running #{handler.class.name} (pid #{Process.pid}, source_system #{client.source_system}); " \

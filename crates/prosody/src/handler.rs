@@ -76,6 +76,14 @@ pub trait EventHandler: Send + Sync + 'static {
         let _ = (context, timer);
         async { Ok(()) }
     }
+
+    /// Whether this handler can still run calls; true by default. Return false
+    /// once it never can again (the thread that runs its calls died): the
+    /// consumer then counts as stalled at once, so `/livez` answers 503 and an
+    /// orchestrator restarts the process instead of it retrying forever.
+    fn is_alive(&self) -> bool {
+        true
+    }
 }
 
 /// Per-call context: cancellation, and the timers of the call's key.

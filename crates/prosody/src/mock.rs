@@ -23,6 +23,8 @@ struct MockCluster {
     cluster: *mut rdsys::rd_kafka_mock_cluster_t,
     bootstrap_servers: String,
     topics: Mutex<HashSet<String>>,
+    /// The process that started it, and the only one with its threads.
+    pid: u32,
     // The mock cluster lives inside this client handle and must not outlive it.
     _owner: BaseProducer,
 }
@@ -37,10 +39,20 @@ unsafe impl Sync for MockCluster {}
 static CLUSTER: OnceLock<std::result::Result<MockCluster, String>> = OnceLock::new();
 
 fn cluster() -> Result<&'static MockCluster> {
-    CLUSTER
+    let cluster = CLUSTER
         .get_or_init(start)
         .as_ref()
-        .map_err(|reason| Error::Mock(reason.clone()))
+        .map_err(|reason| Error::Mock(reason.clone()))?;
+    // Its threads stayed in the parent: a call into it from a child would wait forever.
+    if cluster.pid != std::process::id() {
+        return Err(Error::Mock(format!(
+            "the mock cluster was started by process {} before this process forked, and only \
+             that process can manage it; start it after forking, or connect to it with \
+             bootstrap_servers: {:?} instead of mock: true",
+            cluster.pid, cluster.bootstrap_servers
+        )));
+    }
+    Ok(cluster)
 }
 
 fn start() -> std::result::Result<MockCluster, String> {
@@ -67,6 +79,7 @@ fn start() -> std::result::Result<MockCluster, String> {
         cluster,
         bootstrap_servers,
         topics: Mutex::new(HashSet::new()),
+        pid: std::process::id(),
         _owner: owner,
     })
 }

@@ -5,7 +5,8 @@
 //! task, and return; the task pushes its result onto the caller's Thread::Queue
 //! through the bridge, and the Ruby side pops it (yielding its fiber under Async).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use magnus::{function, method, prelude::*, Error, RArray, RHash, RModule, Ruby, Symbol, Value};
 use prosody::{Config, ConsumerState};
@@ -14,13 +15,17 @@ use crate::bridge::owned::RubyOwned;
 use crate::convert;
 use crate::errors::from_core;
 use crate::handler::RubyHandler;
-use crate::process::{ensure_started, off_ruby_stack};
+use crate::process::{check_same_process, ensure_started, generation, off_ruby_stack};
 use crate::reply::{answer_later, reply};
 use crate::runtime::runtime;
 
 #[magnus::wrap(class = "Prosody::Native::Client", free_immediately, size)]
 pub(crate) struct NativeClient {
     inner: Option<Arc<prosody::Client>>,
+    /// The process generation this client was made in (see `process`).
+    generation: u64,
+    /// Whether the current subscription's Ruby processor can still run handlers.
+    processor_alive: Mutex<Option<Arc<AtomicBool>>>,
 }
 
 impl Drop for NativeClient {
@@ -28,6 +33,12 @@ impl Drop for NativeClient {
         // Dropping a client flushes and joins librdkafka threads; never do that
         // inside Ruby's garbage collector.
         if let Some(inner) = self.inner.take() {
+            if self.generation != generation() {
+                // Made before a fork: its librdkafka threads live in the parent,
+                // and dropping it here would wait for them forever.
+                std::mem::forget(inner);
+                return;
+            }
             let _ = std::thread::Builder::new()
                 .name("prosody-drop".to_owned())
                 .spawn(move || drop(inner));
@@ -37,7 +48,7 @@ impl Drop for NativeClient {
 
 impl NativeClient {
     fn new(ruby: &Ruby, options: RHash) -> Result<Self, Error> {
-        ensure_started(ruby)?;
+        ensure_started(ruby);
         let mut builder = Config::builder();
         for (name, value) in convert::options(ruby, options)? {
             builder = builder
@@ -52,12 +63,16 @@ impl NativeClient {
         .map_err(|error| from_core(ruby, &error))?;
         Ok(Self {
             inner: Some(Arc::new(client)),
+            generation: generation(),
+            processor_alive: Mutex::new(None),
         })
     }
 
-    fn client(&self) -> Arc<prosody::Client> {
+    /// The core client, unless this client was made before the process forked.
+    fn client(&self, ruby: &Ruby) -> Result<Arc<prosody::Client>, Error> {
+        check_same_process(ruby, self.generation, "Prosody::Client")?;
         match &self.inner {
-            Some(inner) => Arc::clone(inner),
+            Some(inner) => Ok(Arc::clone(inner)),
             // `inner` is only taken in `drop`.
             None => unreachable!("client used after drop"),
         }
@@ -72,10 +87,9 @@ impl NativeClient {
         headers: Value,
         queue: Value,
     ) -> Result<(), Error> {
-        ensure_started(ruby)?;
+        let client = rb_self.client(ruby)?;
         let payload = convert::to_json(ruby, payload)?;
         let headers = convert::headers(ruby, headers)?;
-        let client = rb_self.client();
         answer_later(ruby, queue, true, async move {
             client.send(&topic, &key, &payload, &headers).await
         });
@@ -83,10 +97,11 @@ impl NativeClient {
     }
 
     fn subscribe(ruby: &Ruby, rb_self: &Self, processor: Value, queue: Value) -> Result<(), Error> {
-        ensure_started(ruby)?;
-        let handler = RubyHandler::new(RubyOwned::new(ruby, processor));
+        let client = rb_self.client(ruby)?;
+        let alive = Arc::new(AtomicBool::new(true));
+        *lock(&rb_self.processor_alive) = Some(Arc::clone(&alive));
+        let handler = RubyHandler::new(RubyOwned::new(ruby, processor), alive);
         let queue = RubyOwned::new(ruby, queue);
-        let client = rb_self.client();
         runtime().spawn_blocking(move || {
             let _entered = runtime().enter();
             reply(queue, client.subscribe(handler), false);
@@ -95,8 +110,7 @@ impl NativeClient {
     }
 
     fn unsubscribe(ruby: &Ruby, rb_self: &Self, queue: Value) -> Result<(), Error> {
-        ensure_started(ruby)?;
-        let client = rb_self.client();
+        let client = rb_self.client(ruby)?;
         answer_later(
             ruby,
             queue,
@@ -106,35 +120,46 @@ impl NativeClient {
         Ok(())
     }
 
-    fn consumer_state(ruby: &Ruby, rb_self: &Self) -> Symbol {
-        let name = match rb_self.client().consumer_state() {
+    /// Called by the Ruby processor when its thread ended without being stopped:
+    /// handlers can no longer run, so the consumer must report itself stalled.
+    fn processor_died(&self) {
+        if let Some(alive) = lock(&self.processor_alive).as_ref() {
+            alive.store(false, Ordering::Release);
+        }
+    }
+
+    fn consumer_state(ruby: &Ruby, rb_self: &Self) -> Result<Symbol, Error> {
+        let name = match rb_self.client(ruby)?.consumer_state() {
             ConsumerState::Unconfigured => "unconfigured",
             ConsumerState::Configured => "configured",
             ConsumerState::Running => "running",
         };
-        ruby.to_symbol(name)
+        Ok(ruby.to_symbol(name))
     }
 
-    fn assigned_partitions(&self) -> usize {
-        self.client().assigned_partitions()
+    fn assigned_partitions(ruby: &Ruby, rb_self: &Self) -> Result<usize, Error> {
+        Ok(rb_self.client(ruby)?.assigned_partitions())
     }
 
-    fn is_stalled(&self) -> bool {
-        self.client().is_stalled()
+    fn is_stalled(ruby: &Ruby, rb_self: &Self) -> Result<bool, Error> {
+        Ok(rb_self.client(ruby)?.is_stalled())
     }
 
     /// The probe server's port while subscribed, else nil.
-    fn probe_port(&self) -> Option<u16> {
-        self.client().probe_address().map(|address| address.port())
+    fn probe_port(ruby: &Ruby, rb_self: &Self) -> Result<Option<u16>, Error> {
+        Ok(rb_self
+            .client(ruby)?
+            .probe_address()
+            .map(|address| address.port()))
     }
 
-    fn source_system(&self) -> String {
-        self.client().source_system().to_owned()
+    fn source_system(ruby: &Ruby, rb_self: &Self) -> Result<String, Error> {
+        Ok(rb_self.client(ruby)?.source_system().to_owned())
     }
 
     /// Messages skipped by the filters: `{own_messages:, event_type:, duplicates:}`.
     fn skip_counts(ruby: &Ruby, rb_self: &Self) -> Result<RHash, Error> {
-        let counts = rb_self.client().skip_counts();
+        let counts = rb_self.client(ruby)?.skip_counts();
         let hash = ruby.hash_new();
         hash.aset(ruby.to_symbol("own_messages"), counts.own_messages)?;
         hash.aset(ruby.to_symbol("event_type"), counts.event_type)?;
@@ -143,7 +168,7 @@ impl NativeClient {
     }
 
     fn partition_stats(ruby: &Ruby, rb_self: &Self) -> Result<RArray, Error> {
-        let stats = rb_self.client().partition_stats();
+        let stats = rb_self.client(ruby)?.partition_stats();
         let list = ruby.ary_new_capa(stats.len());
         for entry in stats {
             let hash = ruby.hash_new();
@@ -159,6 +184,12 @@ impl NativeClient {
         }
         Ok(list)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Every option the core accepts, so the Ruby configuration cannot drift from it.
@@ -183,6 +214,7 @@ pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     class.define_method("probe_port", method!(NativeClient::probe_port, 0))?;
     class.define_method("partition_stats", method!(NativeClient::partition_stats, 0))?;
     class.define_method("skip_counts", method!(NativeClient::skip_counts, 0))?;
+    class.define_method("processor_died", method!(NativeClient::processor_died, 0))?;
     native.define_singleton_method("option_names", function!(option_names, 0))?;
     Ok(())
 }

@@ -2,10 +2,10 @@
 //!
 //! This is the one place that decides which Ruby class a failure becomes.
 
-use magnus::{exception::ExceptionClass, prelude::*, Error, Exception, RModule, Ruby, Value};
+use magnus::{exception::ExceptionClass, prelude::*, Error, Exception, Ruby, Value};
 
 /// Ruby exception classes the native code raises, by name under `Prosody`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
     Base,
     Configuration,
@@ -20,7 +20,21 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    fn class_name(self) -> &'static str {
+    /// Every kind, so `classes::init` can resolve them all at load.
+    pub(crate) const ALL: [Self; 10] = [
+        Self::Base,
+        Self::Configuration,
+        Self::InvalidMessage,
+        Self::Send,
+        Self::SendTimeout,
+        Self::Kafka,
+        Self::State,
+        Self::MockCluster,
+        Self::Store,
+        Self::Bridge,
+    ];
+
+    pub(crate) fn class_name(self) -> &'static str {
         match self {
             Self::Base => "Error",
             Self::Configuration => "ConfigurationError",
@@ -37,13 +51,7 @@ impl Kind {
 }
 
 fn class(ruby: &Ruby, kind: Kind) -> ExceptionClass {
-    let lookup = || -> Result<ExceptionClass, Error> {
-        let prosody: RModule = ruby.class_object().const_get("Prosody")?;
-        prosody.const_get(kind.class_name())
-    };
-    // lib/prosody/errors.rb is required before the extension; fall back to
-    // StandardError rather than fail while reporting another failure.
-    lookup().unwrap_or_else(|_| ruby.exception_standard_error())
+    crate::classes::error(ruby, kind)
 }
 
 /// A Ruby error of the given kind, ready to return from a native method.

@@ -17,10 +17,10 @@ pub(crate) fn gvl_released() -> bool {
     RELEASED.with(Cell::get)
 }
 
-struct Call<F, R, U> {
+/// What the GVL-free side works on: only `run` touches it, through its own pointer.
+struct Call<F, R> {
     work: Option<F>,
     result: Option<std::thread::Result<R>>,
-    unblock: Option<U>,
 }
 
 /// Runs `work` with the GVL released so other Ruby threads can run.
@@ -38,11 +38,12 @@ where
     F: FnOnce() -> R,
     U: Fn(),
 {
-    unsafe extern "C" fn run<F: FnOnce() -> R, R, U>(data: *mut c_void) -> *mut c_void {
-        // SAFETY: `data` is the `Call` on `without_gvl`'s stack, alive for the whole
-        // call; Ruby runs `run` exactly once and not concurrently with `unblock_fn`'s
-        // access to `unblock`, which is a different field.
-        let call = unsafe { &mut *data.cast::<Call<F, R, U>>() };
+    unsafe extern "C" fn run<F: FnOnce() -> R, R>(data: *mut c_void) -> *mut c_void {
+        // SAFETY: `data` points to the `Call` on `without_gvl`'s stack, alive for the
+        // whole blocking call. Ruby runs `run` exactly once, and nothing else
+        // touches the `Call` meanwhile (`unblock_fn` gets a different pointer), so
+        // this exclusive reference is the only one.
+        let call = unsafe { &mut *data.cast::<Call<F, R>>() };
         if let Some(work) = call.work.take() {
             RELEASED.with(|released| released.set(true));
             call.result = Some(catch_unwind(AssertUnwindSafe(work)));
@@ -51,30 +52,31 @@ where
         std::ptr::null_mut()
     }
 
-    unsafe extern "C" fn unblock_fn<F, R, U: Fn()>(data: *mut c_void) {
-        // SAFETY: as above; only the `unblock` field is read here, through a shared reference.
-        let call = unsafe { &*data.cast::<Call<F, R, U>>() };
-        if let Some(unblock) = call.unblock.as_ref() {
-            // A panic must not unwind into Ruby; the worst case is a missed wake-up.
-            let _ = catch_unwind(AssertUnwindSafe(unblock));
-        }
+    unsafe extern "C" fn unblock_fn<U: Fn()>(data: *mut c_void) {
+        // SAFETY: `data` points to `unblock` on `without_gvl`'s stack, alive for the
+        // whole blocking call and only ever read through shared references (`U: Fn`),
+        // possibly while `run` works on the separate `Call`.
+        let unblock = unsafe { &*data.cast::<U>().cast_const() };
+        // A panic must not unwind into Ruby; the worst case is a missed wake-up.
+        let _ = catch_unwind(AssertUnwindSafe(unblock));
     }
 
     let mut call = Call {
         work: Some(work),
         result: None,
-        unblock: Some(unblock),
     };
-    let data = std::ptr::addr_of_mut!(call).cast::<c_void>();
-    // SAFETY: both callbacks match the signatures Ruby expects and only use `data`
-    // as described above; `call` outlives this blocking call. The `2` variant
-    // neither raises nor checks interrupts, so Ruby never longjmps out of here.
+    let call_data = std::ptr::addr_of_mut!(call).cast::<c_void>();
+    let unblock_data = std::ptr::addr_of!(unblock).cast_mut().cast::<c_void>();
+    // SAFETY: both callbacks match the signatures Ruby expects; `run` only uses
+    // `call_data` and `unblock_fn` only `unblock_data`, two distinct locals that
+    // outlive this blocking call. The `2` variant neither raises nor checks
+    // interrupts, so Ruby never longjmps out of here.
     unsafe {
         rb_sys::rb_thread_call_without_gvl2(
-            Some(run::<F, R, U>),
-            data,
-            Some(unblock_fn::<F, R, U>),
-            data,
+            Some(run::<F, R>),
+            call_data,
+            Some(unblock_fn::<U>),
+            unblock_data,
         );
     }
     match call.result {

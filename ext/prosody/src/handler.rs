@@ -4,17 +4,18 @@
 //! Ruby `AsyncTaskProcessor` (`submit`), which runs the user's handler in a fiber
 //! and reports back through a `Completion`. Cancellation sends `cancel(task_id)`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use magnus::{method, prelude::*, Error, RClass, RModule, Ruby, Value};
+use magnus::{method, prelude::*, Error, RModule, Ruby, Value};
 use prosody::{ClassifyError, Context, EventHandler, Message, Timer};
 use tokio::sync::oneshot;
 use tracing::warn;
 
 use crate::bridge::owned::RubyOwned;
 use crate::bridge::{self};
+use crate::classes;
 use crate::convert::from_json;
 use crate::reply::{answer_later, reply_with};
 use crate::runtime::runtime;
@@ -70,13 +71,16 @@ fn deliver(sender: &SharedSender, outcome: Outcome) -> bool {
 pub(crate) struct RubyHandler {
     processor: Arc<RubyOwned>,
     next_task: AtomicU64,
+    /// Cleared when the processor's thread died (`Client#processor_died`).
+    alive: Arc<AtomicBool>,
 }
 
 impl RubyHandler {
-    pub(crate) fn new(processor: RubyOwned) -> Self {
+    pub(crate) fn new(processor: RubyOwned, alive: Arc<AtomicBool>) -> Self {
         Self {
             processor: Arc::new(processor),
             next_task: AtomicU64::new(1),
+            alive,
         }
     }
 }
@@ -92,6 +96,10 @@ impl EventHandler for RubyHandler {
     async fn on_timer(&self, context: Context, timer: Timer) -> Outcome {
         self.call(context, move |ruby| ruby_timer(ruby, &timer))
             .await
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
     }
 }
 
@@ -109,13 +117,18 @@ impl RubyHandler {
         let token = context.cancellation_token().clone();
         let job_sender = Arc::clone(&sender);
         let submitted = bridge::run(move |ruby| {
-            if let Err(error) = submit(ruby, &processor, task_id, context, build, &job_sender) {
-                warn!("cannot hand handler call {task_id} to Ruby: {error}");
-                deliver(
-                    &job_sender,
-                    Err(HandlerFailure::internal(&error.to_string())),
-                );
-            }
+            let submitted = submit(ruby, &processor, task_id, context, build, &job_sender);
+            let failure = match submitted {
+                Ok(()) => return,
+                Err(error) => match bridge::recoverable(ruby, error) {
+                    Some(error) => {
+                        warn!("cannot hand handler call {task_id} to Ruby: {error}");
+                        error.to_string()
+                    }
+                    None => "the Ruby bridge was interrupted (process exiting)".to_owned(),
+                },
+            };
+            deliver(&job_sender, Err(HandlerFailure::internal(&failure)));
         });
         if !submitted {
             return Err(HandlerFailure::internal("the Ruby bridge is not running"));
@@ -131,9 +144,12 @@ impl RubyHandler {
         }
         let processor = Arc::clone(&self.processor);
         bridge::run(move |ruby| {
-            if let Err(error) = processor
+            let cancelled = processor
                 .get(ruby)
-                .funcall::<_, _, Value>("cancel", (task_id,))
+                .funcall::<_, _, Value>("cancel", (task_id,));
+            if let Some(error) = cancelled
+                .err()
+                .and_then(|error| bridge::recoverable(ruby, error))
             {
                 warn!("cannot cancel handler task {task_id}: {error}");
             }
@@ -174,14 +190,10 @@ fn ruby_time(ruby: &Ruby, time: SystemTime) -> Result<Value, Error> {
 }
 
 fn ruby_timer(ruby: &Ruby, timer: &Timer) -> Result<Value, Error> {
-    let prosody: RModule = ruby.class_object().const_get("Prosody")?;
-    let class: RClass = prosody.const_get("Timer")?;
-    class.new_instance((timer.key(), ruby_time(ruby, timer.time())?))
+    classes::timer(ruby).new_instance((timer.key(), ruby_time(ruby, timer.time())?))
 }
 
 fn ruby_message(ruby: &Ruby, message: &Message) -> Result<Value, Error> {
-    let prosody: RModule = ruby.class_object().const_get("Prosody")?;
-    let class: RClass = prosody.const_get("Message")?;
     let timestamp = match message.timestamp() {
         Some(time) => ruby_time(ruby, time)?,
         None => ruby.qnil().as_value(),
@@ -198,7 +210,7 @@ fn ruby_message(ruby: &Ruby, message: &Message) -> Result<Value, Error> {
         headers.aset(ruby.str_new(name), value)?;
     }
     let payload = from_json(ruby, message.payload())?;
-    class.new_instance((
+    classes::message(ruby).new_instance((
         message.topic(),
         message.partition(),
         message.offset(),
@@ -309,8 +321,7 @@ impl Drop for Completion {
 }
 
 fn describe(ruby: &Ruby, error: Value) -> Result<HandlerFailure, Error> {
-    let prosody: RModule = ruby.class_object().const_get("Prosody")?;
-    let permanent_class: RClass = prosody.const_get("PermanentError")?;
+    let permanent_class = classes::permanent_error(ruby);
     let class = class_name(error);
     let message: String = error.funcall("message", ()).unwrap_or_default();
     Ok(HandlerFailure {

@@ -3,8 +3,9 @@
 //!
 //! # Layout
 //! - `bridge`: the Ruby-thread executor (command queue + bridge thread) and `RubyOwned`.
+//! - `classes`: the Ruby classes the native code uses, resolved once at load.
 //! - `gvl`: the only place that releases the GVL.
-//! - `process`: lazy start, fork detection, running work off the caller's stack.
+//! - `process`: lazy start, fork handling, running work off the caller's stack.
 //! - `runtime`: the process-wide tokio runtime.
 //! - `reply`: results of off-thread work, pushed onto the Ruby caller's queue.
 //! - `client`: `Prosody::Native::Client`.
@@ -15,6 +16,7 @@
 //! - `mock`: mock-cluster helpers.
 
 mod bridge;
+mod classes;
 mod client;
 mod convert;
 mod errors;
@@ -32,11 +34,13 @@ mod runtime;
 mod entry {
     use magnus::{prelude::*, Error, Ruby};
 
-    use crate::{client, handler, logging, mock};
+    use crate::{classes, client, handler, logging, mock, process};
 
     /// Defines `Prosody::Native` when Ruby loads the extension.
     #[magnus::init(name = "prosody_native")]
     fn init(ruby: &Ruby) -> Result<(), Error> {
+        classes::init(ruby)?;
+        process::init(ruby)?;
         let prosody = ruby.define_module("Prosody")?;
         let native = prosody.define_module("Native")?;
         logging::init(ruby, native)?;

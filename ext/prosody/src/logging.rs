@@ -54,15 +54,15 @@ impl<S: Subscriber> Layer<S> for RubyLogger {
 }
 
 fn deliver(ruby: &Ruby, severity: u8, text: &str) {
-    let logger = ruby
-        .class_object()
-        .const_get::<_, RModule>("Prosody")
-        .and_then(|prosody| prosody.funcall::<_, _, Value>("logger", ()));
+    let logger = crate::classes::prosody(ruby).funcall::<_, _, Value>("logger", ());
     let delivered =
         logger.and_then(|logger| logger.funcall::<_, _, Value>("add", (severity, text, "prosody")));
-    if delivered.is_err() {
-        // The logger itself failed; stderr is the last place left to say anything.
-        eprintln!("prosody: {text}");
+    if let Err(error) = delivered {
+        // Interrupted (the process is exiting): let the bridge thread end.
+        if bridge::recoverable(ruby, error).is_some() {
+            // The logger itself failed; stderr is the last place left to say anything.
+            eprintln!("prosody: {text}");
+        }
     }
 }
 

@@ -1,35 +1,76 @@
-//! Process-level concerns: lazy start of the bridge, fork detection, and moving
-//! heavy work off the caller's (possibly fiber) stack.
+//! Process-level concerns: lazy start of the bridge and runtime, fork, and
+//! moving heavy work off the caller's (possibly fiber) stack.
+//!
+//! Threads do not survive `fork`. A `pthread_atfork` child handler therefore
+//! forgets the parent's bridge and runtime, so the child's first client starts
+//! its own, and bumps the process generation, so a client made before the fork
+//! (whose Kafka handles belong to threads left in the parent) refuses to work.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Once;
 
 use magnus::{Error, Ruby};
 
 use crate::errors::{error, Kind};
 use crate::gvl::without_gvl;
 
-/// The process that started the bridge and the runtime. Threads do not survive
-/// `fork`, so a child must not use what the parent started.
-static STARTED_IN: OnceLock<u32> = OnceLock::new();
+/// How many forks separate this process from the one that loaded the extension.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
 
-/// Starts the bridge on first use, and refuses to run in a forked child.
-///
-/// Starting lazily means a preloading server (Puma, Unicorn) may `require`
-/// prosody before forking, as long as clients are created in the children.
-pub(crate) fn ensure_started(ruby: &Ruby) -> Result<(), Error> {
-    let started_in = *STARTED_IN.get_or_init(|| {
-        crate::bridge::start(ruby);
-        std::process::id()
+/// The current process generation; objects tied to threads record it at birth.
+pub(crate) fn generation() -> u64 {
+    GENERATION.load(Ordering::Acquire)
+}
+
+extern "C" fn after_fork_in_child() {
+    // Only atomic stores: nothing else is safe between fork and exec-or-return.
+    crate::bridge::forget_after_fork();
+    crate::runtime::forget_after_fork();
+    GENERATION.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Registers the fork handler; call once at extension load.
+pub(crate) fn init(ruby: &Ruby) -> Result<(), Error> {
+    static REGISTERED: Once = Once::new();
+    let mut status = 0;
+    REGISTERED.call_once(|| {
+        // SAFETY: registers a plain `extern "C"` function that only performs atomic
+        // stores, which is allowed in a child between fork and anything else.
+        status = unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
     });
-    if started_in == std::process::id() {
+    if status == 0 {
         Ok(())
     } else {
         Err(error(
             ruby,
             Kind::Bridge,
-            "Prosody was started before this process forked; create Prosody clients after forking (e.g. in Puma's on_worker_boot)",
+            format!("cannot register the fork handler (pthread_atfork returned {status})"),
         ))
     }
+}
+
+/// Starts the bridge on first use in this process (again in a forked child).
+///
+/// Starting lazily means a preloading server (Puma, Unicorn) may `require`
+/// prosody, and even use it, before forking.
+pub(crate) fn ensure_started(ruby: &Ruby) {
+    crate::bridge::start(ruby);
+}
+
+/// Fails with a `BridgeError` when `born` (a [`generation`]) is not this process's:
+/// the object was made before a fork and its threads stayed in the parent.
+pub(crate) fn check_same_process(ruby: &Ruby, born: u64, what: &str) -> Result<(), Error> {
+    if born == generation() {
+        return Ok(());
+    }
+    Err(error(
+        ruby,
+        Kind::Bridge,
+        format!(
+            "this {what} was created before the process forked and cannot be used in the child; \
+             create a new Prosody::Client in the child (e.g. in Puma's on_worker_boot, or lazily on first use)"
+        ),
+    ))
 }
 
 /// Runs `work` on a fresh Rust thread and waits for it with the GVL released.

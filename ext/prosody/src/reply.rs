@@ -38,7 +38,11 @@ pub(crate) fn reply_with<T: Send + 'static>(
             Ok(value) => convert(ruby, value),
             Err(error) => exception_for(ruby, &error, sending),
         };
-        if let Err(error) = queue.get(ruby).funcall::<_, _, Value>("push", (item,)) {
+        let pushed = queue.get(ruby).funcall::<_, _, Value>("push", (item,));
+        if let Some(error) = pushed
+            .err()
+            .and_then(|error| bridge::recoverable(ruby, error))
+        {
             tracing::error!("cannot deliver a result to Ruby: {error}");
         }
     });

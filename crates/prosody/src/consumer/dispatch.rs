@@ -53,6 +53,7 @@ pub(crate) type OutcomeFuture<'a> = Pin<Box<dyn Future<Output = Outcome> + Send 
 pub(crate) trait DynHandler: Send + Sync + 'static {
     fn on_message(&self, context: Context, message: Message) -> OutcomeFuture<'_>;
     fn on_timer(&self, context: Context, timer: Timer) -> OutcomeFuture<'_>;
+    fn is_alive(&self) -> bool;
 }
 
 impl<H: EventHandler> DynHandler for H {
@@ -62,6 +63,10 @@ impl<H: EventHandler> DynHandler for H {
 
     fn on_timer(&self, context: Context, timer: Timer) -> OutcomeFuture<'_> {
         Box::pin(async move { outcome(EventHandler::on_timer(self, context, timer).await) })
+    }
+
+    fn is_alive(&self) -> bool {
+        EventHandler::is_alive(self)
     }
 }
 

@@ -114,8 +114,12 @@ impl Shared {
         self.partitions().values().cloned().collect()
     }
 
-    /// True when some partition has work and made no progress for `stall_threshold`.
+    /// True when the handler can no longer run anything, or some partition has
+    /// work and made no progress for `stall_threshold`.
     pub(crate) fn is_stalled(&self) -> bool {
+        if !self.handler.is_alive() {
+            return true;
+        }
         let threshold = self.config.stall_threshold;
         self.managers()
             .iter()

@@ -5,14 +5,22 @@
 //! crossbeam channel to the bridge thread, a Ruby thread started on first use.
 //! That thread waits for work with the GVL released, then takes the GVL once
 //! and runs up to [`BATCH`] jobs before releasing it again.
+//!
+//! A job must never swallow a termination (Thread#kill at process exit, a
+//! signal, `exit`): it passes every Ruby error through [`recoverable`], which
+//! keeps terminations for the loop to re-raise, so the thread really ends and
+//! the process can exit.
 
 pub(crate) mod owned;
 
+use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use crossbeam_channel::{Receiver, Sender};
-use magnus::{prelude::*, Error, Ruby};
+use magnus::error::ErrorType;
+use magnus::value::BoxValue;
+use magnus::{prelude::*, Error, Ruby, Value};
 
 use crate::gvl::without_gvl;
 
@@ -31,26 +39,46 @@ struct Bridge {
     sender: Sender<Command>,
 }
 
-static BRIDGE: OnceLock<Bridge> = OnceLock::new();
+/// This process's bridge, or null before the first start and in a forked child
+/// (see [`forget_after_fork`]). A started bridge is leaked: it lives as long as
+/// the process, and a child must not run its destructor.
+static BRIDGE: AtomicPtr<Bridge> = AtomicPtr::new(std::ptr::null_mut());
 
-/// Starts the bridge thread; call once at extension load, from a Ruby thread.
+fn current() -> Option<&'static Bridge> {
+    let bridge = BRIDGE.load(Ordering::Acquire);
+    // SAFETY: a non-null pointer came from `Box::leak` in `start` and is never freed.
+    unsafe { bridge.as_ref() }
+}
+
+/// Starts the bridge thread unless this process has one. Call from a Ruby thread
+/// holding the GVL, which serialises callers.
 pub(crate) fn start(ruby: &Ruby) {
-    let (sender, receiver) = crossbeam_channel::unbounded();
-    if BRIDGE.set(Bridge { sender }).is_ok() {
-        let thread = ruby.thread_create_from_fn(move |ruby| serve(ruby, &receiver));
-        // The bridge thread is infrastructure: never report it and never keep the
-        // process alive for it.
-        let _ = thread.funcall::<_, _, magnus::Value>("name=", ("prosody-bridge",));
-        let _ = thread.funcall::<_, _, magnus::Value>("report_on_exception=", (false,));
+    if current().is_some() {
+        return;
     }
+    let (sender, receiver) = crossbeam_channel::unbounded();
+    let wake = sender.clone();
+    let bridge = Box::leak(Box::new(Bridge { sender }));
+    BRIDGE.store(bridge, Ordering::Release);
+    let thread = ruby.thread_create_from_fn(move |ruby| serve(ruby, &receiver, &wake));
+    // The bridge thread is infrastructure: never report it and never keep the
+    // process alive for it.
+    let _ = thread.funcall::<_, _, Value>("name=", ("prosody-bridge",));
+    let _ = thread.funcall::<_, _, Value>("report_on_exception=", (false,));
+}
+
+/// Forgets the parent's bridge in a forked child, whose copy of it has no
+/// thread. Only an atomic store: this runs between `fork` and anything else.
+pub(crate) fn forget_after_fork() {
+    BRIDGE.store(std::ptr::null_mut(), Ordering::Release);
 }
 
 /// Queues `job` to run on the bridge thread. Returns false when the bridge is
-/// gone (process exiting): the job is then leaked, not dropped, because it may
-/// hold Ruby values that must not be released off a Ruby thread.
+/// gone (process exiting) or not started: the job is then leaked, not dropped,
+/// because it may hold Ruby values that must not be released off a Ruby thread.
 pub(crate) fn run(job: impl FnOnce(&Ruby) + Send + 'static) -> bool {
     let command = Command::Run(Box::new(job));
-    let unsent = match BRIDGE.get() {
+    let unsent = match current() {
         Some(bridge) => match bridge.sender.send(command) {
             Ok(()) => return true,
             Err(error) => error.into_inner(),
@@ -61,13 +89,60 @@ pub(crate) fn run(job: impl FnOnce(&Ruby) + Send + 'static) -> bool {
     false
 }
 
-fn serve(ruby: &Ruby, receiver: &Receiver<Command>) -> Result<(), Error> {
-    let wake = BRIDGE.get().map(|bridge| bridge.sender.clone());
+/// A termination met by a job, waiting for the loop to re-raise it. The box
+/// keeps an exception object alive until then.
+struct Termination {
+    error: Error,
+    _keep_alive: Option<BoxValue<Value>>,
+}
+
+thread_local! {
+    static TERMINATION: RefCell<Option<Termination>> = const { RefCell::new(None) };
+}
+
+/// Sorts a Ruby error a bridge job met: returns it when the job may handle it
+/// (log it, report it), or `None` when it is a termination (`Thread#kill` at
+/// process exit, an `Interrupt` or other signal, `exit`), which the job must
+/// not handle: the bridge loop re-raises it after the job, ending the thread.
+/// Swallowing one would keep the thread alive and the process from exiting.
+pub(crate) fn recoverable(ruby: &Ruby, error: Error) -> Option<Error> {
+    let terminates = match error.error_type() {
+        ErrorType::Jump(_) => true,
+        ErrorType::Error(..) => false,
+        ErrorType::Exception(_) => {
+            error.is_kind_of(ruby.exception_signal())
+                || error.is_kind_of(ruby.exception_system_exit())
+        }
+    };
+    if !terminates {
+        return Some(error);
+    }
+    TERMINATION.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        // The first termination wins; a second one would end the same thread.
+        if slot.is_none() {
+            let keep_alive = error.value().map(BoxValue::new);
+            *slot = Some(Termination {
+                error,
+                _keep_alive: keep_alive,
+            });
+        }
+    });
+    None
+}
+
+fn pending_termination() -> Option<Error> {
+    TERMINATION.with(|slot| {
+        slot.borrow_mut()
+            .take()
+            .map(|termination| termination.error)
+    })
+}
+
+fn serve(ruby: &Ruby, receiver: &Receiver<Command>, wake: &Sender<Command>) -> Result<(), Error> {
     loop {
         let unblock = || {
-            if let Some(wake) = &wake {
-                let _ = wake.send(Command::Wake);
-            }
+            let _ = wake.send(Command::Wake);
         };
         let first = match without_gvl(|| receiver.recv(), unblock) {
             Some(Ok(command)) => Some(command),
@@ -80,21 +155,26 @@ fn serve(ruby: &Ruby, receiver: &Receiver<Command>) -> Result<(), Error> {
         let mut next = first;
         for _ in 0..BATCH {
             match next {
-                Some(Command::Run(job)) => execute(ruby, job),
+                Some(Command::Run(job)) => execute(ruby, job)?,
                 Some(Command::Wake) => {}
                 None => break,
             }
             next = receiver.try_recv().ok();
         }
         if let Some(Command::Run(job)) = next {
-            execute(ruby, job);
+            execute(ruby, job)?;
         }
     }
 }
 
-fn execute(ruby: &Ruby, job: Job) {
+/// Runs one job; a termination it met ends the bridge thread.
+fn execute(ruby: &Ruby, job: Job) -> Result<(), Error> {
     // Jobs report their own Ruby errors; a panic must not unwind into Ruby.
     if catch_unwind(AssertUnwindSafe(|| job(ruby))).is_err() {
         eprintln!("prosody: a bridge job panicked; continuing");
+    }
+    match pending_termination() {
+        Some(termination) => Err(termination),
+        None => Ok(()),
     }
 }

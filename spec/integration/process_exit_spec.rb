@@ -1,0 +1,58 @@
+# frozen_string_literal: true
+
+require "open3"
+
+# A process using Prosody must be able to end. Here a consumer's handlers keep
+# failing, so Ruby and native log lines are written all the time to a stdout
+# that is read slowly (log writes block, and handler fibers park holding the
+# logger's lock); then the main thread returns without unsubscribing, or a
+# handler calls `exit`. Ruby kills the bridge thread at exit. A bridge job used
+# to swallow that kill when it landed inside the logger call, which kept the
+# thread, and with it the process, alive forever.
+RSpec.describe "Process exit while handlers fail and log" do
+  fixture = File.expand_path("../fixtures/exit_while_handling.rb", __dir__)
+
+  # Seconds a process may take to end once it said "ready".
+  exit_deadline = 5
+
+  # Runs the fixture; returns its exit status (nil if it had to be killed after
+  # `exit_deadline`) and its stderr.
+  define_method(:run_fixture) do |behaviour|
+    Open3.popen3(RbConfig.ruby, fixture, behaviour) do |stdin, stdout, stderr, process|
+      stdin.close
+      slow_reader = Thread.new do
+        loop do
+          stdout.readpartial(1024)
+          sleep(0.005) # about 200 KB/s
+        end
+      rescue IOError
+        nil
+      end
+      ready = stderr.gets
+      raise "the fixture ended before it got ready (status #{process.value.inspect})" unless ready
+
+      ended = process.join(exit_deadline)
+      Process.kill("KILL", process.pid) unless ended
+      slow_reader.join
+      [ended && process.value, ready + stderr.read]
+    end
+  end
+
+  it "ends within #{exit_deadline}s when the main thread returns, 20 runs in a row" do
+    20.times do |run|
+      status, errors = run_fixture("failing")
+      expect(status).not_to be_nil, "run #{run + 1} was still alive #{exit_deadline}s after its main thread returned"
+      expect(errors).not_to include("[BUG]")
+      expect(status.exitstatus).to eq(0)
+    end
+  end
+
+  it "stops the client and exits with the handler's status when a handler calls exit" do
+    3.times do |run|
+      status, errors = run_fixture("exit")
+      expect(status).not_to be_nil, "run #{run + 1} did not end within #{exit_deadline}s of a handler's exit"
+      expect(errors).not_to include("[BUG]")
+      expect(status.exitstatus).to eq(3)
+    end
+  end
+end
