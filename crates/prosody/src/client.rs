@@ -114,6 +114,8 @@ impl Client {
 
     /// Stops consuming gracefully: in-flight handlers get until near the end of
     /// `shutdown_timeout`, then are cancelled; progress is committed and the group left.
+    /// Returns within `shutdown_timeout` (plus at most about a second for leaving the
+    /// group) even when the brokers are unreachable; what could not finish is logged.
     /// Does nothing when not subscribed.
     pub async fn unsubscribe(&self) -> Result<()> {
         let Some(subscription) = lock(&self.subscription).take() else {

@@ -3,6 +3,8 @@
 //! Rebalance callbacks run on the poll thread, inside `poll`, so they never race
 //! with message dispatch.
 
+use std::ffi::c_int;
+use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -15,6 +17,7 @@ use rdkafka::consumer::{
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
+use rdkafka_sys as rdsys;
 use tracing::{debug, error, info, warn};
 
 use super::offsets::OffsetTracker;
@@ -28,13 +31,16 @@ pub(crate) struct Hooks {
     /// `BaseConsumer::poll(0)` returns `None` both for an empty queue and after
     /// serving one such event; this count tells the two apart.
     served: AtomicU64,
+    /// When the subscription must be stopped by, once `unsubscribe` began.
+    stop_deadline: Arc<OnceLock<Instant>>,
 }
 
 impl Hooks {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(stop_deadline: Arc<OnceLock<Instant>>) -> Self {
         Self {
             shared: OnceLock::new(),
             served: AtomicU64::new(0),
+            stop_deadline,
         }
     }
 
@@ -77,8 +83,9 @@ impl ClientContext for Hooks {
 }
 
 impl Hooks {
-    /// Cancels the revoked partitions' handlers, waits for them within
-    /// `shutdown_timeout`, and commits what they finished.
+    /// Cancels the revoked partitions' handlers, waits for them, and commits what
+    /// they finished, all within one `shutdown_timeout` from the start of the
+    /// revocation (and never past the stop deadline of an `unsubscribe` under way).
     fn revoke(&self, consumer: &BaseConsumer<Self>, list: &TopicPartitionList) {
         let Some(shared) = self.shared.get() else {
             return;
@@ -95,6 +102,11 @@ impl Hooks {
         if revoked.is_empty() {
             return;
         }
+        let budget = shared.config.shutdown_timeout;
+        let mut deadline = Instant::now() + budget;
+        if let Some(stop) = self.stop_deadline.get() {
+            deadline = deadline.min(*stop);
+        }
         info!(
             partitions = revoked.len(),
             "partitions revoked; cancelling their handlers"
@@ -102,14 +114,22 @@ impl Hooks {
         for manager in &revoked {
             manager.cancel();
         }
-        let budget = shared.config.shutdown_timeout;
+        let handlers_until = deadline
+            .checked_sub(commit_reserve(budget))
+            .unwrap_or(deadline);
+        // All were cancelled at once and their runners stop concurrently; waiting
+        // on each in turn against the same absolute deadline bounds the whole wait
+        // by that one deadline (it used to be a fresh budget per partition).
+        // Runners still going then are abandoned (and logged) by `release` below.
         shared.runtime.block_on(async {
             for manager in &revoked {
-                manager.wait_idle(budget).await;
+                manager.wait_idle(handlers_until).await;
             }
         });
-        if let Err(error) = commit(consumer, &revoked, true, CommitMode::Sync) {
-            warn!("commit of the revoked partitions failed; their new owner repeats what finished since the last commit: {error}");
+        match commit_by(consumer, &revoked, true, deadline) {
+            Ok(()) => {}
+            Err(CommitError::Unconfirmed) => warn!("commit of the revoked partitions not confirmed within shutdown_timeout; their new owner may repeat what finished since the last commit"),
+            Err(error) => warn!("commit of the revoked partitions failed; their new owner repeats what finished since the last commit: {error}"),
         }
     }
 }
@@ -138,7 +158,9 @@ impl ConsumerContext for Hooks {
                     assign(consumer, list, cooperative);
                     return;
                 };
-                if let Some(committed) = read_committed(consumer, list, &shared.config) {
+                if let Some(committed) =
+                    read_committed(consumer, list, &shared.config, &self.stop_deadline)
+                {
                     let positions = starting_positions(&committed, &shared.config);
                     assign(consumer, &positions, cooperative);
                     start_partitions(shared, &committed);
@@ -175,23 +197,30 @@ impl ConsumerContext for Hooks {
 const OFFSET_FETCH_BUDGET: Duration = Duration::from_secs(30);
 
 /// The group's committed offsets (and metadata) for `list`, retrying while the
-/// coordinator is unavailable; `None` if that never works.
+/// coordinator is unavailable; `None` if that never works, or when the stop
+/// deadline of an `unsubscribe` comes first.
 fn read_committed(
     consumer: &BaseConsumer<Hooks>,
     list: &TopicPartitionList,
     config: &Config,
+    stop_deadline: &OnceLock<Instant>,
 ) -> Option<TopicPartitionList> {
     let started = Instant::now();
+    let give_up = || {
+        let budget_ends = started + OFFSET_FETCH_BUDGET;
+        stop_deadline
+            .get()
+            .map_or(budget_ends, |stop| budget_ends.min(*stop))
+    };
     let mut pause = Duration::from_millis(50);
     loop {
-        let attempt = (OFFSET_FETCH_BUDGET.saturating_sub(started.elapsed()))
+        let attempt = give_up()
+            .saturating_duration_since(Instant::now())
             .min(Duration::from_secs(10))
             .max(Duration::from_millis(100));
         match consumer.committed_offsets(list.clone(), attempt) {
             Ok(committed) => return Some(committed),
-            Err(error)
-                if is_retriable(&error) && started.elapsed() + pause < OFFSET_FETCH_BUDGET =>
-            {
+            Err(error) if is_retriable(&error) && Instant::now() + pause < give_up() => {
                 debug!("cannot read committed offsets yet, retrying: {error}");
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_secs(1));
@@ -292,13 +321,8 @@ fn start_partitions(shared: &Arc<Shared>, committed: &TopicPartitionList) {
     shared.wake();
 }
 
-/// Commits the given partitions' commit points; `release` marks them handed back.
-pub(crate) fn commit(
-    consumer: &BaseConsumer<Hooks>,
-    managers: &[Arc<PartitionManager>],
-    release: bool,
-    mode: CommitMode,
-) -> KafkaResult<()> {
+/// The given partitions' commit points; `release` marks them handed back.
+fn commit_points(managers: &[Arc<PartitionManager>], release: bool) -> TopicPartitionList {
     let mut list = TopicPartitionList::new();
     for manager in managers {
         let point = if release {
@@ -323,10 +347,127 @@ pub(crate) fn commit(
             Err(error) => warn!("cannot commit offset {offset}: {error}"),
         }
     }
+    list
+}
+
+/// Sends the given partitions' commit points without waiting for the answer.
+pub(crate) fn commit_async(
+    consumer: &BaseConsumer<Hooks>,
+    managers: &[Arc<PartitionManager>],
+) -> KafkaResult<()> {
+    let list = commit_points(managers, false);
     if list.count() == 0 {
         return Ok(());
     }
-    consumer.commit(&list, mode)
+    consumer.commit(&list, CommitMode::Async)
+}
+
+/// Why a commit that waits for its answer did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CommitError {
+    /// The coordinator answered with an error (or the request could not be sent).
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// No answer before the deadline; librdkafka may still deliver the commit later.
+    #[error("no answer from the group coordinator before the deadline")]
+    Unconfirmed,
+}
+
+/// Commits the given partitions' commit points (`release` marks them handed
+/// back) and waits for the coordinator's answer until `deadline`.
+///
+/// A synchronous `rd_kafka_commit` waits with no timeout of its own: for a
+/// missing coordinator librdkafka holds the commit for `session.timeout.ms`.
+/// `rd_kafka_commit_queue` instead posts the result to a queue of ours, which
+/// is polled with the time left. This keeps the wait on this thread, without
+/// serving the consumer queue (no rebalance callback runs inside it) and
+/// without a helper thread left behind holding the consumer.
+pub(crate) fn commit_by(
+    consumer: &BaseConsumer<Hooks>,
+    managers: &[Arc<PartitionManager>],
+    release: bool,
+    deadline: Instant,
+) -> Result<(), CommitError> {
+    let list = commit_points(managers, release);
+    if list.count() == 0 {
+        return Ok(());
+    }
+    let replies = ReplyQueue::new(consumer)?;
+    // SAFETY: the client handle and `list` are alive for the call; librdkafka
+    // copies the list, and the reply queue is valid (kept alive by librdkafka's
+    // own reference until the reply is posted, even if we destroy ours first).
+    // No callback is given, so the result arrives as an event on that queue.
+    let err = unsafe {
+        rdsys::rd_kafka_commit_queue(
+            consumer.client().native_ptr(),
+            list.ptr(),
+            replies.0.as_ptr(),
+            None,
+            ptr::null_mut(),
+        )
+    };
+    if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        return Err(KafkaError::ConsumerCommit(err.into()).into());
+    }
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(CommitError::Unconfirmed);
+        }
+        let millis = c_int::try_from(left.as_millis())
+            .unwrap_or(c_int::MAX)
+            .max(1);
+        // SAFETY: the queue is alive; the returned event (if any) is ours to destroy.
+        let event = unsafe { rdsys::rd_kafka_queue_poll(replies.0.as_ptr(), millis) };
+        if event.is_null() {
+            continue;
+        }
+        // SAFETY: `event` is non-null and not yet destroyed; it is destroyed
+        // exactly once, after its type and error are read.
+        let (kind, err) = unsafe {
+            let read = (
+                rdsys::rd_kafka_event_type(event),
+                rdsys::rd_kafka_event_error(event),
+            );
+            rdsys::rd_kafka_event_destroy(event);
+            read
+        };
+        if kind != rdsys::RD_KAFKA_EVENT_OFFSET_COMMIT {
+            continue;
+        }
+        if err == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return Ok(());
+        }
+        return Err(KafkaError::ConsumerCommit(err.into()).into());
+    }
+}
+
+/// A librdkafka queue that receives the answer to one commit.
+struct ReplyQueue(NonNull<rdsys::rd_kafka_queue_t>);
+
+impl ReplyQueue {
+    fn new(consumer: &BaseConsumer<Hooks>) -> KafkaResult<Self> {
+        // SAFETY: the client handle is alive; the new queue is owned by `Self`
+        // and destroyed in `Drop`.
+        let queue = unsafe { rdsys::rd_kafka_queue_new(consumer.client().native_ptr()) };
+        NonNull::new(queue)
+            .map(Self)
+            .ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::Fail))
+    }
+}
+
+impl Drop for ReplyQueue {
+    fn drop(&mut self) {
+        // SAFETY: the queue came from rd_kafka_queue_new and is destroyed once.
+        // A reply posted after this is discarded by librdkafka.
+        unsafe { rdsys::rd_kafka_queue_destroy(self.0.as_ptr()) };
+    }
+}
+
+/// The end of a shutdown budget kept for the commit that follows the wait for
+/// handlers: a tenth of it, at most a second.
+pub(crate) fn commit_reserve(budget: Duration) -> Duration {
+    (budget / 10).min(Duration::from_secs(1))
 }
 
 /// Whether a commit or offset fetch that failed with `error` may succeed if

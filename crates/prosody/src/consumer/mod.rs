@@ -18,11 +18,11 @@ mod shared;
 mod timer_queue;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::consumer::{CommitMode, Consumer as _};
+use rdkafka::consumer::Consumer as _;
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::Offset;
 use tokio::runtime::Handle;
@@ -39,7 +39,7 @@ use crate::handler::EventHandler;
 use crate::message::Header;
 use crate::probe::{Health, ProbeServer};
 use crate::producer::Producer;
-use hooks::{commit, Hooks};
+use hooks::{commit_async, commit_by, commit_reserve, CommitError, Hooks};
 use partition::{Accepted, Fetched};
 use shared::{KafkaConsumer, Shared, TopicPartition};
 
@@ -54,13 +54,18 @@ pub enum ConsumerState {
     Running,
 }
 
-/// A running subscription. Dropping it without [`Subscription::shutdown`] stops
-/// the poll thread without the graceful wait.
+/// A running subscription. Dropping it without [`Subscription::shutdown_blocking`]
+/// cancels the handlers and stops the poll thread in the background.
 pub(crate) struct Subscription {
     shared: Arc<Shared>,
     probe: Option<ProbeServer>,
-    stop: Option<oneshot::Sender<()>>,
+    /// Carries the stop deadline to the poll thread.
+    stop: Option<oneshot::Sender<Instant>>,
+    /// The same deadline, for the rebalance callbacks.
+    stop_deadline: Arc<OnceLock<Instant>>,
     thread: Option<JoinHandle<()>>,
+    /// Disconnected once the poll thread has finished (or panicked).
+    finished: crossbeam_channel::Receiver<()>,
 }
 
 impl Subscription {
@@ -117,7 +122,9 @@ impl Subscription {
                 client.set(key, value);
             }
         }
-        let mut consumer: KafkaConsumer = client.create_with_context(Hooks::new())?;
+        let stop_deadline = Arc::new(OnceLock::new());
+        let mut consumer: KafkaConsumer =
+            client.create_with_context(Hooks::new(Arc::clone(&stop_deadline)))?;
         let shared = Shared::new(
             Arc::clone(&config),
             Arc::new(handler),
@@ -146,10 +153,14 @@ impl Subscription {
         });
 
         let (stop, stopped) = oneshot::channel();
+        let (done, finished) = crossbeam_channel::bounded::<()>(0);
         let poll_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("prosody-poll".to_owned())
-            .spawn(move || PollLoop::new(consumer, poll_shared, stopped).run())
+            .spawn(move || {
+                PollLoop::new(consumer, poll_shared, stopped).run();
+                drop(done);
+            })
             .map_err(|error| {
                 crate::Error::Mock(format!("cannot start the poll thread: {error}"))
             })?;
@@ -157,7 +168,9 @@ impl Subscription {
             shared,
             probe,
             stop: Some(stop),
+            stop_deadline,
             thread: Some(thread),
+            finished,
         })
     }
 
@@ -189,28 +202,54 @@ impl Subscription {
     }
 
     /// Graceful stop: see [`PollLoop::shut_down`]. Blocks; call from a blocking context.
+    ///
+    /// Returns by `shutdown_timeout` after the call, plus at most [`LEAVE_GRACE`]
+    /// (and a little slack for the poll thread to notice): every step of the stop
+    /// works to one deadline, and a poll thread still busy past it is left behind.
     pub(crate) fn shutdown_blocking(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-            self.shared.wake();
-        }
+        let deadline = self.stop_deadline();
         if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                error!("the poll thread panicked during shutdown");
+            let limit = deadline + LEAVE_GRACE + JOIN_SLACK;
+            let left = limit.saturating_duration_since(Instant::now());
+            match self.finished.recv_timeout(left) {
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    warn!("the poll thread did not stop within shutdown_timeout; leaving it to finish in the background");
+                }
+                _ => {
+                    if thread.join().is_err() {
+                        error!("the poll thread panicked during shutdown");
+                    }
+                }
             }
         }
         if let Some(probe) = self.probe.take() {
-            probe.shut_down();
+            if Instant::now() < deadline + LEAVE_GRACE {
+                probe.shut_down();
+            } else {
+                // Closes the port without waiting for it.
+                drop(probe);
+            }
         }
+    }
+
+    /// Starts the stop (once): its deadline is now + `shutdown_timeout`.
+    fn stop_deadline(&mut self) -> Instant {
+        let deadline = *self
+            .stop_deadline
+            .get_or_init(|| Instant::now() + self.shared.config.shutdown_timeout);
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(deadline);
+            self.shared.wake();
+        }
+        deadline
     }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
+        if self.stop.is_some() {
             self.shared.cancellation.cancel();
-            let _ = stop.send(());
-            self.shared.wake();
+            self.stop_deadline();
         }
     }
 }
@@ -218,9 +257,15 @@ impl Drop for Subscription {
 /// Every this many commit ticks, all commit points are sent, moved or not.
 const FULL_COMMIT_EVERY: u64 = 5;
 
-/// The final commit may retry at least this long, even when handlers used up
-/// `shutdown_timeout`.
-const FINAL_COMMIT_FLOOR: Duration = Duration::from_secs(5);
+/// How long past the stop deadline the consumer may take to leave the group
+/// (`rd_kafka_consumer_close`) before it is left to close in the background.
+/// The close sends LeaveGroup; with the coordinator gone it waits out
+/// `session.timeout.ms`, so it cannot be given more than a short grace.
+const LEAVE_GRACE: Duration = Duration::from_secs(1);
+
+/// How long after [`LEAVE_GRACE`] `unsubscribe` still waits for the poll thread
+/// to wind up.
+const JOIN_SLACK: Duration = Duration::from_millis(250);
 
 /// Most librdkafka events the poll thread serves before it fills partitions again.
 const EVENTS_PER_TURN: usize = 1_000;
@@ -228,7 +273,7 @@ const EVENTS_PER_TURN: usize = 1_000;
 struct PollLoop {
     consumer: Arc<KafkaConsumer>,
     shared: Arc<Shared>,
-    stopped: oneshot::Receiver<()>,
+    stopped: oneshot::Receiver<Instant>,
     last_commit: Instant,
     /// Commit ticks so far.
     ticks: u64,
@@ -239,7 +284,7 @@ impl PollLoop {
     fn new(
         consumer: Arc<KafkaConsumer>,
         shared: Arc<Shared>,
-        stopped: oneshot::Receiver<()>,
+        stopped: oneshot::Receiver<Instant>,
     ) -> Self {
         Self {
             consumer,
@@ -255,7 +300,14 @@ impl PollLoop {
     /// into partitions with room, commits, and sleeps until woken or `poll_interval`.
     fn run(mut self) {
         let poll_interval = self.shared.config.poll_interval;
-        while let Err(oneshot::error::TryRecvError::Empty) = self.stopped.try_recv() {
+        let deadline = loop {
+            match self.stopped.try_recv() {
+                Ok(deadline) => break deadline,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    break Instant::now() + self.shared.config.shutdown_timeout
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
             let mut progressed = false;
             // Bounded, so a stream of events cannot starve the partitions below.
             for _ in 0..EVENTS_PER_TURN {
@@ -282,8 +334,8 @@ impl PollLoop {
                     .wakeups
                     .recv_timeout(poll_interval.min(self.until_commit()));
             }
-        }
-        self.shut_down();
+        };
+        self.shut_down(deadline);
     }
 
     fn until_commit(&self) -> Duration {
@@ -352,17 +404,31 @@ impl PollLoop {
             })
             .collect();
         if !moved.is_empty() {
-            if let Err(error) = commit(&self.consumer, &moved, false, CommitMode::Async) {
+            if let Err(error) = commit_async(&self.consumer, &moved) {
                 warn!("commit failed; the next full commit sends it again: {error}");
             }
         }
     }
 
-    /// Stops fetching, lets in-flight handlers finish until near the end of
-    /// `shutdown_timeout`, cancels what is left, commits, and leaves the group.
-    fn shut_down(self) {
+    /// Stops fetching, lets in-flight handlers finish until near `deadline`
+    /// (`unsubscribe`'s start + `shutdown_timeout`), cancels what is left,
+    /// commits, and leaves the group. Every step that can block works to that one
+    /// deadline; only leaving the group gets [`LEAVE_GRACE`] past it:
+    ///
+    /// | step | bound |
+    /// | --- | --- |
+    /// | handlers run | until `deadline` − a fifth of the budget (at most 5 s) |
+    /// | cancelled handlers stop | until `deadline` − [`commit_reserve`] |
+    /// | final commit (retried) | until `deadline`, each answer awaited with the time left |
+    /// | rebalance callbacks served meanwhile | their own deadline, never past `deadline` |
+    /// | unsubscribe and close (LeaveGroup) | `deadline` + [`LEAVE_GRACE`], then closed in the background |
+    fn shut_down(self, deadline: Instant) {
         let budget = self.shared.config.shutdown_timeout;
-        let cancel_at = budget.saturating_sub((budget / 5).min(Duration::from_secs(5)));
+        let margin = (budget / 5).min(Duration::from_secs(5));
+        let cancel_at = deadline.checked_sub(margin).unwrap_or(deadline);
+        let cancelled_until = deadline
+            .checked_sub(commit_reserve(budget))
+            .unwrap_or(deadline);
         let started = Instant::now();
         self.shared.begin_stopping();
         let managers = self.shared.managers();
@@ -376,19 +442,18 @@ impl PollLoop {
         for manager in &managers {
             manager.drain();
         }
-        self.wait_until_idle(&managers, started + cancel_at);
+        self.wait_until_idle(&managers, cancel_at);
         if managers.iter().any(|manager| !manager.is_idle()) {
             warn!("shutdown budget nearly spent; cancelling the remaining handlers");
             self.shared.cancellation.cancel();
-            self.wait_until_idle(&managers, started + budget);
+            self.wait_until_idle(&managers, cancelled_until);
         }
-        self.commit_finally(
-            &managers,
-            (started + budget).max(Instant::now() + FINAL_COMMIT_FLOOR),
-        );
+        self.commit_finally(&managers, deadline);
         self.shared.partitions().clear();
         self.consumer.unsubscribe();
         self.shared.cancellation.cancel();
+        let Self { consumer, .. } = self;
+        close(consumer, deadline + LEAVE_GRACE);
         info!(elapsed = ?started.elapsed(), "unsubscribed");
     }
 
@@ -405,17 +470,23 @@ impl PollLoop {
             } else {
                 self.shared.managers()
             };
-            match commit(&self.consumer, &ours, release, CommitMode::Sync) {
+            match commit_by(&self.consumer, &ours, release, deadline) {
                 Ok(()) => {
                     debug!("final commit done");
                     return;
                 }
-                Err(error) if hooks::is_retriable(&error) && Instant::now() + pause < deadline => {
+                Err(CommitError::Kafka(error))
+                    if hooks::is_retriable(&error) && Instant::now() + pause < deadline =>
+                {
                     debug!("final commit failed, retrying: {error}");
                     release = false;
                     let _ = self.consumer.poll(Duration::ZERO);
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Err(CommitError::Unconfirmed) => {
+                    warn!("final commit not confirmed within shutdown_timeout; messages handled since the last confirmed commit may be handled again");
+                    return;
                 }
                 Err(error) => {
                     error!("final commit failed; messages handled since the last commit will be handled again: {error}");
@@ -427,11 +498,46 @@ impl PollLoop {
 
     /// Keeps polling (so the group session stays alive) until every manager is idle or `deadline`.
     fn wait_until_idle(&self, managers: &[Arc<partition::PartitionManager>], deadline: Instant) {
-        while managers.iter().any(|manager| !manager.is_idle()) && Instant::now() < deadline {
+        while managers.iter().any(|manager| !manager.is_idle()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
             // Messages fetched now are not accepted: they stay uncommitted and run next time.
             let _ = self.consumer.poll(Duration::ZERO);
-            let _ = self.shared.wakeups.recv_timeout(Duration::from_millis(20));
+            let _ = self
+                .shared
+                .wakeups
+                .recv_timeout(left.min(Duration::from_millis(20)));
         }
+    }
+}
+
+/// Closes the consumer (leaving the group) by `deadline`, or leaves it closing
+/// in the background.
+///
+/// Dropping the last handle runs `rd_kafka_consumer_close`, which sends
+/// LeaveGroup and waits for the group to wind down: with the coordinator gone
+/// that is `session.timeout.ms`, and librdkafka has no shorter timeout for it.
+/// The drop therefore runs on a thread of its own that is abandoned (not
+/// joined) at the deadline; the process may exit before it ends, which is what
+/// Kubernetes' SIGKILL would do anyway.
+fn close(consumer: Arc<KafkaConsumer>, deadline: Instant) {
+    let (closed, is_closed) = crossbeam_channel::bounded::<()>(0);
+    let closer = std::thread::Builder::new()
+        .name("prosody-close".to_owned())
+        .spawn(move || {
+            drop(consumer);
+            drop(closed);
+        });
+    if let Err(error) = closer {
+        // The closure, and with it the consumer, was dropped (closed) on this thread.
+        warn!("could not close the consumer on a thread of its own, closed it in place: {error}");
+        return;
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    if let Err(crossbeam_channel::RecvTimeoutError::Timeout) = is_closed.recv_timeout(left) {
+        warn!("the consumer did not leave the group within shutdown_timeout; it goes on closing in the background, and the group notices this member is gone after session.timeout.ms");
     }
 }
 

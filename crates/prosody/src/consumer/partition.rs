@@ -648,10 +648,11 @@ impl PartitionManager {
         self.cancellation.cancel();
     }
 
-    /// Waits up to `budget` for runners to exit; false if some are still running.
-    pub(crate) async fn wait_idle(&self, budget: Duration) -> bool {
+    /// Waits until `deadline` for runners to exit; false if some are still running.
+    /// An absolute deadline, so waiting on several partitions in turn shares one budget.
+    pub(crate) async fn wait_idle(&self, deadline: Instant) -> bool {
         self.runners.close();
-        tokio::time::timeout(budget, self.runners.wait())
+        tokio::time::timeout_at(deadline.into(), self.runners.wait())
             .await
             .is_ok()
     }
