@@ -11,7 +11,8 @@ require "tmpdir"
 # the finished messages again, only new ones. SIGTSTP is logged and ignored. A
 # second SIGTERM during a slow shutdown exits at once with status 128 + 15,
 # unless it comes within a second of the first (then it is taken for a
-# duplicate delivery and ignored).
+# duplicate delivery and ignored). A handler that calls `exit` stops the runner
+# as TERM would.
 RSpec.describe "the prosody runner" do
   # When the last member leaves a group, librdkafka's mock coordinator waits
   # session timeout - 1 s for members to rejoin before it assigns partitions
@@ -27,7 +28,7 @@ RSpec.describe "the prosody runner" do
   let(:group) { unique_name("runner-group") }
   let(:children) { [] }
 
-  # Each handler call appends "start <offset>", sleeps (yielding its fiber)
+  # Each handler call appends "start <offset>", calls exit(4) for the key "exit", sleeps (yielding its fiber)
   # and appends "end <offset>".
   let(:app) do
     File.join(dir, "app.rb").tap do |path|
@@ -37,6 +38,7 @@ RSpec.describe "the prosody runner" do
         class SlowHandler < Prosody::EventHandler
           def on_message(_context, message)
             record("start \#{message.offset}")
+            exit(4) if message.key == "exit"
             sleep Float(ENV.fetch("HANDLER_SECONDS"))
             record("end \#{message.offset}")
           end
@@ -117,6 +119,14 @@ RSpec.describe "the prosody runner" do
     producer.send_message(topic, "key-3", { "n" => 3 })
     expect(next_item(handled, timeout: 30)).to eq(3)
     expect(drain(handled)).to be_empty
+  end
+
+  it "stops gracefully when a handler calls exit" do
+    pid = spawn_runner(handler_seconds: 0.1)
+    mock_client.send_message(topic, "exit", {})
+
+    expect(exit_status(pid).exitstatus).to eq(0), log_text
+    expect(log_text).to include("handler called exit (status 4)", "stopped cleanly")
   end
 
   it "exits at once with 128 + 15 on a second SIGTERM during the shutdown" do
