@@ -60,6 +60,24 @@ RSpec.describe "the handler thread" do
     expect(logs.string.scan("the handler thread (prosody-processor) died").size).to eq(1)
   end
 
+  it "reports a dead bridge thread at once (/livez 503), and the next call starts a new one" do
+    client = mock_consumer(topic, probe_port: 0, stall_threshold: 300)
+    handled = Queue.new
+    client.subscribe(handler { |_context, message| handled << message.offset })
+    client.send_message(topic, "key", { "n" => 1 })
+    next_item(handled, description: "the first message")
+
+    port = client.probe_port
+    Thread.list.find { |thread| thread.name == "prosody-bridge" }.kill
+    # Only Rust runs here (no call into the client), as when an orchestrator probes.
+    wait_for(timeout: 2, description: "/livez to answer 503") { livez(port) == 503 }
+
+    # The next call into Prosody starts a fresh bridge: the consumer works again.
+    client.send_message(topic, "key", { "n" => 2 })
+    expect(next_item(handled, description: "a message handled after the bridge restarted")).to eq(1)
+    expect(livez(port)).to eq(200)
+  end
+
   it "logs and counts a handler that holds the reactor without yielding" do
     client = mock_consumer(topic, timeout: 30)
     handled = Queue.new

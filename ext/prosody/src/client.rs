@@ -69,8 +69,11 @@ impl NativeClient {
     }
 
     /// The core client, unless this client was made before the process forked.
+    /// Also restarts the bridge if its thread was killed, since answers to the
+    /// caller travel through it.
     fn client(&self, ruby: &Ruby) -> Result<Arc<prosody::Client>, Error> {
         check_same_process(ruby, self.generation, "Prosody::Client")?;
+        ensure_started(ruby);
         match &self.inner {
             Some(inner) => Ok(Arc::clone(inner)),
             // `inner` is only taken in `drop`.

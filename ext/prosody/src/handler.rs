@@ -98,8 +98,10 @@ impl EventHandler for RubyHandler {
             .await
     }
 
+    /// Calls can run only while both the processor thread and the bridge
+    /// thread that feeds it are alive.
     fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire)
+        self.alive.load(Ordering::Acquire) && bridge::is_running()
     }
 }
 

@@ -15,7 +15,7 @@ pub(crate) mod owned;
 
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use crossbeam_channel::{Receiver, Sender};
 use magnus::error::ErrorType;
@@ -44,23 +44,46 @@ struct Bridge {
 /// the process, and a child must not run its destructor.
 static BRIDGE: AtomicPtr<Bridge> = AtomicPtr::new(std::ptr::null_mut());
 
+/// Whether the current bridge's thread is running: false before the first start,
+/// once the thread ended (killed, or the process is exiting), and in a fork.
+static RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// Clears [`RUNNING`] when the bridge thread's function ends, however it ends.
+struct RunningGuard;
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        RUNNING.store(false, Ordering::Release);
+    }
+}
+
+/// Whether jobs sent now will run: handlers report themselves dead otherwise.
+pub(crate) fn is_running() -> bool {
+    RUNNING.load(Ordering::Acquire)
+}
+
 fn current() -> Option<&'static Bridge> {
     let bridge = BRIDGE.load(Ordering::Acquire);
     // SAFETY: a non-null pointer came from `Box::leak` in `start` and is never freed.
     unsafe { bridge.as_ref() }
 }
 
-/// Starts the bridge thread unless this process has one. Call from a Ruby thread
-/// holding the GVL, which serialises callers.
+/// Starts the bridge thread unless this process has a running one (a bridge
+/// whose thread was killed is replaced). Call from a Ruby thread holding the
+/// GVL, which serialises callers.
 pub(crate) fn start(ruby: &Ruby) {
-    if current().is_some() {
+    if current().is_some() && is_running() {
         return;
     }
     let (sender, receiver) = crossbeam_channel::unbounded();
     let wake = sender.clone();
     let bridge = Box::leak(Box::new(Bridge { sender }));
     BRIDGE.store(bridge, Ordering::Release);
-    let thread = ruby.thread_create_from_fn(move |ruby| serve(ruby, &receiver, &wake));
+    RUNNING.store(true, Ordering::Release);
+    let thread = ruby.thread_create_from_fn(move |ruby| {
+        let _running = RunningGuard;
+        serve(ruby, &receiver, &wake)
+    });
     // The bridge thread is infrastructure: never report it and never keep the
     // process alive for it.
     let _ = thread.funcall::<_, _, Value>("name=", ("prosody-bridge",));
@@ -71,6 +94,7 @@ pub(crate) fn start(ruby: &Ruby) {
 /// thread. Only an atomic store: this runs between `fork` and anything else.
 pub(crate) fn forget_after_fork() {
     BRIDGE.store(std::ptr::null_mut(), Ordering::Release);
+    RUNNING.store(false, Ordering::Release);
 }
 
 /// Queues `job` to run on the bridge thread. Returns false when the bridge is
