@@ -1,8 +1,10 @@
-//! Quick start on the in-process mock cluster: `cargo run -p prosody --example quickstart`
-//!
-//! Sends 300 orders for 12 customers, handles them with a small [`EventHandler`]
-//! that checks every customer's orders arrive in the order they were sent, prints
-//! a summary and unsubscribes. Needs no Kafka: `mock(true)` starts one in-process.
+// Quick start on the in-process mock cluster: `cargo run -p prosody --example quickstart`
+//
+// Sends 300 orders for 12 customers, handles them with a small `EventHandler`
+// that checks every customer's orders arrive in the order they were sent, prints
+// a summary and unsubscribes. Needs no Kafka: `mock(true)` starts one in-process.
+// Exits with an error unless every order was handled, in order
+// (crates/prosody/tests/quickstarts.rs runs it).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -81,13 +83,17 @@ impl EventHandler for Orders {
 }
 
 #[tokio::main]
-async fn main() -> prosody::Result<()> {
-    tracing_subscriber::fmt().with_env_filter("warn").init();
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
 
     let config = Config::builder()
         .mock(true)
         .group_id("quickstart")
         .subscribed_topics(["orders"])
+        // A consumer skips messages whose source-system header is its own group_id
+        // (loop prevention), and source_system defaults to group_id: this client
+        // sends as "checkout" so that it can consume what it sent.
+        .source_system("checkout")
         // No /readyz and /livez server for a one-off example.
         .set("probe_port", OptionValue::Bool(false))?
         .build()?;
@@ -112,7 +118,7 @@ async fn main() -> prosody::Result<()> {
     while let Some(sent) = senders.join_next().await {
         sent.map_err(|_| prosody::Error::NoRuntime)??;
     }
-    let expected = usize::try_from(CUSTOMERS * ORDERS_PER_CUSTOMER).unwrap_or(usize::MAX);
+    let expected = usize::try_from(CUSTOMERS * ORDERS_PER_CUSTOMER)?;
     println!("sent {expected} orders in {:?}", started.elapsed());
 
     let ledger = Arc::new(Ledger::default());
@@ -149,6 +155,14 @@ async fn main() -> prosody::Result<()> {
             "{customer:<12} {:>6} {:>7} {:>12}",
             account.orders, account.total, account.out_of_order
         );
+    }
+    let handled = ledger.handled.load(Ordering::Relaxed);
+    let out_of_order: u64 = accounts.values().map(|account| account.out_of_order).sum();
+    if handled != expected || out_of_order > 0 {
+        return Err(format!(
+            "handled {handled} of {expected} orders, {out_of_order} out of order"
+        )
+        .into());
     }
     Ok(())
 }
