@@ -159,10 +159,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let handled = ledger.handled.load(Ordering::Relaxed);
     let out_of_order: u64 = accounts.values().map(|account| account.out_of_order).sum();
     if handled != expected || out_of_order > 0 {
-        return Err(format!(
-            "handled {handled} of {expected} orders, {out_of_order} out of order"
-        )
-        .into());
+        return Err(
+            format!("handled {handled} of {expected} orders, {out_of_order} out of order").into(),
+        );
     }
     Ok(())
 }

@@ -15,7 +15,12 @@ impl EventHandler for Orders {
     type Error = Unavailable;
 
     async fn on_message(&self, _context: Context, message: Message) -> Result<(), Unavailable> {
-        println!("{} #{}: {}", message.key(), message.offset(), message.payload());
+        println!(
+            "{} #{}: {}",
+            message.key(),
+            message.offset(),
+            message.payload()
+        );
         self.0.notify_one();
         Ok(())
     }
@@ -33,7 +38,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .source_system("checkout")
         .build()?;
     let client = Client::new(config)?;
-    client.send("orders", "customer-42", &serde_json::json!({"order_id": 7}), &[]).await?;
+    client
+        .send(
+            "orders",
+            "customer-42",
+            &serde_json::json!({"order_id": 7}),
+            &[],
+        )
+        .await?;
 
     let handled = Arc::new(Notify::new());
     client.subscribe(Orders(Arc::clone(&handled)))?;

@@ -573,8 +573,10 @@ fn check_kafka_settings(kafka: &BTreeMap<String, String>) -> Result<()> {
             let reason = match error {
                 rdkafka::error::KafkaError::ClientConfig(
                     rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN,
-                    ..
-                ) => format!("unknown librdkafka setting `{key}` (see librdkafka's CONFIGURATION.md)"),
+                    ..,
+                ) => format!(
+                    "unknown librdkafka setting `{key}` (see librdkafka's CONFIGURATION.md)"
+                ),
                 rdkafka::error::KafkaError::ClientConfig(_, description, ..) => {
                     let description = if value.is_empty() {
                         description
@@ -603,12 +605,14 @@ fn check_database_url(url: &str) -> Result<()> {
             "expected a postgres:// URL or key=value pairs (e.g. \"host=db dbname=app\")",
         ));
     }
-    url.parse::<tokio_postgres::Config>().map(drop).map_err(|error| {
-        let cause = std::error::Error::source(&error)
-            .map(|cause| format!(": {cause}"))
-            .unwrap_or_default();
-        Error::config("database_url", format!("{error}{cause}"))
-    })
+    url.parse::<tokio_postgres::Config>()
+        .map(drop)
+        .map_err(|error| {
+            let cause = std::error::Error::source(&error)
+                .map(|cause| format!(": {cause}"))
+                .unwrap_or_default();
+            Error::config("database_url", format!("{error}{cause}"))
+        })
 }
 
 fn clamp_i64(value: usize) -> i64 {
@@ -804,7 +808,12 @@ impl Options {
     fn single(&self, name: &str, value: OptionValue) -> Self {
         Options {
             values: BTreeMap::from([(name.to_owned(), value)]),
-            from_env: self.from_env.iter().filter(|n| *n == name).cloned().collect(),
+            from_env: self
+                .from_env
+                .iter()
+                .filter(|n| *n == name)
+                .cloned()
+                .collect(),
         }
     }
 

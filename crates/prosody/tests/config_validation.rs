@@ -118,7 +118,12 @@ fn durations_beyond_what_clocks_and_librdkafka_take_are_named() {
     }
     let (_, message) = rejected_option(set("send_timeout", OptionValue::Str("25d".into())));
     assert!(message.contains("2147483647 ms"), "{message}");
-    for option in ["shutdown_timeout", "commit_interval", "idempotence_ttl", "timeout"] {
+    for option in [
+        "shutdown_timeout",
+        "commit_interval",
+        "idempotence_ttl",
+        "timeout",
+    ] {
         let (named, message) = rejected_option(set(option, OptionValue::Float(1e12)));
         assert_eq!(named, option, "{message}");
         assert!(message.contains("365 days"), "{message}");
@@ -129,17 +134,26 @@ fn durations_beyond_what_clocks_and_librdkafka_take_are_named() {
 
 #[test]
 fn unknown_or_invalid_kafka_settings_are_configuration_errors_naming_the_key() {
-    let (named, message) =
-        rejected_option(mock().kafka("sesion.timeout.ms", "9000").build_with_env(Vec::new()));
+    let (named, message) = rejected_option(
+        mock()
+            .kafka("sesion.timeout.ms", "9000")
+            .build_with_env(Vec::new()),
+    );
     assert_eq!(named, "kafka");
     assert!(message.contains("`sesion.timeout.ms`"), "{message}");
     assert!(message.contains("unknown"), "{message}");
 
-    let (named, message) =
-        rejected_option(mock().kafka("acks", "sometimes-secret").build_with_env(Vec::new()));
+    let (named, message) = rejected_option(
+        mock()
+            .kafka("acks", "sometimes-secret")
+            .build_with_env(Vec::new()),
+    );
     assert_eq!(named, "kafka");
     assert!(message.contains("`acks`"), "{message}");
-    assert!(!message.contains("sometimes-secret"), "values stay out: {message}");
+    assert!(
+        !message.contains("sometimes-secret"),
+        "values stay out: {message}"
+    );
 
     let env = vec![("PROSODY_KAFKA_NOT_A_SETTING".to_owned(), "1".to_owned())];
     let (named, message) = rejected_option(mock().build_with_env(env));
@@ -165,7 +179,10 @@ fn integer_options_take_numbers_from_code_and_text_only_from_the_environment() {
         let (named, message) = rejected_option(set(option, OptionValue::Str("10".into())));
         assert_eq!(named, option);
         assert!(message.contains("string"), "{message}");
-        let env = vec![(format!("PROSODY_{}", option.to_ascii_uppercase()), "10".to_owned())];
+        let env = vec![(
+            format!("PROSODY_{}", option.to_ascii_uppercase()),
+            "10".to_owned(),
+        )];
         mock()
             .build_with_env(env)
             .unwrap_or_else(|error| panic!("{option} from the environment: {error}"));

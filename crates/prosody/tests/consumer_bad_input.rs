@@ -80,7 +80,9 @@ async fn malformed_messages_are_logged_and_skipped() {
         "keyless message line: {errors:#?}"
     );
     assert!(
-        !errors.iter().any(|line| line.contains("message it") || line.contains("key=\"\"")),
+        !errors
+            .iter()
+            .any(|line| line.contains("message it") || line.contains("key=\"\"")),
         "{errors:#?}"
     );
 }

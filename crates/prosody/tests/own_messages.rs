@@ -28,9 +28,17 @@ async fn the_first_own_message_skip_is_explained_at_info() {
     })
     .await;
     let lines = support::log_lines_with(SKIP_EXPLAINED);
-    assert_eq!(lines.len(), 1, "one INFO line, not one per message: {lines:#?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "one INFO line, not one per message: {lines:#?}"
+    );
     assert!(lines[0].contains("INFO"), "{}", lines[0]);
-    assert!(lines[0].contains("source_system"), "says what to change: {}", lines[0]);
+    assert!(
+        lines[0].contains("source_system"),
+        "says what to change: {}",
+        lines[0]
+    );
     assert_eq!(seen.len(), 0);
     client.unsubscribe().await.expect("unsubscribe");
 }

@@ -442,7 +442,10 @@ async fn an_unreachable_database_error_gives_the_cause_and_server_but_not_the_pa
     .await
     .unwrap_err();
     let shown = prosody::Error::from(error).to_string();
-    assert!(shown.contains("connection refused") || shown.contains("Connection refused"), "{shown}");
+    assert!(
+        shown.contains("connection refused") || shown.contains("Connection refused"),
+        "{shown}"
+    );
     assert!(shown.contains(&format!("127.0.0.1:{port}")), "{shown}");
     assert!(shown.contains("orders"), "{shown}");
     assert!(!shown.contains("s3cret"), "{shown}");
