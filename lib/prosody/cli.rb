@@ -126,7 +126,8 @@ module Prosody
         else
           # Whole-number options are Integers for Configuration (which refuses Strings).
           type = %i[count whole].include?(kind) ? [Integer] : []
-          opts.on("--#{name.to_s.tr("_", "-")} VALUE", *type, *alias_switches(name), KIND_HINTS.fetch(kind, "")) do |value|
+          flag = "--#{name.to_s.tr("_", "-")} VALUE"
+          opts.on(flag, *type, *alias_switches(name), KIND_HINTS.fetch(kind, "")) do |value|
             set(name, value)
           end
         end

@@ -1,10 +1,10 @@
-// Quick start on the in-process mock cluster: `cargo run -p prosody --example quickstart`
-//
-// Sends 300 orders for 12 customers, handles them with a small `EventHandler`
-// that checks every customer's orders arrive in the order they were sent, prints
-// a summary and unsubscribes. Needs no Kafka: `mock(true)` starts one in-process.
-// Exits with an error unless every order was handled, in order
-// (crates/prosody/tests/quickstarts.rs runs it).
+//! Quick start on the in-process mock cluster: `cargo run -p prosody --example quickstart`
+//!
+//! Sends 300 orders for 12 customers, handles them with a small [`EventHandler`]
+//! that checks every customer's orders arrive in the order they were sent, prints
+//! a summary and unsubscribes. Needs no Kafka: `mock(true)` starts one in-process.
+//! Exits with an error unless every order was handled, in order
+//! (crates/prosody/tests/quickstarts.rs runs it).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -82,14 +82,15 @@ impl EventHandler for Orders {
     }
 }
 
+/// Sends the orders, handles them, prints the summary; fails unless all were handled in order.
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+pub async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
 
     let config = Config::builder()
         .mock(true)
         .group_id("quickstart")
-        .subscribed_topics(["orders"])
+        .subscribed_topics(["quickstart-orders"])
         // A consumer skips messages whose source-system header is its own group_id
         // (loop prevention), and source_system defaults to group_id: this client
         // sends as "checkout" so that it can consume what it sent.
@@ -109,7 +110,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             for sequence in 0..ORDERS_PER_CUSTOMER {
                 let order = json!({ "sequence": sequence, "total": 10 + sequence });
                 client
-                    .send("orders", &format!("customer-{customer}"), &order, &[])
+                    .send(
+                        "quickstart-orders",
+                        &format!("customer-{customer}"),
+                        &order,
+                        &[],
+                    )
                     .await?;
             }
             Ok::<(), prosody::Error>(())

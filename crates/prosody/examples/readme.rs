@@ -1,3 +1,5 @@
+//! README's Rust quick start, word for word: `cargo run -p prosody --example readme`.
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,8 +28,9 @@ impl EventHandler for Orders {
     }
 }
 
+/// Sends one order, waits until the handler has seen it, and stops.
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+pub async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::builder()
         .mock(true) // in-process Kafka; for real brokers: .bootstrap_servers(["kafka-1:9092"])
         .group_id("billing")
