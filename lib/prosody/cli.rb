@@ -124,7 +124,10 @@ module Prosody
         when :mock then opts.on("--[no-]mock", "Use the in-process mock Kafka cluster") { |flag| set(name, flag) }
         when :kafka then opts.on("--kafka SETTING=VALUE", "A librdkafka setting; repeatable") { |pair| kafka(pair) }
         else
-          opts.on("--#{name.to_s.tr("_", "-")} VALUE", *alias_switches(name), KIND_HINTS.fetch(kind, "")) do |value|
+          # Whole-number options are Integers for Configuration (which refuses Strings).
+          type = %i[count whole].include?(kind) ? [Integer] : []
+          flag = "--#{name.to_s.tr("_", "-")} VALUE"
+          opts.on(flag, *type, *alias_switches(name), KIND_HINTS.fetch(kind, "")) do |value|
             set(name, value)
           end
         end

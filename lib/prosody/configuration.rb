@@ -186,16 +186,15 @@ module Prosody
       count_value(name, value, minimum: 0)
     end
 
-    # Integers are checked here; Strings (e.g. from ENV) are parsed natively.
+    # An Integer. A String is refused (`max_concurrency: "10"` is a mistake in code);
+    # the `PROSODY_*` environment fallback, which is always text, is parsed natively.
     def count_value(name, value, minimum:)
-      case value
-      when String then value
-      when Integer
-        raise invalid(name, "must be at least #{minimum}, got #{value}") if value < minimum
-
-        value
-      else raise invalid(name, "expected a whole number, got #{value.class}")
+      unless value.is_a?(Integer)
+        raise invalid(name, "expected a whole number (Integer), got #{value.class} #{value.inspect}")
       end
+      raise invalid(name, "must be at least #{minimum}, got #{value}") if value < minimum
+
+      value
     end
 
     # A label such as "2" or :v2; an Integer is taken as its digits.

@@ -1,5 +1,7 @@
 # frozen_string_literal: true
 
+require "socket"
+
 # Bad input is refused with a clear Prosody error and never breaks the client:
 # a payload that is not JSON, a nil key and invalid options raise, and the same
 # client goes on sending and consuming afterwards.
@@ -29,8 +31,44 @@ RSpec.describe "bad input" do
       .to raise_error(Prosody::InvalidMessageError, /header `n`/)
   end
 
+  it "refuses a key that is not UTF-8 or not a String, naming the problem" do
+    expect { client.send_message(topic, "\xFF\x00k".b, { "a" => 1 }) }
+      .to raise_error(Prosody::InvalidMessageError, /key is not valid UTF-8: "\\xff\\x00k"/)
+    expect { client.send_message(topic, 42, { "a" => 1 }) }
+      .to raise_error(Prosody::InvalidMessageError, /key must be a non-empty String, got Integer/)
+    expect(client.send_message(topic, "plain ascii".b, { "a" => 1 })).to be_nil
+  end
+
+  it "refuses a source-system header: the source_system option sets it" do
+    expect { client.send_message(topic, "k", {}, headers: { "source-system" => "elsewhere" }) }
+      .to raise_error(Prosody::InvalidMessageError, /source_system/)
+  end
+
+  it "explains a store that cannot be reached: the cause and the server, not the password" do
+    port = TCPServer.open("127.0.0.1", 0) { |server| server.addr[1] }
+    failure = Queue.new
+    store_client = mock_consumer(topic, database_url: "postgres://prosody:s3cret@127.0.0.1:#{port}/orders")
+    store_client.subscribe(handler do |context, _message|
+      context.schedule(Time.now + 60)
+    rescue Prosody::Error => e
+      failure << e
+    end)
+    store_client.send_message(topic, "k", {})
+    error = next_item(failure, timeout: 30, description: "the timer call's error")
+    expect(error).to be_a(Prosody::StoreError)
+    expect(error.message).to match(/refused/i).and include("127.0.0.1:#{port}").and include("orders")
+    expect(error.message).not_to include("s3cret")
+  end
+
   {
     { bogus_option: true } => "bogus_option",
+    { max_concurrency: "10" } => "max_concurrency",
+    { max_retries: "3" } => "max_retries",
+    { send_timeout: 1e12 } => "send_timeout",
+    { send_timeout: Float::NAN } => "send_timeout",
+    { shutdown_timeout: -1 } => "shutdown_timeout",
+    { kafka: { "sesion.timeout.ms" => "9000" } } => "kafka",
+    { database_url: "not a url" } => "database_url",
     { max_concurrency: 0 } => "max_concurrency",
     { commit_interval: "soon" } => "commit_interval"
   }.each do |options, name|
@@ -38,5 +76,17 @@ RSpec.describe "bad input" do
       expect { Prosody::Client.new(mock: true, group_id: "g", subscribed_topics: topic, **options) }
         .to raise_error(Prosody::ConfigurationError) { |error| expect(error.message).to include("`#{name}`") }
     end
+  end
+
+  it "names the unknown kafka setting" do
+    expect { Prosody::Client.new(mock: true, group_id: "g", kafka: { "sesion.timeout.ms" => "9000" }) }
+      .to raise_error(Prosody::ConfigurationError, /unknown librdkafka setting `sesion.timeout.ms`/)
+  end
+
+  it "still parses whole numbers from PROSODY_* environment variables" do
+    ENV["PROSODY_MAX_CONCURRENCY"] = "7"
+    expect { Prosody::Client.new(mock: true, group_id: "g") }.not_to raise_error
+  ensure
+    ENV.delete("PROSODY_MAX_CONCURRENCY")
   end
 end

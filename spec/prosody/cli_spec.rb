@@ -12,7 +12,13 @@ RSpec.describe Prosody::CLI do
                 "--group-id", "billing", "--subscribed-topics", "invoices,payments", "--max-retries", "5")
     expect(cli.requires).to eq(%w[./app.rb ./more.rb])
     expect(cli.handler_name).to eq("Billing::InvoiceHandler")
-    expect(cli.client_options).to eq(group_id: "billing", subscribed_topics: "invoices,payments", max_retries: "5")
+    expect(cli.client_options).to eq(group_id: "billing", subscribed_topics: "invoices,payments", max_retries: 5)
+  end
+
+  it "passes whole-number options as Integers, which Configuration requires" do
+    cli = parse("--max-concurrency", "10", "--idempotence-cache-size", "0")
+    expect(cli.client_options).to eq(max_concurrency: 10, idempotence_cache_size: 0)
+    expect { Prosody::Configuration.new(**cli.client_options) }.not_to raise_error
   end
 
   it "accepts underscores, `=` values and the short aliases" do

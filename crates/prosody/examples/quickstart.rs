@@ -3,6 +3,8 @@
 //! Sends 300 orders for 12 customers, handles them with a small [`EventHandler`]
 //! that checks every customer's orders arrive in the order they were sent, prints
 //! a summary and unsubscribes. Needs no Kafka: `mock(true)` starts one in-process.
+//! Exits with an error unless every order was handled, in order
+//! (crates/prosody/tests/quickstarts.rs runs it).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -80,14 +82,19 @@ impl EventHandler for Orders {
     }
 }
 
+/// Sends the orders, handles them, prints the summary; fails unless all were handled in order.
 #[tokio::main]
-async fn main() -> prosody::Result<()> {
-    tracing_subscriber::fmt().with_env_filter("warn").init();
+pub async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
 
     let config = Config::builder()
         .mock(true)
         .group_id("quickstart")
-        .subscribed_topics(["orders"])
+        .subscribed_topics(["quickstart-orders"])
+        // A consumer skips messages whose source-system header is its own group_id
+        // (loop prevention), and source_system defaults to group_id: this client
+        // sends as "checkout" so that it can consume what it sent.
+        .source_system("checkout")
         // No /readyz and /livez server for a one-off example.
         .set("probe_port", OptionValue::Bool(false))?
         .build()?;
@@ -103,7 +110,12 @@ async fn main() -> prosody::Result<()> {
             for sequence in 0..ORDERS_PER_CUSTOMER {
                 let order = json!({ "sequence": sequence, "total": 10 + sequence });
                 client
-                    .send("orders", &format!("customer-{customer}"), &order, &[])
+                    .send(
+                        "quickstart-orders",
+                        &format!("customer-{customer}"),
+                        &order,
+                        &[],
+                    )
                     .await?;
             }
             Ok::<(), prosody::Error>(())
@@ -112,7 +124,7 @@ async fn main() -> prosody::Result<()> {
     while let Some(sent) = senders.join_next().await {
         sent.map_err(|_| prosody::Error::NoRuntime)??;
     }
-    let expected = usize::try_from(CUSTOMERS * ORDERS_PER_CUSTOMER).unwrap_or(usize::MAX);
+    let expected = usize::try_from(CUSTOMERS * ORDERS_PER_CUSTOMER)?;
     println!("sent {expected} orders in {:?}", started.elapsed());
 
     let ledger = Arc::new(Ledger::default());
@@ -148,6 +160,13 @@ async fn main() -> prosody::Result<()> {
         println!(
             "{customer:<12} {:>6} {:>7} {:>12}",
             account.orders, account.total, account.out_of_order
+        );
+    }
+    let handled = ledger.handled.load(Ordering::Relaxed);
+    let out_of_order: u64 = accounts.values().map(|account| account.out_of_order).sum();
+    if handled != expected || out_of_order > 0 {
+        return Err(
+            format!("handled {handled} of {expected} orders, {out_of_order} out of order").into(),
         );
     }
     Ok(())

@@ -4,7 +4,7 @@
 //! [`OptionValue`] through [`ConfigBuilder::set`] (what the Ruby bridge uses), or
 //! the environment variable `PROSODY_<UPPER_NAME>`. Validation errors name the option.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::duration::{parse_duration, seconds_to_duration};
@@ -543,10 +543,76 @@ impl ConfigBuilder {
                 }
             }
         }
+        let from_env = options_from_env
+            .keys()
+            .filter(|name| !self.values.contains_key(name.as_str()))
+            .cloned()
+            .collect();
         let mut values = options_from_env;
         values.extend(self.values);
-        Options { values }.validate(kafka_from_env)
+        Options { values, from_env }.validate(kafka_from_env)
     }
+}
+
+/// The longest duration any option takes: far beyond any sensible setting, and
+/// far below the point where adding it to a clock reading overflows.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// librdkafka's upper bound for `message.timeout.ms`, which `send_timeout` sets.
+const MAX_SEND_TIMEOUT_MS: u128 = 2_147_483_647;
+
+/// Checks every `kafka` passthrough setting against librdkafka's property table
+/// (`rd_kafka_conf_set`) without creating a client, so a misspelt key or an
+/// impossible value is reported as a configuration error naming the key.
+/// The value is never part of the message: it may be a credential.
+fn check_kafka_settings(kafka: &BTreeMap<String, String>) -> Result<()> {
+    for (key, value) in kafka {
+        let mut probe = rdkafka::ClientConfig::new();
+        probe.set(key, value);
+        if let Err(error) = probe.create_native_config() {
+            let reason = match error {
+                rdkafka::error::KafkaError::ClientConfig(
+                    rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN,
+                    ..,
+                ) => format!(
+                    "unknown librdkafka setting `{key}` (see librdkafka's CONFIGURATION.md)"
+                ),
+                rdkafka::error::KafkaError::ClientConfig(_, description, ..) => {
+                    let description = if value.is_empty() {
+                        description
+                    } else {
+                        description.replace(value.as_str(), "…")
+                    };
+                    format!("invalid value for librdkafka setting `{key}`: {description}")
+                }
+                other => format!("librdkafka setting `{key}`: {other}"),
+            };
+            return Err(Error::config("kafka", reason));
+        }
+    }
+    Ok(())
+}
+
+/// Parses `database_url` the way the store will (no connection is made), so a
+/// malformed URL fails at `Client.new` rather than at every store call. The
+/// message never repeats the URL, which may carry a password.
+fn check_database_url(url: &str) -> Result<()> {
+    let looks_like_url = url.contains("://");
+    let looks_like_pairs = url.contains('=');
+    if !looks_like_url && !looks_like_pairs {
+        return Err(Error::config(
+            "database_url",
+            "expected a postgres:// URL or key=value pairs (e.g. \"host=db dbname=app\")",
+        ));
+    }
+    url.parse::<tokio_postgres::Config>()
+        .map(drop)
+        .map_err(|error| {
+            let cause = std::error::Error::source(&error)
+                .map(|cause| format!(": {cause}"))
+                .unwrap_or_default();
+            Error::config("database_url", format!("{error}{cause}"))
+        })
 }
 
 fn clamp_i64(value: usize) -> i64 {
@@ -556,6 +622,8 @@ fn clamp_i64(value: usize) -> i64 {
 /// Options merged from every source, read out one by one with their types checked.
 struct Options {
     values: BTreeMap<String, OptionValue>,
+    /// Options whose value came from a `PROSODY_*` variable: text that may hold a number.
+    from_env: BTreeSet<String>,
 }
 
 impl Options {
@@ -585,6 +653,7 @@ impl Options {
         if let Some(map) = self.map("kafka")? {
             kafka.extend(map);
         }
+        check_kafka_settings(&kafka)?;
         let mode = match self.take("mode") {
             None => Mode::Pipeline,
             Some(OptionValue::Str(text)) => Mode::parse(&text).ok_or_else(|| {
@@ -628,9 +697,7 @@ impl Options {
         let max_retries = match self.take("max_retries") {
             None => 3,
             Some(value) => {
-                let mut single = Options {
-                    values: BTreeMap::from([("max_retries".to_owned(), value)]),
-                };
+                let mut single = self.single("max_retries", value);
                 u32::try_from(single.count("max_retries")?)
                     .map_err(|_| Error::config("max_retries", "too large"))?
             }
@@ -639,9 +706,7 @@ impl Options {
         let idempotence_cache_size = match self.take("idempotence_cache_size") {
             None => 8192,
             Some(value) => {
-                let mut single = Options {
-                    values: BTreeMap::from([("idempotence_cache_size".to_owned(), value)]),
-                };
+                let mut single = self.single("idempotence_cache_size", value);
                 usize::try_from(single.count("idempotence_cache_size")?)
                     .map_err(|_| Error::config("idempotence_cache_size", "too large"))?
             }
@@ -653,6 +718,9 @@ impl Options {
             .nonzero_duration("idempotence_ttl")?
             .unwrap_or(Duration::from_secs(7 * 86_400));
         let database_url = self.string("database_url")?;
+        if let Some(url) = &database_url {
+            check_database_url(url)?;
+        }
         let state_store = match self.take("state_store") {
             None => StateStore::Auto,
             Some(OptionValue::Str(text)) => match text
@@ -712,9 +780,18 @@ impl Options {
             poll_interval: self
                 .nonzero_duration("poll_interval")?
                 .unwrap_or(Duration::from_millis(100)),
-            send_timeout: self
-                .nonzero_duration("send_timeout")?
-                .unwrap_or(Duration::from_secs(1)),
+            send_timeout: match self.nonzero_duration("send_timeout")? {
+                // It becomes librdkafka's message.timeout.ms, a 32-bit number of milliseconds.
+                Some(timeout) if timeout.as_millis() > MAX_SEND_TIMEOUT_MS => {
+                    return Err(Error::config(
+                        "send_timeout",
+                        format!(
+                            "must be at most {MAX_SEND_TIMEOUT_MS} ms (about 24.8 days; librdkafka's message.timeout.ms limit), got {timeout:?}"
+                        ),
+                    ))
+                }
+                timeout => timeout.unwrap_or(Duration::from_secs(1)),
+            },
             shutdown_timeout: self
                 .duration("shutdown_timeout")?
                 .unwrap_or(Duration::from_secs(30)),
@@ -725,6 +802,34 @@ impl Options {
 
     fn take(&mut self, name: &str) -> Option<OptionValue> {
         self.values.remove(name)
+    }
+
+    /// `value` alone under `name`, keeping where it came from.
+    fn single(&self, name: &str, value: OptionValue) -> Self {
+        Options {
+            values: BTreeMap::from([(name.to_owned(), value)]),
+            from_env: self
+                .from_env
+                .iter()
+                .filter(|n| *n == name)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Parses a whole number given as text: accepted from the environment (where
+    /// every value is text) but not from code, where a String for an Integer
+    /// option is a mistake (e.g. `max_concurrency: "10"`).
+    fn whole_text(&self, name: &str, text: &str) -> Result<i64> {
+        if !self.from_env.contains(name) {
+            return Err(Error::config(
+                name,
+                format!("expected a whole number (Integer), got the string `{text}`"),
+            ));
+        }
+        text.trim()
+            .parse::<i64>()
+            .map_err(|_| Error::config(name, format!("expected a whole number, got `{text}`")))
     }
 
     fn string(&mut self, name: &str) -> Result<Option<String>> {
@@ -786,9 +891,7 @@ impl Options {
     fn count(&mut self, name: &str) -> Result<u64> {
         let number = match self.take(name) {
             Some(OptionValue::Int(number)) => number,
-            Some(OptionValue::Str(text)) => text.trim().parse::<i64>().map_err(|_| {
-                Error::config(name, format!("expected a whole number, got `{text}`"))
-            })?,
+            Some(OptionValue::Str(text)) => self.whole_text(name, &text)?,
             Some(other) => {
                 return Err(Error::config(
                     name,
@@ -837,9 +940,7 @@ impl Options {
         let number = match self.take(name) {
             None => return Ok(None),
             Some(OptionValue::Int(number)) => number,
-            Some(OptionValue::Str(text)) => text.trim().parse::<i64>().map_err(|_| {
-                Error::config(name, format!("expected a whole number, got `{text}`"))
-            })?,
+            Some(OptionValue::Str(text)) => self.whole_text(name, &text)?,
             Some(other) => {
                 return Err(Error::config(
                     name,
@@ -868,9 +969,14 @@ impl Options {
                 describe(&other)
             )),
         };
-        parsed
-            .map(Some)
-            .map_err(|reason| Error::config(name, reason))
+        match parsed {
+            Ok(duration) if duration > MAX_DURATION => Err(Error::config(
+                name,
+                format!("must be at most 365 days, got {duration:?}"),
+            )),
+            Ok(duration) => Ok(Some(duration)),
+            Err(reason) => Err(Error::config(name, reason)),
+        }
     }
 
     fn nonzero_duration(&mut self, name: &str) -> Result<Option<Duration>> {

@@ -36,6 +36,11 @@ pub enum Error {
         timeout: Duration,
     },
 
+    /// A message cannot be sent as given (e.g. it sets the `source-system`
+    /// header, which Prosody writes itself from the `source_system` option).
+    #[error("invalid message: {0}")]
+    InvalidMessage(String),
+
     /// A payload could not be encoded as JSON.
     #[error("payload is not valid JSON: {0}")]
     Payload(#[from] serde_json::Error),

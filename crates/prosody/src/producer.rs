@@ -61,7 +61,9 @@ impl Producer {
     /// Sends `payload` as JSON and resolves once the broker acknowledged it.
     ///
     /// Fails with [`Error::SendTimeout`] after `send_timeout`, [`Error::Payload`]
-    /// when `payload` cannot be encoded, or [`Error::Kafka`] when the broker refuses it.
+    /// when `payload` cannot be encoded, [`Error::InvalidMessage`] when `headers`
+    /// sets `source-system` (Prosody writes that header from the `source_system`
+    /// option), or [`Error::Kafka`] when the broker refuses it.
     pub async fn send(
         &self,
         topic: &str,
@@ -69,6 +71,15 @@ impl Producer {
         payload: &serde_json::Value,
         headers: &[(String, String)],
     ) -> Result<()> {
+        if headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case(SOURCE_SYSTEM_HEADER))
+        {
+            return Err(Error::InvalidMessage(format!(
+                "the `{SOURCE_SYSTEM_HEADER}` header is written by Prosody from the source_system option ({:?} for this client); set source_system on the client instead of passing the header",
+                self.source_system
+            )));
+        }
         let bytes = serde_json::to_vec(payload)?;
         self.send_bytes(topic, key, &bytes, headers).await
     }

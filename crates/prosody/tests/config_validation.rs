@@ -100,3 +100,113 @@ async fn subscribing_without_group_or_topics_names_the_option() {
     let (named, _) = rejected_option(client.subscribe(support::Seen::default().recorder()));
     assert_eq!(named, "subscribed_topics");
 }
+
+#[test]
+fn durations_beyond_what_clocks_and_librdkafka_take_are_named() {
+    // 1e12 s used to reach librdkafka as message.timeout.ms=1000000000000000 and
+    // fail later as a Kafka error with the overflowed number.
+    for value in [
+        OptionValue::Float(1e12),
+        OptionValue::Int(i64::MAX),
+        OptionValue::Str("25d".into()),
+        OptionValue::Float(f64::NAN),
+        OptionValue::Float(-2.0),
+        OptionValue::Float(f64::INFINITY),
+    ] {
+        let (named, message) = rejected_option(set("send_timeout", value.clone()));
+        assert_eq!(named, "send_timeout", "{value:?}: {message}");
+    }
+    let (_, message) = rejected_option(set("send_timeout", OptionValue::Str("25d".into())));
+    assert!(message.contains("2147483647 ms"), "{message}");
+    for option in [
+        "shutdown_timeout",
+        "commit_interval",
+        "idempotence_ttl",
+        "timeout",
+    ] {
+        let (named, message) = rejected_option(set(option, OptionValue::Float(1e12)));
+        assert_eq!(named, option, "{message}");
+        assert!(message.contains("365 days"), "{message}");
+    }
+    let config = set("send_timeout", OptionValue::Str("24d".into())).expect("24 days fit");
+    assert_eq!(config.send_timeout(), Duration::from_secs(24 * 86_400));
+}
+
+#[test]
+fn unknown_or_invalid_kafka_settings_are_configuration_errors_naming_the_key() {
+    let (named, message) = rejected_option(
+        mock()
+            .kafka("sesion.timeout.ms", "9000")
+            .build_with_env(Vec::new()),
+    );
+    assert_eq!(named, "kafka");
+    assert!(message.contains("`sesion.timeout.ms`"), "{message}");
+    assert!(message.contains("unknown"), "{message}");
+
+    let (named, message) = rejected_option(
+        mock()
+            .kafka("acks", "sometimes-secret")
+            .build_with_env(Vec::new()),
+    );
+    assert_eq!(named, "kafka");
+    assert!(message.contains("`acks`"), "{message}");
+    assert!(
+        !message.contains("sometimes-secret"),
+        "values stay out: {message}"
+    );
+
+    let env = vec![("PROSODY_KAFKA_NOT_A_SETTING".to_owned(), "1".to_owned())];
+    let (named, message) = rejected_option(mock().build_with_env(env));
+    assert_eq!(named, "kafka");
+    assert!(message.contains("`not.a.setting`"), "{message}");
+
+    mock()
+        .kafka("session.timeout.ms", "9000")
+        .kafka("linger.ms", "20")
+        .kafka("sasl.password", "hunter2")
+        .build_with_env(Vec::new())
+        .expect("known settings pass");
+}
+
+#[test]
+fn integer_options_take_numbers_from_code_and_text_only_from_the_environment() {
+    for option in [
+        "max_concurrency",
+        "max_uncommitted",
+        "max_retries",
+        "idempotence_cache_size",
+    ] {
+        let (named, message) = rejected_option(set(option, OptionValue::Str("10".into())));
+        assert_eq!(named, option);
+        assert!(message.contains("string"), "{message}");
+        let env = vec![(
+            format!("PROSODY_{}", option.to_ascii_uppercase()),
+            "10".to_owned(),
+        )];
+        mock()
+            .build_with_env(env)
+            .unwrap_or_else(|error| panic!("{option} from the environment: {error}"));
+    }
+    let env = vec![("PROSODY_MAX_CONCURRENCY".to_owned(), "10".to_owned())];
+    let config = mock().build_with_env(env).expect("env");
+    assert_eq!(config.max_concurrency(), 10);
+}
+
+#[test]
+fn a_malformed_database_url_is_rejected_when_the_config_is_built() {
+    for url in [
+        "not a url",
+        "postgres://user:hunter2@db:notaport/app",
+        "host=db port=x",
+    ] {
+        let (named, message) = rejected_option(set("database_url", OptionValue::Str(url.into())));
+        assert_eq!(named, "database_url", "{url}: {message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+    for url in [
+        "postgres://user:pw@localhost:5432/app",
+        "host=localhost dbname=app",
+    ] {
+        set("database_url", OptionValue::Str(url.into())).expect(url);
+    }
+}

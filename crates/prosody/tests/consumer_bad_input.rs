@@ -74,4 +74,15 @@ async fn malformed_messages_are_logged_and_skipped() {
         logged(12, "no key"),
         "no error logged for the empty message: {errors:#?}"
     );
+    // The reason reads as a sentence and the missing key is not shown as `key=""`.
+    assert!(
+        logged(11, "unusable message: it has no key") && logged(11, "key=\"<unusable>\""),
+        "keyless message line: {errors:#?}"
+    );
+    assert!(
+        !errors
+            .iter()
+            .any(|line| line.contains("message it") || line.contains("key=\"\"")),
+        "{errors:#?}"
+    );
 }

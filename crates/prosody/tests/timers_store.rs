@@ -433,6 +433,25 @@ async fn bad_configuration_is_not_retriable_and_hides_the_password() {
 }
 
 #[tokio::test]
+async fn an_unreachable_database_error_gives_the_cause_and_server_but_not_the_password() {
+    // Needs no database: nothing listens on the port.
+    let port = free_port();
+    let error = PostgresStore::connect(&format!(
+        "postgres://prosody:s3cret@127.0.0.1:{port}/orders"
+    ))
+    .await
+    .unwrap_err();
+    let shown = prosody::Error::from(error).to_string();
+    assert!(
+        shown.contains("connection refused") || shown.contains("Connection refused"),
+        "{shown}"
+    );
+    assert!(shown.contains(&format!("127.0.0.1:{port}")), "{shown}");
+    assert!(shown.contains("orders"), "{shown}");
+    assert!(!shown.contains("s3cret"), "{shown}");
+}
+
+#[tokio::test]
 async fn an_unreachable_database_is_retriable() {
     let _ = database_url();
     let port = free_port();

@@ -84,13 +84,15 @@ impl NativeClient {
     fn send_message(
         ruby: &Ruby,
         rb_self: &Self,
-        topic: String,
-        key: String,
+        topic: Value,
+        key: Value,
         payload: Value,
         headers: Value,
         queue: Value,
     ) -> Result<(), Error> {
         let client = rb_self.client(ruby)?;
+        let topic = convert::text_argument(ruby, topic, "topic")?;
+        let key = convert::text_argument(ruby, key, "key")?;
         let payload = convert::to_json(ruby, payload)?;
         let headers = convert::headers(ruby, headers)?;
         answer_later(ruby, queue, true, async move {

@@ -130,13 +130,49 @@ fn key_name(ruby: &Ruby, key: Value) -> Result<String, Error> {
 }
 
 fn utf8(ruby: &Ruby, text: RString) -> Result<String, Error> {
-    text.to_string().map_err(|_| {
+    utf8_named(ruby, text, "a payload string")
+}
+
+/// `text` as Rust UTF-8, or an `InvalidMessageError` naming `what` and showing
+/// the offending bytes escaped (`"\xFF\x00"`). Binary (ASCII-8BIT) strings
+/// are accepted when their bytes happen to be valid UTF-8.
+fn utf8_named(ruby: &Ruby, text: RString, what: &str) -> Result<String, Error> {
+    // SAFETY: the bytes are copied out at once, before any Ruby code can run
+    // and change or free the string.
+    let bytes = unsafe { text.as_slice() }.to_vec();
+    String::from_utf8(bytes).map_err(|invalid| {
         error(
             ruby,
             Kind::InvalidMessage,
-            "payload string is not valid UTF-8",
+            format!(
+                "{what} is not valid UTF-8: \"{}\" (Prosody keys, topics and headers are text; encode binary data, e.g. as hex or Base64)",
+                invalid.as_bytes().escape_ascii()
+            ),
         )
     })
+}
+
+/// A `topic` or `key` argument: a non-empty String of valid UTF-8.
+pub(crate) fn text_argument(ruby: &Ruby, value: Value, name: &str) -> Result<String, Error> {
+    let Some(text) = RString::from_value(value) else {
+        return Err(error(
+            ruby,
+            Kind::InvalidMessage,
+            format!(
+                "{name} must be a non-empty String, got {}",
+                class_name(value)
+            ),
+        ));
+    };
+    let text = utf8_named(ruby, text, name)?;
+    if text.is_empty() {
+        return Err(error(
+            ruby,
+            Kind::InvalidMessage,
+            format!("{name} must be a non-empty String"),
+        ));
+    }
+    Ok(text)
 }
 
 fn class_name(value: Value) -> String {
@@ -189,7 +225,10 @@ pub(crate) fn headers(ruby: &Ruby, value: Value) -> Result<Vec<(String, String)>
     };
     let mut pairs = Vec::with_capacity(hash.len());
     hash.foreach(|key: Value, item: Value| {
-        let key = key_name(ruby, key)?;
+        let key = match RString::from_value(key) {
+            Some(name) => utf8_named(ruby, name, "a header name")?,
+            None => key_name(ruby, key)?,
+        };
         let Some(item) = RString::from_value(item) else {
             return Err(error(
                 ruby,
@@ -197,7 +236,8 @@ pub(crate) fn headers(ruby: &Ruby, value: Value) -> Result<Vec<(String, String)>
                 format!("header `{key}` must have a String value"),
             ));
         };
-        pairs.push((key, utf8(ruby, item)?));
+        let value = utf8_named(ruby, item, &format!("header `{key}`"))?;
+        pairs.push((key, value));
         Ok(magnus::r_hash::ForEach::Continue)
     })?;
     Ok(pairs)

@@ -69,7 +69,7 @@ fn kind_of(error: &prosody::Error) -> Kind {
         prosody::Error::Configuration { .. } => Kind::Configuration,
         prosody::Error::Kafka(_) => Kind::Kafka,
         prosody::Error::SendTimeout { .. } => Kind::SendTimeout,
-        prosody::Error::Payload(_) => Kind::InvalidMessage,
+        prosody::Error::Payload(_) | prosody::Error::InvalidMessage(_) => Kind::InvalidMessage,
         prosody::Error::AlreadySubscribed => Kind::State,
         prosody::Error::Mock(_) => Kind::MockCluster,
         prosody::Error::Store(_) => Kind::Store,

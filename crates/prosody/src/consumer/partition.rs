@@ -546,7 +546,7 @@ impl PartitionManager {
             message,
         };
         if let Err(problem) = &fetched.key {
-            return Err(bad_input(format!("message {problem}")));
+            return Err(bad_input(format!("unusable message: {problem}")));
         }
         let payload = match fetched.payload.as_deref().map(serde_json::from_slice) {
             Some(Ok(payload)) => payload,
@@ -582,7 +582,7 @@ impl PartitionManager {
             self.shared.dead_letters.as_ref(),
         ) else {
             error!(
-                topic = %self.topic, partition = self.partition, offset, key, attempts, kind = failure.kind.as_str(),
+                topic = %self.topic, partition = self.partition, offset, key = fetched.key.as_deref().unwrap_or("<unusable>"), attempts, kind = failure.kind.as_str(),
                 "skipping message after failure ({}): {}", failure.class, failure.message
             );
             return true;
@@ -602,7 +602,7 @@ impl PartitionManager {
             match producer.send_bytes(topic, key, payload, &headers).await {
                 Ok(()) => {
                     warn!(
-                        topic = %self.topic, partition = self.partition, offset, key, attempts, kind = failure.kind.as_str(),
+                        topic = %self.topic, partition = self.partition, offset, key = fetched.key.as_deref().unwrap_or("<unusable>"), attempts, kind = failure.kind.as_str(),
                         failure_topic = topic, "message dead-lettered after failure ({}): {}", failure.class, failure.message
                     );
                     return true;

@@ -294,6 +294,76 @@ fn connection_lost(error: &tokio_postgres::Error) -> bool {
 }
 
 /// The driver's message with its database detail, if any.
+/// A failed connect, with its causes and the server it tried: tokio-postgres
+/// shows only "error connecting to server" and keeps the reason (connection
+/// refused, unknown host, timeout) in its source. Never shows the password.
+fn connect_error(config: &Config, error: tokio_postgres::Error) -> StoreError {
+    let detail = format!("{} ({})", with_causes(&error), target(config));
+    let detail = match config.get_password() {
+        Some(password) if !password.is_empty() => {
+            detail.replace(String::from_utf8_lossy(password).as_ref(), "***")
+        }
+        _ => detail,
+    };
+    let is_db_error = error.as_db_error().is_some();
+    match classify("connect", Phase::Connect, error) {
+        StoreError::Unavailable { operation, .. } => StoreError::Unavailable {
+            operation,
+            source: source(Reason(detail)),
+        },
+        StoreError::Configuration { .. } if !is_db_error => {
+            StoreError::Configuration { reason: detail }
+        }
+        other => other,
+    }
+}
+
+/// `error` followed by each of its sources, `: `-separated.
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        let shown = next.to_string();
+        if !text.ends_with(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
+        cause = next.source();
+    }
+    text
+}
+
+/// Where a connect went: hosts, ports, database and user (no password).
+fn target(config: &Config) -> String {
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(index, host)| {
+            let port = ports
+                .get(index)
+                .or_else(|| ports.first())
+                .copied()
+                .unwrap_or(5432);
+            match host {
+                tokio_postgres::config::Host::Tcp(name) => format!("{name}:{port}"),
+                tokio_postgres::config::Host::Unix(path) => {
+                    format!("{}/.s.PGSQL.{port}", path.display())
+                }
+            }
+        })
+        .collect();
+    let mut text = format!("server {}", hosts.join(", "));
+    if let Some(database) = config.get_dbname() {
+        text.push_str(&format!(", database {database}"));
+    }
+    if let Some(user) = config.get_user() {
+        text.push_str(&format!(", user {user}"));
+    }
+    text
+}
+
 fn describe(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
@@ -373,7 +443,7 @@ async fn open(config: &Config) -> Result<Connection, StoreError> {
         let (mut client, connection) = config
             .connect(NoTls)
             .await
-            .map_err(|error| classify("connect", Phase::Connect, error))?;
+            .map_err(|error| connect_error(config, error))?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::warn!(%error, "timer store: PostgreSQL connection ended");
