@@ -76,8 +76,10 @@ module Prosody
       nil
     end
 
-    # Stops consuming: in-flight handlers finish or are cancelled (within
-    # shutdown_timeout), progress is committed and the group is left.
+    # Stops consuming: in-flight handlers finish or are cancelled, progress is
+    # committed and the group is left, all by one deadline: it returns within
+    # shutdown_timeout plus about a second, even when the brokers are gone
+    # (what could not be confirmed by then is logged and given up).
     # Does nothing when not subscribed.
     #
     # @return [nil]
