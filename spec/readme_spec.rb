@@ -23,4 +23,16 @@ RSpec.describe "README" do
       expect(output).to include("3 examples, 0 failures")
     end
   end
+
+  it "has the Rust quick start that is the crate's doctest, word for word" do
+    quick_start = readme[/^## Rust quick start\n.*?```rust\n(.*?)^```$/m, 1]
+    lib_rs = File.read(File.expand_path("../crates/prosody/src/lib.rs", __dir__))
+    doctest = lib_rs[%r{^//! # Example\n.*?^//! ```\n(.*?)^//! ```$}m, 1]
+    expect(quick_start).not_to be_nil
+    expect(doctest).not_to be_nil
+    expect(doctest.gsub(%r{^//! ?}, "")).to eq(quick_start)
+    # What the example uses directly is listed as a dependency to add.
+    dependencies = readme[/^## Rust quick start\n.*?```toml\n(.*?)^```$/m, 1]
+    expect(dependencies).to include("prosody =", "tokio =", "serde_json =", "thiserror =")
+  end
 end

@@ -1,6 +1,43 @@
 //! Prosody: a Kafka consumer and producer that runs different keys of one partition
 //! concurrently while keeping each key strictly in order.
 //!
+//! # Example
+//!
+//! Handle and send JSON messages (the README's Rust quick start, which lists the
+//! dependencies it needs: `tokio` with `macros` and `rt-multi-thread`, `serde_json`,
+//! `thiserror`):
+//!
+//! ```
+//! use prosody::{ClassifyError, Client, Config, Context, EventHandler, Message};
+//!
+//! #[derive(Debug, thiserror::Error)]
+//! #[error("billing unavailable")]
+//! struct Unavailable;
+//! impl ClassifyError for Unavailable {} // transient by default
+//!
+//! struct Orders;
+//!
+//! impl EventHandler for Orders {
+//!     type Error = Unavailable;
+//!
+//!     async fn on_message(&self, _context: Context, message: Message) -> Result<(), Unavailable> {
+//!         println!("{} #{}: {}", message.key(), message.offset(), message.payload());
+//!         Ok(())
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> prosody::Result<()> {
+//!     // mock(true): an in-process Kafka; use .bootstrap_servers(["kafka:9092"]) for a real one.
+//!     let config = Config::builder().mock(true).group_id("billing").subscribed_topics(["orders"]).build()?;
+//!     let client = Client::new(config)?;
+//!     client.subscribe(Orders)?;
+//!     client.send("orders", "customer-42", &serde_json::json!({"order_id": 7}), &[]).await?;
+//!     // ... on shutdown:
+//!     client.unsubscribe().await
+//! }
+//! ```
+//!
 //! # Layout
 //! - [`config`]: options, `PROSODY_*` environment fallbacks, validation ([`Config`]).
 //! - `client`: [`Client`], one producer plus at most one subscription.
@@ -11,7 +48,7 @@
 //! - [`mock`]: the in-process mock Kafka cluster behind `mock: true`.
 //! - `probe`: the `/readyz` and `/livez` HTTP probe server.
 //! - `dedup`: message-id deduplication (an LRU per consumer, records in the state store).
-//! - `timers`: durable per-key timer storage ([`TimerStore`]: [`MemoryStore`], [`PostgresStore`]).
+//! - `timers`: durable per-key timer storage (memory, or PostgreSQL with `database_url`).
 //! - `error`: [`Error`], the crate's one error type.
 
 mod client;
@@ -35,4 +72,11 @@ pub use error::{Error, Result};
 pub use handler::{ClassifyError, Context, EventHandler};
 pub use message::{Header, Message, Timer};
 pub use producer::{Producer, SOURCE_SYSTEM_HEADER};
-pub use timers::{MemoryStore, PartitionScope, PostgresStore, StoreError, StoreFuture, TimerStore};
+pub use timers::StoreError;
+// Not part of the documented API: a `Client` cannot take a store (it picks one from the
+// `state_store` and `database_url` options), so these traits and types are not something
+// a user implements or passes anywhere. They stay reachable, hidden, for this crate's
+// integration tests (tests/timers_store.rs) and for prosody-bench, which exercise the
+// stores directly.
+#[doc(hidden)]
+pub use timers::{MemoryStore, PartitionScope, PostgresStore, StoreFuture, TimerStore};
