@@ -20,4 +20,7 @@ require_relative "prosody/context"
 require_relative "prosody/reactor_watchdog"
 require_relative "prosody/async_task_processor"
 require_relative "prosody/client"
+require_relative "prosody/app_client"
 require_relative "prosody/mock_cluster"
+# Rails integration, only inside a Rails app (Rails loads before its gems).
+require_relative "prosody/railtie" if defined?(Rails::Railtie)

@@ -11,7 +11,8 @@ module Prosody
   # short forms `--group`, `--topics` and `--brokers`. A client option left out
   # falls back to its `PROSODY_<NAME>` environment variable (applied natively),
   # and the runner's own flags fall back to `PROSODY_REQUIRE` (comma
-  # separated), `PROSODY_HANDLER` and `PROSODY_LOG_LEVEL`.
+  # separated), `PROSODY_HANDLER`, `PROSODY_LOG_LEVEL` and `PROSODY_RAILS`
+  # (`true` or `1` for `--rails`).
   #
   # @example
   #   cli = Prosody::CLI.new(%w[--require ./app.rb --handler InvoiceHandler --group billing --topics invoices])
@@ -40,6 +41,10 @@ module Prosody
     # @return [String] one of {LOG_LEVELS}
     attr_reader :log_level
 
+    # Values of PROSODY_RAILS that mean `--rails`.
+    TRUE_VALUES = %w[1 true yes].freeze
+    private_constant :TRUE_VALUES
+
     # @param argv [Array<String>]
     # @param env [Hash{String=>String}]
     # @raise [ConfigurationError] for an unknown flag, a missing value or a stray argument
@@ -48,6 +53,7 @@ module Prosody
       @requires_given = false
       @handler_name = env["PROSODY_HANDLER"]
       @log_level = env.fetch("PROSODY_LOG_LEVEL", "info").downcase
+      @rails = TRUE_VALUES.include?(env.fetch("PROSODY_RAILS", "").downcase)
       @client_options = {}
       @help = false
       @version = false
@@ -62,6 +68,12 @@ module Prosody
     # @return [Boolean] whether --version was given
     def version?
       @version
+    end
+
+    # @return [Boolean] whether --rails was given: boot the Rails app of the
+    #   current directory (config/environment.rb) before anything else
+    def rails?
+      @rails
     end
 
     # @return [String] the usage text, with every flag
@@ -93,7 +105,7 @@ module Prosody
 
     def parser
       @parser ||= OptionParser.new do |opts|
-        opts.banner = "Usage: prosody --require FILE --handler CLASS [options]"
+        opts.banner = "Usage: prosody (--require FILE | --rails) --handler CLASS [options]"
         opts.separator ""
         opts.separator "Runs a Prosody::EventHandler subclass until TERM or INT, then unsubscribes gracefully."
         opts.separator ""
@@ -110,6 +122,8 @@ module Prosody
         @requires_given = true
         @requires << file
       end
+      opts.on("--rails", "Boot the Rails app in this directory (config/environment.rb) first; the default " \
+                         "when config/environment.rb exists and nothing is required") { @rails = true }
       opts.on("-H", "--handler CLASS", "The Prosody::EventHandler subclass to run, e.g. Billing::Handler") do |name|
         @handler_name = name
       end

@@ -9,6 +9,12 @@ module Prosody
   # serves until told to stop.
   #
   #   prosody --require ./app.rb --handler InvoiceHandler --group billing --topics invoices
+  #   prosody --rails --handler InvoiceHandler   # in a Rails app's directory
+  #
+  # The client it subscribes is {Prosody.client}, built from
+  # {Prosody.client_options} (in a Rails app: config/prosody.yml, see
+  # {Railtie}) with the command-line options laid over them, so handlers can
+  # send with `Prosody.client` through the same connections.
   #
   # Signals:
   # - TERM or INT starts a graceful shutdown: {Client#unsubscribe} stops
@@ -35,6 +41,9 @@ module Prosody
     SHUTDOWN_SIGNALS = %w[TERM INT].freeze
     # Signals that are logged and otherwise ignored.
     IGNORED_SIGNALS = %w[TSTP].freeze
+
+    # What `--rails` requires, relative to the current directory.
+    RAILS_ENVIRONMENT = "config/environment.rb"
 
     # A repeated shutdown signal within this many seconds is a duplicate, not a request to force exit.
     DUPLICATE_WINDOW = 1.0
@@ -100,24 +109,55 @@ module Prosody
     end
 
     def serve(cli)
-      load_application(cli.requires)
+      load_application(cli)
       handler = build_handler(cli.handler_name)
-      client = Client.new(**cli.client_options)
+      client = application_client(cli.client_options)
       with_signal_pipe { run_client(client, handler) }
     rescue ConfigurationError
       raise
     rescue StandardError, ScriptError => e
       Prosody.logger.error("prosody: #{e.class}: #{e.message}#{" (#{e.backtrace.first})" if e.backtrace}")
       1
+    ensure
+      Prosody.reset_client! if client
     end
 
-    def load_application(requires)
-      raise ConfigurationError, "nothing to load: pass --require FILE (or set PROSODY_REQUIRE)" if requires.empty?
+    def load_application(cli)
+      requires = cli.requires
+      rails = cli.rails? || (requires.empty? && File.file?(RAILS_ENVIRONMENT))
+      if requires.empty? && !rails
+        raise ConfigurationError, "nothing to load: pass --require FILE or --rails (or set PROSODY_REQUIRE)"
+      end
 
+      boot_rails if rails
+      require_all(requires)
+    end
+
+    def require_all(requires)
       requires.each do |path|
         file = File.expand_path(path)
         require(File.file?(file) || File.file?("#{file}.rb") ? file : path)
       end
+    end
+
+    def boot_rails
+      environment = File.expand_path(RAILS_ENVIRONMENT)
+      unless File.file?(environment)
+        raise ConfigurationError, "--rails: no #{RAILS_ENVIRONMENT} in #{Dir.pwd}; run prosody from the app's directory"
+      end
+
+      # Prosody was loaded before Rails: add the Railtie now, before the app's
+      # config/application.rb configures it.
+      require "rails"
+      require "prosody/railtie"
+      require environment
+      Prosody.logger.info("prosody: booted the Rails app #{::Rails.application.class.name} (#{::Rails.env})")
+    end
+
+    # {Prosody.client}, with the command-line options laid over {Prosody.client_options}.
+    def application_client(options)
+      Prosody.client_options = Prosody.client_options.merge(**options) unless options.empty?
+      Prosody.client
     end
 
     def build_handler(name)

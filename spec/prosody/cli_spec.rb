@@ -21,6 +21,14 @@ RSpec.describe Prosody::CLI do
     expect { Prosody::Configuration.new(**cli.client_options) }.not_to raise_error
   end
 
+  it "takes --rails, or PROSODY_RAILS, to boot the Rails app of the current directory" do
+    expect(parse("--handler", "H").rails?).to be(false)
+    expect(parse("--rails", "--handler", "H").rails?).to be(true)
+    expect(parse(env: { "PROSODY_RAILS" => "true" }).rails?).to be(true)
+    expect(parse(env: { "PROSODY_RAILS" => "0" }).rails?).to be(false)
+    expect(parse.usage).to include("--rails", "--require FILE | --rails")
+  end
+
   it "accepts underscores, `=` values and the short aliases" do
     cli = parse("--group=billing", "--topics", "invoices", "--brokers=kafka:9092", "--shutdown_timeout=30s",
                 "--failure_topic", "invoices.dead")

@@ -25,7 +25,7 @@ RSpec.describe Prosody::Runner do
 
   it "prints the usage for --help and the version for --version" do
     expect(run_runner("--help").first).to eq(0)
-    expect(out.string).to include("Usage: prosody --require FILE --handler CLASS")
+    expect(out.string).to include("Usage: prosody (--require FILE | --rails) --handler CLASS")
     expect(run_runner("--version").first).to eq(0)
     expect(out.string).to include("prosody #{Prosody::VERSION}")
   end

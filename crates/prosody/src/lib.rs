@@ -1,6 +1,16 @@
 //! Prosody: a Kafka consumer and producer that runs different keys of one partition
 //! concurrently while keeping each key strictly in order.
 //!
+//! # Example
+//!
+//! Handle and send JSON messages (the README's Rust quick start, which lists the
+//! dependencies it needs: `tokio` with `macros` and `rt-multi-thread`, `serde_json`,
+//! `thiserror`):
+//!
+//! ```
+#![doc = include_str!("../examples/readme.rs")]
+//! ```
+//!
 //! # Layout
 //! - [`config`]: options, `PROSODY_*` environment fallbacks, validation ([`Config`]).
 //! - `client`: [`Client`], one producer plus at most one subscription.
@@ -11,7 +21,7 @@
 //! - [`mock`]: the in-process mock Kafka cluster behind `mock: true`.
 //! - `probe`: the `/readyz` and `/livez` HTTP probe server.
 //! - `dedup`: message-id deduplication (an LRU per consumer, records in the state store).
-//! - `timers`: durable per-key timer storage ([`TimerStore`]: [`MemoryStore`], [`PostgresStore`]).
+//! - `timers`: durable per-key timer storage (memory, or PostgreSQL with `database_url`).
 //! - `error`: [`Error`], the crate's one error type.
 
 mod client;
@@ -35,4 +45,11 @@ pub use error::{Error, Result};
 pub use handler::{ClassifyError, Context, EventHandler};
 pub use message::{Header, Message, Timer};
 pub use producer::{Producer, SOURCE_SYSTEM_HEADER};
-pub use timers::{MemoryStore, PartitionScope, PostgresStore, StoreError, StoreFuture, TimerStore};
+pub use timers::StoreError;
+// Not part of the documented API: a `Client` cannot take a store (it picks one from the
+// `state_store` and `database_url` options), so these traits and types are not something
+// a user implements or passes anywhere. They stay reachable, hidden, for this crate's
+// integration tests (tests/timers_store.rs) and for prosody-bench, which exercise the
+// stores directly.
+#[doc(hidden)]
+pub use timers::{MemoryStore, PartitionScope, PostgresStore, StoreFuture, TimerStore};
