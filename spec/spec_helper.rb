@@ -8,6 +8,7 @@ $LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
 require "async"
 require "logger"
 require "securerandom"
+require "socket"
 require "stringio"
 require "prosody"
 

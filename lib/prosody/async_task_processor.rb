@@ -286,9 +286,7 @@ module Prosody
     end
 
     def where(subject)
-      return "timer key=#{subject.key.inspect} time=#{subject.time.inspect}" if subject.is_a?(Timer)
-
-      "topic=#{subject.topic} partition=#{subject.partition} offset=#{subject.offset} key=#{subject.key.inspect}"
+      subject.summary
     end
   end
 end

@@ -43,6 +43,13 @@ module Prosody
       freeze
     end
 
+    # Where the record is, for log lines.
+    #
+    # @return [String] e.g. `topic=orders partition=0 offset=7 key="customer-42"`
+    def summary
+      "topic=#{topic} partition=#{partition} offset=#{offset} key=#{key.inspect}"
+    end
+
     # @return [Hash{Symbol=>Object}]
     def to_h
       {

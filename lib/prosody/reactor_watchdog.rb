@@ -83,14 +83,8 @@ module Prosody
       Prosody.logger.warn(
         format("handler for %<subject>s has held the reactor for %<seconds>.1fs without yielding; every other " \
                "handler of this process waits meanwhile (move CPU-bound work to a thread, or call " \
-               "Async::Task.current.yield in long loops)", subject: describe(subject), seconds: held_for)
+               "Async::Task.current.yield in long loops)", subject: subject.summary, seconds: held_for)
       )
-    end
-
-    def describe(subject)
-      return "timer key=#{subject.key.inspect} time=#{subject.time.inspect}" if subject.is_a?(Timer)
-
-      "topic=#{subject.topic} partition=#{subject.partition} offset=#{subject.offset} key=#{subject.key.inspect}"
     end
 
     def monotonic

@@ -22,6 +22,13 @@ module Prosody
       freeze
     end
 
+    # What the timer is, for log lines.
+    #
+    # @return [String] e.g. `timer key="customer-42" time=2026-12-02 10:00:00 UTC`
+    def summary
+      "timer key=#{key.inspect} time=#{time.inspect}"
+    end
+
     # @return [Hash{Symbol=>Object}]
     def to_h
       { key:, time: }

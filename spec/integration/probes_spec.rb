@@ -19,18 +19,10 @@ RSpec.describe "health probes" do
     :refused
   end
 
-  # A port nothing listens on: bound and released.
-  def unused_port
-    server = TCPServer.new("127.0.0.1", 0)
-    server.addr[1]
-  ensure
-    server&.close
-  end
-
   it "serves /readyz and /livez while subscribed, and reports a stall" do
     client = mock_consumer(topic, probe_port: 0, stall_threshold: 0.3, timeout: 60)
     expect(client.probe_port).to be_nil
-    expect(probe(unused_port, "/livez")).to eq(:refused)
+    expect(probe(free_port, "/livez")).to eq(:refused)
 
     release = Queue.new
     started = Queue.new

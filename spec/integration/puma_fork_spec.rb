@@ -13,13 +13,6 @@ RSpec.describe "Puma cluster mode with preload_app!" do
   app_dir = File.expand_path("../fixtures/puma_app", __dir__)
   let(:topic) { unique_name("puma") }
 
-  def free_port
-    server = TCPServer.new("127.0.0.1", 0)
-    server.addr[1]
-  ensure
-    server&.close
-  end
-
   def get(port, path)
     Net::HTTP.start("127.0.0.1", port, open_timeout: 2, read_timeout: 15) do |http|
       response = http.get(path)

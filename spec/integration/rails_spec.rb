@@ -38,13 +38,6 @@ RSpec.describe "Rails integration" do
     FileUtils.rm_rf(dir)
   end
 
-  def free_port
-    server = TCPServer.new("127.0.0.1", 0)
-    server.addr[1]
-  ensure
-    server&.close
-  end
-
   def log_text
     File.exist?(log) ? File.read(log) : ""
   end

@@ -32,6 +32,16 @@ module ProsodySpec
       end
     end
 
+    # A loopback port nothing listens on (bound, then released).
+    #
+    # @return [Integer]
+    def free_port
+      server = TCPServer.new("127.0.0.1", 0)
+      server.addr[1]
+    ensure
+      server&.close
+    end
+
     # A client on the mock cluster whose topic exists; unsubscribed after the example.
     # A producer-only client (no group_id) gets a source_system, which the
     # native side requires to name it in the source-system header. The send
