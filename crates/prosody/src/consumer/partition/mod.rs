@@ -87,6 +87,8 @@ struct State {
     buffer: Backpressure,
     released: bool,
     finished: u64,
+    /// The commit point the periodic commit last sent.
+    sent: Option<(i64, String)>,
     /// When a message last finished here (or the partition was assigned).
     last_progress: Instant,
 }
@@ -134,6 +136,7 @@ impl PartitionManager {
                 buffer: Backpressure::default(),
                 released: false,
                 finished: 0,
+                sent: None,
                 last_progress: Instant::now(),
             }),
             draining: cancellation.child_token(),
@@ -245,6 +248,18 @@ impl PartitionManager {
     /// The offset to commit now and its metadata.
     pub(crate) fn commit_point(&self) -> Option<(i64, String)> {
         self.state().offsets.commit_point()
+    }
+
+    /// The commit point for the periodic commit, remembered as sent; with
+    /// `only_moved`, `None` when it has not moved since it was last sent.
+    pub(crate) fn periodic_commit_point(&self, only_moved: bool) -> Option<(i64, String)> {
+        let mut state = self.state();
+        let point = state.offsets.commit_point()?;
+        if only_moved && state.sent.as_ref() == Some(&point) {
+            return None;
+        }
+        state.sent = Some(point.clone());
+        Some(point)
     }
 
     pub(crate) fn topic(&self) -> &Arc<str> {
