@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 
-use crate::timers::StoreError;
+use crate::store::StoreError;
 
 /// Everything that can go wrong in Prosody's own API.
 ///
@@ -52,7 +52,7 @@ pub enum Error {
     #[error("mock cluster: {0}")]
     Mock(String),
 
-    /// The timer store failed; see [`StoreError::is_retriable`].
+    /// The state store (timers, deduplication records) failed; see [`StoreError::is_retriable`].
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -11,7 +11,10 @@
 //! - [`mock`]: the in-process mock Kafka cluster behind `mock: true`.
 //! - `probe`: the `/readyz` and `/livez` HTTP probe server.
 //! - `dedup`: message-id deduplication (an LRU per consumer, records in the state store).
-//! - `timers`: durable per-key timer storage ([`TimerStore`]: [`MemoryStore`], [`PostgresStore`]).
+//! - `timers`: durable per-key timer storage ([`TimerStore`], [`MemoryStore`]).
+//! - `store`: what the state stores share: [`StoreError`], [`StoreFuture`] and
+//!   [`PostgresStore`] (connection, migrations, batching writer).
+//! - `state`: which stores timers and deduplication records use.
 //! - `error`: [`Error`], the crate's one error type.
 
 mod client;
@@ -26,6 +29,7 @@ pub mod mock;
 mod probe;
 mod producer;
 mod state;
+mod store;
 mod timers;
 
 pub use client::Client;
@@ -35,4 +39,5 @@ pub use error::{Error, Result};
 pub use handler::{ClassifyError, Context, EventHandler};
 pub use message::{Header, Message, Timer};
 pub use producer::{Producer, SOURCE_SYSTEM_HEADER};
-pub use timers::{MemoryStore, PartitionScope, PostgresStore, StoreError, StoreFuture, TimerStore};
+pub use store::{PostgresStore, StoreError, StoreFuture};
+pub use timers::{MemoryStore, PartitionScope, TimerStore};

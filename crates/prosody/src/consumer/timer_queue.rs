@@ -167,14 +167,8 @@ impl TimerQueue {
     async fn load(&self, now: i64) -> Result<()> {
         let before = now.saturating_add(millis(WINDOW));
         let cursor = self.state().cursor.clone();
-        let page = match &cursor {
-            None => self.store.due(&self.scope, before, PAGE).await?,
-            Some((at, key)) => {
-                self.store
-                    .due_after(&self.scope, *at, key, before, PAGE)
-                    .await?
-            }
-        };
+        let after = cursor.as_ref().map(|(at, key)| (*at, &**key));
+        let page = self.store.due(&self.scope, after, before, PAGE).await?;
         let mut state = self.state();
         let full = page.len() == PAGE;
         for (key, at) in page {
