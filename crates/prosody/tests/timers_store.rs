@@ -88,7 +88,10 @@ macro_rules! conformance {
                 assert!(store.schedule(&scope, "k", 5).await.unwrap());
                 assert!(!store.schedule(&scope, "k", 5).await.unwrap());
                 assert_eq!(store.scheduled(&scope, "k").await.unwrap(), vec![5]);
-                assert_eq!(store.due(&scope, None, i64::MAX, 10).await.unwrap().len(), 1);
+                assert_eq!(
+                    store.due(&scope, None, i64::MAX, 10).await.unwrap().len(),
+                    1
+                );
             }
 
             #[tokio::test]
@@ -150,7 +153,11 @@ macro_rules! conformance {
                 assert!(store.due(&scope, None, 40, 0).await.unwrap().is_empty());
                 assert!(store.due(&scope, None, -5, 10).await.unwrap().is_empty());
                 assert_eq!(
-                    store.due(&scope, None, i64::MAX, usize::MAX).await.unwrap().len(),
+                    store
+                        .due(&scope, None, i64::MAX, usize::MAX)
+                        .await
+                        .unwrap()
+                        .len(),
                     6
                 );
             }
@@ -449,7 +456,10 @@ async fn a_lazy_store_connects_on_first_use_and_reports_a_bad_url_there() {
     let bad = PostgresStore::lazy("postgres://user:s3cret@127.0.0.1:notaport/db");
     let scope = fresh_scope();
     let error = bad.scheduled(&scope, "k").await.unwrap_err();
-    assert!(matches!(error, StoreError::Configuration { .. }), "{error:?}");
+    assert!(
+        matches!(error, StoreError::Configuration { .. }),
+        "{error:?}"
+    );
     assert!(!format!("{bad:?}").contains("s3cret"), "{bad:?}");
 
     let store = PostgresStore::lazy(&database_url());

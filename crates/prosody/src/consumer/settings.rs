@@ -94,10 +94,7 @@ mod tests {
 
     #[test]
     fn the_passthrough_overrides_defaults_but_not_owned_settings() {
-        let config = config(&[
-            ("fetch.wait.max.ms", "500"),
-            ("enable.auto.commit", "true"),
-        ]);
+        let config = config(&[("fetch.wait.max.ms", "500"), ("enable.auto.commit", "true")]);
         let client = consumer_config(&config, "localhost:9092");
         assert_eq!(client.get("fetch.wait.max.ms"), Some("500"));
         assert_eq!(client.get("enable.auto.commit"), Some("false"));

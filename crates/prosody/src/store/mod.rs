@@ -16,9 +16,9 @@ mod migrate;
 mod postgres;
 mod writer;
 
-pub use error::{StoreError, StoreFuture};
 pub(crate) use error::query_error;
+pub use error::{StoreError, StoreFuture};
 pub(crate) use migrate::Schema;
-pub use postgres::PostgresStore;
 pub(crate) use postgres::Postgres;
+pub use postgres::PostgresStore;
 pub(crate) use writer::Batch;

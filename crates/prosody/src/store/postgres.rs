@@ -226,9 +226,7 @@ async fn open(config: &Config) -> Result<Connection, StoreError> {
         let timers = timers::Statements::prepare(&client)
             .await
             .map_err(prepare)?;
-        let dedup = dedup::Statements::prepare(&client)
-            .await
-            .map_err(prepare)?;
+        let dedup = dedup::Statements::prepare(&client).await.map_err(prepare)?;
         Ok(Connection {
             client,
             timers,

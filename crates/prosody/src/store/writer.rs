@@ -69,14 +69,17 @@ impl<W: Batch> Default for Writer<W> {
 
 impl<W: Batch> Writer<W> {
     /// Queues `write` and waits for its answer: true when it changed something.
-    pub(crate) async fn write(&self, postgres: &Arc<Postgres>, write: W) -> Result<bool, StoreError> {
+    pub(crate) async fn write(
+        &self,
+        postgres: &Arc<Postgres>,
+        write: W,
+    ) -> Result<bool, StoreError> {
         let operation = W::operation(write.lane());
         let stopped = || {
             query_error(
                 operation,
                 Reason(
-                    "the store's writer task stopped (was its tokio runtime shut down?)"
-                        .to_owned(),
+                    "the store's writer task stopped (was its tokio runtime shut down?)".to_owned(),
                 ),
             )
         };
@@ -86,9 +89,7 @@ impl<W: Batch> Writer<W> {
             queue
         });
         let (reply, answer) = oneshot::channel();
-        queue
-            .send(Queued { write, reply })
-            .map_err(|_| stopped())?;
+        queue.send(Queued { write, reply }).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }

@@ -209,7 +209,10 @@ mod tests {
         assert!(store.schedule(&scope, "k", 10).await.unwrap());
         assert!(!store.schedule(&scope, "k", 30).await.unwrap());
         assert_eq!(store.scheduled(&scope, "k").await.unwrap(), vec![10, 30]);
-        assert_eq!(store.due(&scope, None, i64::MAX, 10).await.unwrap().len(), 2);
+        assert_eq!(
+            store.due(&scope, None, i64::MAX, 10).await.unwrap().len(),
+            2
+        );
     }
 
     #[tokio::test]
@@ -271,6 +274,10 @@ mod tests {
             .unwrap()
             .is_empty());
         assert!(store.due(&scope, None, 9, 0).await.unwrap().is_empty());
-        assert!(store.due(&self::scope(4), None, 9, 3).await.unwrap().is_empty());
+        assert!(store
+            .due(&self::scope(4), None, 9, 3)
+            .await
+            .unwrap()
+            .is_empty());
     }
 }
