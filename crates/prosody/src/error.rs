@@ -52,6 +52,17 @@ pub enum Error {
     #[error("mock cluster: {0}")]
     Mock(String),
 
+    /// A thread Prosody needs could not be started (the process is out of
+    /// threads or memory).
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        /// The thread's name.
+        name: &'static str,
+        /// Why the operating system refused.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The state store (timers, deduplication records) failed; see [`StoreError::is_retriable`].
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -36,7 +36,7 @@ pub use client::Client;
 pub use config::{Config, ConfigBuilder, Mode, OptionValue, StateStore};
 pub use consumer::{ConsumerState, PartitionStats, SkipCounts};
 pub use error::{Error, Result};
-pub use handler::{ClassifyError, Context, EventHandler};
+pub use handler::{ClassifyError, Context, EventHandler, FailureKind};
 pub use message::{Header, Message, Timer};
 pub use producer::{Producer, SOURCE_SYSTEM_HEADER};
 pub use store::{PostgresStore, StoreError, StoreFuture};

@@ -32,7 +32,6 @@ use tracing::{debug, error, info, warn};
 
 pub use filter::SkipCounts;
 pub use partition::PartitionStats;
-pub(crate) use timer_queue::TimerQueue;
 
 use crate::config::Config;
 use crate::error::Result;
@@ -119,8 +118,9 @@ impl Subscription {
                 PollLoop::new(consumer, poll_shared, stopped).run();
                 drop(done);
             })
-            .map_err(|error| {
-                crate::Error::Mock(format!("cannot start the poll thread: {error}"))
+            .map_err(|source| crate::Error::Thread {
+                name: "prosody-poll",
+                source,
             })?;
         Ok(Self {
             shared,

@@ -19,7 +19,7 @@ use crate::consumer::dispatch::{Failure, FailureKind, Outcome};
 use crate::consumer::failure::{backoff, dead_letter_headers, decide, Decision};
 use crate::consumer::filter::{is_own, is_unwanted_type, Skip};
 use crate::dedup::message_id;
-use crate::handler::{from_millis, Context};
+use crate::handler::{from_millis, Context, KeyTimers};
 use crate::message::{Message, Timer};
 
 /// One handler invocation.
@@ -257,7 +257,7 @@ impl PartitionManager {
         let timers = self
             .timers
             .as_ref()
-            .map(|timers| (Arc::clone(timers), Arc::clone(key)));
+            .map(|timers| (Arc::clone(timers) as Arc<dyn KeyTimers>, Arc::clone(key)));
         let context = Context::new(call.clone(), timers);
         let handler = match work {
             Call::Message(message) => self.shared.handler.on_message(context, message),
@@ -277,7 +277,7 @@ impl PartitionManager {
                 handler.await;
                 Outcome::Failed(Failure {
                     kind: FailureKind::Timeout,
-                    class: "Prosody::TimeoutError".to_owned(),
+                    class: self.shared.handler.failure_class(FailureKind::Timeout),
                     message: format!("handler ran longer than the {timeout:?} timeout"),
                 })
             }
@@ -287,7 +287,7 @@ impl PartitionManager {
     fn decode(&self, key: &Arc<str>, fetched: &Fetched) -> Result<Message, Failure> {
         let bad_input = |message: String| Failure {
             kind: FailureKind::BadInput,
-            class: "Prosody::InvalidMessageError".to_owned(),
+            class: self.shared.handler.failure_class(FailureKind::BadInput),
             message,
         };
         if let Err(problem) = &fetched.key {
