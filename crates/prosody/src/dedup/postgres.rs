@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
 use super::{DedupStore, HandledId};
@@ -71,26 +72,49 @@ impl Statements {
     }
 }
 
+/// A record's statement parameters: its key ($1 to $5), then a time ($6).
+struct Params<'a> {
+    group: &'a str,
+    topic: &'a str,
+    key: &'a [u8],
+    id: &'a [u8],
+    version: &'a str,
+    ms: i64,
+}
+
+impl<'a> Params<'a> {
+    fn new(handled: &'a HandledId, ms: i64) -> Self {
+        Self {
+            group: &handled.group,
+            topic: &handled.topic,
+            key: handled.key.as_bytes(),
+            id: handled.id.as_bytes(),
+            version: &handled.version,
+            ms,
+        }
+    }
+
+    fn sql(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &self.group,
+            &self.topic,
+            &self.key,
+            &self.id,
+            &self.version,
+            &self.ms,
+        ]
+    }
+}
+
 impl DedupStore for PostgresStore {
     fn contains<'a>(&'a self, handled: &'a HandledId, now_ms: i64) -> StoreFuture<'a, bool> {
         Box::pin(async move {
+            let params = &Params::new(handled, now_ms);
             let row = self
                 .postgres
                 .run("dedup lookup", |connection| async move {
-                    connection
-                        .client
-                        .query_opt(
-                            &connection.dedup.contains,
-                            &[
-                                &&*handled.group,
-                                &&*handled.topic,
-                                &handled.key.as_bytes(),
-                                &handled.id.as_bytes(),
-                                &&*handled.version,
-                                &now_ms,
-                            ],
-                        )
-                        .await
+                    let statement = &connection.dedup.contains;
+                    connection.client.query_opt(statement, &params.sql()).await
                 })
                 .await?;
             Ok(row.is_some())
@@ -99,22 +123,11 @@ impl DedupStore for PostgresStore {
 
     fn record<'a>(&'a self, handled: &'a HandledId, expires_at_ms: i64) -> StoreFuture<'a, ()> {
         Box::pin(async move {
+            let params = &Params::new(handled, expires_at_ms);
             self.postgres
                 .run("dedup record", |connection| async move {
-                    connection
-                        .client
-                        .execute(
-                            &connection.dedup.record,
-                            &[
-                                &&*handled.group,
-                                &&*handled.topic,
-                                &handled.key.as_bytes(),
-                                &handled.id.as_bytes(),
-                                &&*handled.version,
-                                &expires_at_ms,
-                            ],
-                        )
-                        .await
+                    let statement = &connection.dedup.record;
+                    connection.client.execute(statement, &params.sql()).await
                 })
                 .await?;
             self.purge_expired_now_and_then();
