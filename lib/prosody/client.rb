@@ -138,7 +138,9 @@ module Prosody
     # Buffer statistics per assigned partition.
     #
     # @return [Array<Hash{Symbol=>Object}>] each with :topic, :partition, :buffered,
-    #   :max_buffered, :paused, :pauses, :resumes and :finished
+    #   :max_buffered, :full (the buffer is full, so the partition is not read now),
+    #   :fills (times it filled), :drains (times it drained enough to be read again)
+    #   and :finished
     def partition_stats
       @native.partition_stats
     end

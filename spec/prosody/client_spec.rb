@@ -151,7 +151,7 @@ RSpec.describe Prosody::Client do
       client.subscribe(handler { |_context, _message| nil })
       stats = wait_for(description: "partition stats") { client.partition_stats.first }
       expect(stats).to include(topic:, partition: 0)
-      expect(stats.keys).to include(:buffered, :max_buffered, :paused, :pauses, :resumes, :finished)
+      expect(stats.keys).to include(:buffered, :max_buffered, :full, :fills, :drains, :finished)
     end
   end
 end

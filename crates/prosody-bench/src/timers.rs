@@ -12,7 +12,7 @@
 //! - schedule throughput with `concurrency` calls in flight, and the latency of
 //!   one call at a time;
 //! - `due` for a `window-secs` window (what the consumer loads to fire soon),
-//!   and paging through every timer with `due_after` (loading a partition);
+//!   and paging through every timer with `due` from a cursor (loading a partition);
 //! - unschedule throughput (deleting fired timers), which also cleans up.
 //!
 //! Without `--database-url` (or `PROSODY_DATABASE_URL`) it starts the private
@@ -42,7 +42,7 @@ const SPREAD_MS: i64 = 3_600_000;
 const SEQUENTIAL_CALLS: usize = 2_000;
 /// Repetitions of the `due` window query.
 const DUE_REPEATS: usize = 50;
-/// Page size when loading the whole partition with `due_after`.
+/// Page size when loading the whole partition with `due` from a cursor.
 const PAGE: usize = 1_000;
 
 struct Options {
@@ -280,7 +280,7 @@ async fn measure(
     for _ in 0..DUE_REPEATS {
         let call = Instant::now();
         in_window = store
-            .due(&scope, window_end, total)
+            .due(&scope, None, window_end, total)
             .await
             .map_err(|error| format!("{label} due: {error}"))?
             .len();
@@ -293,16 +293,16 @@ async fn measure(
     // Loading the whole partition page by page.
     let started = Instant::now();
     let mut loaded = store
-        .due(&scope, i64::MAX, PAGE)
+        .due(&scope, None, i64::MAX, PAGE)
         .await
         .map_err(|error| format!("{label} due: {error}"))?;
     let mut all = Vec::with_capacity(total);
     while let Some((key, at_ms)) = loaded.last().cloned() {
         all.append(&mut loaded);
         loaded = store
-            .due_after(&scope, at_ms, &key, i64::MAX, PAGE)
+            .due(&scope, Some((at_ms, &key)), i64::MAX, PAGE)
             .await
-            .map_err(|error| format!("{label} due_after: {error}"))?;
+            .map_err(|error| format!("{label} due from a cursor: {error}"))?;
     }
     figures.push(("load_all_per_sec", per_second(all.len(), started.elapsed())));
     if all.len() != total {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 
-use crate::timers::StoreError;
+use crate::store::StoreError;
 
 /// Everything that can go wrong in Prosody's own API.
 ///
@@ -57,7 +57,18 @@ pub enum Error {
     #[error("mock cluster: {0}")]
     Mock(String),
 
-    /// The timer store failed; see [`StoreError::is_retriable`].
+    /// A thread Prosody needs could not be started (the process is out of
+    /// threads or memory).
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        /// The thread's name.
+        name: &'static str,
+        /// Why the operating system refused.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The state store (timers, deduplication records) failed; see [`StoreError::is_retriable`].
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -1,13 +1,12 @@
 //! The handler contract: what user code implements and what it receives.
 
 use std::future::Future;
-
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::TimerQueue;
 use crate::error::{Error, Result};
 use crate::message::{Message, Timer};
 
@@ -29,6 +28,37 @@ pub trait ClassifyError {
 }
 
 impl ClassifyError for std::convert::Infallible {}
+
+/// How a handler call failed, as logs (`kind`) and dead-letter headers
+/// (`prosody-failure-kind`) report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// The handler returned an error that is not permanent: retrying may succeed.
+    Transient,
+    /// The handler returned a permanent error: retrying cannot succeed.
+    Permanent,
+    /// The handler overran `timeout` (retried like a transient failure).
+    Timeout,
+    /// The message itself is unusable (no key, not JSON): never retried.
+    BadInput,
+}
+
+impl FailureKind {
+    /// The kind as logs and the `prosody-failure-kind` header spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Transient => "transient",
+            Self::Permanent => "permanent",
+            Self::Timeout => "timeout",
+            Self::BadInput => "bad-input",
+        }
+    }
+
+    pub(crate) fn is_permanent(self) -> bool {
+        matches!(self, Self::Permanent | Self::BadInput)
+    }
+}
 
 /// User code that processes messages.
 ///
@@ -84,13 +114,43 @@ pub trait EventHandler: Send + Sync + 'static {
     fn is_alive(&self) -> bool {
         true
     }
+
+    /// The class name logs and dead-letter headers (`prosody-error-class`) give
+    /// a failure Prosody found itself rather than one this handler returned:
+    /// [`FailureKind::Timeout`] or [`FailureKind::BadInput`]. The kind's name
+    /// by default; a language binding names its own error classes here.
+    fn failure_class(&self, kind: FailureKind) -> String {
+        kind.as_str().to_owned()
+    }
 }
+
+/// A boxed future of the timer calls [`Context`] makes.
+pub(crate) type TimersFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// The timers of the partition a call runs for, as [`Context`] reaches them
+/// (times in ms since the epoch). The consumer's per-partition timer queue
+/// implements it; a trait, so the handler contract does not depend on the consumer.
+pub(crate) trait KeyTimers: Send + Sync {
+    /// Adds a timer for `key` at `at_ms`.
+    fn schedule<'a>(&'a self, key: &'a Arc<str>, at_ms: i64) -> TimersFuture<'a, ()>;
+    /// Replaces every timer of `key` with one at `at_ms`.
+    fn clear_and_schedule<'a>(&'a self, key: &'a Arc<str>, at_ms: i64) -> TimersFuture<'a, ()>;
+    /// Removes `key`'s timer at `at_ms`, if there is one.
+    fn unschedule<'a>(&'a self, key: &'a Arc<str>, at_ms: i64) -> TimersFuture<'a, ()>;
+    /// Removes every timer of `key`.
+    fn clear<'a>(&'a self, key: &'a Arc<str>) -> TimersFuture<'a, ()>;
+    /// `key`'s timers, earliest first.
+    fn scheduled<'a>(&'a self, key: &'a Arc<str>) -> TimersFuture<'a, Vec<i64>>;
+}
+
+/// A call's key and its partition's timers.
+pub(crate) type KeyTimerHandle = (Arc<dyn KeyTimers>, Arc<str>);
 
 /// Per-call context: cancellation, and the timers of the call's key.
 #[derive(Clone)]
 pub struct Context {
     cancellation: CancellationToken,
-    timers: Option<(Arc<TimerQueue>, Arc<str>)>,
+    timers: Option<KeyTimerHandle>,
 }
 
 impl std::fmt::Debug for Context {
@@ -103,19 +163,16 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    pub(crate) fn new(
-        cancellation: CancellationToken,
-        timers: Option<(Arc<TimerQueue>, Arc<str>)>,
-    ) -> Self {
+    pub(crate) fn new(cancellation: CancellationToken, timers: Option<KeyTimerHandle>) -> Self {
         Self {
             cancellation,
             timers,
         }
     }
 
-    fn timers(&self) -> Result<(&TimerQueue, &Arc<str>)> {
+    fn timers(&self) -> Result<(&dyn KeyTimers, &Arc<str>)> {
         match &self.timers {
-            Some((queue, key)) => Ok((queue, key)),
+            Some((queue, key)) => Ok((&**queue, key)),
             None => Err(Error::config(
                 "database_url",
                 "timers need a store: set database_url (or state_store: memory to accept timers that do not survive a restart)",

@@ -22,6 +22,9 @@
 //! - `probe`: the `/readyz` and `/livez` HTTP probe server.
 //! - `dedup`: message-id deduplication (an LRU per consumer, records in the state store).
 //! - `timers`: durable per-key timer storage (memory, or PostgreSQL with `database_url`).
+//! - `store`: what the state stores share: [`StoreError`], the PostgreSQL connection,
+//!   migrations and batching writer.
+//! - `state`: which stores timers and deduplication records use.
 //! - `error`: [`Error`], the crate's one error type.
 
 mod client;
@@ -36,20 +39,23 @@ pub mod mock;
 mod probe;
 mod producer;
 mod state;
+mod store;
 mod timers;
 
 pub use client::Client;
 pub use config::{Config, ConfigBuilder, Mode, OptionValue, StateStore};
 pub use consumer::{ConsumerState, PartitionStats, SkipCounts};
 pub use error::{Error, Result};
-pub use handler::{ClassifyError, Context, EventHandler};
+pub use handler::{ClassifyError, Context, EventHandler, FailureKind};
 pub use message::{Header, Message, Timer};
 pub use producer::{Producer, SOURCE_SYSTEM_HEADER};
-pub use timers::StoreError;
+pub use store::StoreError;
 // Not part of the documented API: a `Client` cannot take a store (it picks one from the
 // `state_store` and `database_url` options), so these traits and types are not something
 // a user implements or passes anywhere. They stay reachable, hidden, for this crate's
 // integration tests (tests/timers_store.rs) and for prosody-bench, which exercise the
 // stores directly.
 #[doc(hidden)]
-pub use timers::{MemoryStore, PartitionScope, PostgresStore, StoreFuture, TimerStore};
+pub use store::{PostgresStore, StoreFuture};
+#[doc(hidden)]
+pub use timers::{MemoryStore, PartitionScope, TimerStore};

@@ -3,13 +3,10 @@
 
 use std::sync::{Arc, OnceLock};
 
-use tokio::sync::OnceCell;
-
 use crate::config::{Config, StateStore};
-use crate::dedup::{DedupStore, HandledId, MemoryDedup};
-use crate::timers::{
-    MemoryStore, PartitionScope, PostgresStore, StoreError, StoreFuture, TimerStore,
-};
+use crate::dedup::{DedupStore, MemoryDedup};
+use crate::store::PostgresStore;
+use crate::timers::{MemoryStore, TimerStore};
 
 /// Where one consumer keeps its state.
 pub(crate) struct Stores {
@@ -34,7 +31,10 @@ pub(crate) fn stores(config: &Config) -> Stores {
             dedup: Some(memory_dedup()),
         },
         (StateStore::Postgres | StateStore::Auto, Some(url), _) => {
-            let postgres = Arc::new(LazyPostgres::new(url));
+            // Connects on first use, so `subscribe` never waits for the database
+            // and a database that is down at start-up is retried by the callers
+            // that need it.
+            let postgres = Arc::new(PostgresStore::lazy(url));
             Stores {
                 timers: Some(Arc::clone(&postgres) as Arc<dyn TimerStore>),
                 dedup: Some(postgres as Arc<dyn DedupStore>),
@@ -58,108 +58,4 @@ fn memory_timers() -> Arc<dyn TimerStore> {
 fn memory_dedup() -> Arc<dyn DedupStore> {
     static MEMORY: OnceLock<Arc<MemoryDedup>> = OnceLock::new();
     Arc::clone(MEMORY.get_or_init(|| Arc::new(MemoryDedup::default()))) as Arc<dyn DedupStore>
-}
-
-/// Connects on first use, so `subscribe` never waits for the database and a
-/// database that is down at start-up is retried by the callers that need it.
-#[derive(Debug)]
-struct LazyPostgres {
-    url: String,
-    store: OnceCell<PostgresStore>,
-}
-
-impl LazyPostgres {
-    fn new(url: &str) -> Self {
-        Self {
-            url: url.to_owned(),
-            store: OnceCell::new(),
-        }
-    }
-
-    async fn store(&self) -> Result<&PostgresStore, StoreError> {
-        self.store
-            .get_or_try_init(|| PostgresStore::connect(&self.url))
-            .await
-    }
-}
-
-impl TimerStore for LazyPostgres {
-    fn schedule<'a>(
-        &'a self,
-        scope: &'a PartitionScope,
-        key: &'a str,
-        at_ms: i64,
-    ) -> StoreFuture<'a, bool> {
-        Box::pin(async move { self.store().await?.schedule(scope, key, at_ms).await })
-    }
-
-    fn unschedule<'a>(
-        &'a self,
-        scope: &'a PartitionScope,
-        key: &'a str,
-        at_ms: i64,
-    ) -> StoreFuture<'a, bool> {
-        Box::pin(async move { self.store().await?.unschedule(scope, key, at_ms).await })
-    }
-
-    fn clear<'a>(&'a self, scope: &'a PartitionScope, key: &'a str) -> StoreFuture<'a, u64> {
-        Box::pin(async move { self.store().await?.clear(scope, key).await })
-    }
-
-    fn clear_and_schedule<'a>(
-        &'a self,
-        scope: &'a PartitionScope,
-        key: &'a str,
-        at_ms: i64,
-    ) -> StoreFuture<'a, u64> {
-        Box::pin(async move {
-            self.store()
-                .await?
-                .clear_and_schedule(scope, key, at_ms)
-                .await
-        })
-    }
-
-    fn scheduled<'a>(
-        &'a self,
-        scope: &'a PartitionScope,
-        key: &'a str,
-    ) -> StoreFuture<'a, Vec<i64>> {
-        Box::pin(async move { self.store().await?.scheduled(scope, key).await })
-    }
-
-    fn due<'a>(
-        &'a self,
-        scope: &'a PartitionScope,
-        before_ms: i64,
-        limit: usize,
-    ) -> StoreFuture<'a, Vec<(String, i64)>> {
-        Box::pin(async move { self.store().await?.due(scope, before_ms, limit).await })
-    }
-
-    fn due_after<'a>(
-        &'a self,
-        scope: &'a PartitionScope,
-        after_ms: i64,
-        after_key: &'a str,
-        before_ms: i64,
-        limit: usize,
-    ) -> StoreFuture<'a, Vec<(String, i64)>> {
-        Box::pin(async move {
-            self.store()
-                .await?
-                .due_after(scope, after_ms, after_key, before_ms, limit)
-                .await
-        })
-    }
-}
-
-impl DedupStore for LazyPostgres {
-    fn contains<'a>(&'a self, handled: &'a HandledId, now_ms: i64) -> StoreFuture<'a, bool> {
-        Box::pin(async move { self.store().await?.contains(handled, now_ms).await })
-    }
-
-    fn record<'a>(&'a self, handled: &'a HandledId, expires_at_ms: i64) -> StoreFuture<'a, ()> {
-        Box::pin(async move { self.store().await?.record(handled, expires_at_ms).await })
-    }
 }

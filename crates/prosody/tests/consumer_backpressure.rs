@@ -1,6 +1,7 @@
 //! Backpressure: with a slow handler and a large backlog, a partition never
-//! buffers more than `max_uncommitted` unfinished messages; it pauses when full
-//! and resumes as it drains, and everything is handled in the end.
+//! buffers more than `max_uncommitted` unfinished messages; it stops reading the
+//! partition when the buffer is full and reads on as it drains, and everything is
+//! handled in the end.
 //!
 //! The bound is a count of unfinished messages, not a window of offsets: a key
 //! that is slow or failing holds the committed offset but must not stop the other
@@ -58,7 +59,7 @@ impl Window {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_full_partition_pauses_and_resumes_with_bounded_buffer() {
+async fn a_full_buffer_stops_reading_until_it_drains_and_stays_bounded() {
     let topic = support::topic("backpressure", 1);
     support::produce(
         &topic,
@@ -94,11 +95,11 @@ async fn a_full_partition_pauses_and_resumes_with_bounded_buffer() {
     );
     client.subscribe(handler).expect("subscribe");
 
-    support::wait_until("the partition paused and resumed", || {
+    support::wait_until("the buffer filled and drained", || {
         client
             .partition_stats()
             .iter()
-            .any(|stats| stats.pauses >= 1 && stats.resumes >= 1)
+            .any(|stats| stats.fills >= 1 && stats.drains >= 1)
     })
     .await;
     // 1000 messages at 4 × 20 ms take about 5 s.
@@ -120,8 +121,8 @@ async fn a_full_partition_pauses_and_resumes_with_bounded_buffer() {
         "the buffer never filled up: {stats:?}"
     );
     assert!(
-        stats.pauses >= 1 && stats.resumes >= 1,
-        "no pause/resume cycle: {stats:?}"
+        stats.fills >= 1 && stats.drains >= 1,
+        "the buffer never filled and drained: {stats:?}"
     );
     let window = lock(&window);
     println!(

@@ -1,5 +1,6 @@
-//! Bad input never stops a partition: a message that is not JSON and one
-//! without a key are skipped with an error log, and the rest are handled.
+//! Bad input never stops a partition: a message that is not JSON, one without
+//! a key and one whose key is not UTF-8 are skipped with an error log (an
+//! unusable key shown hex-escaped), and the rest are handled.
 
 mod support;
 
@@ -26,7 +27,13 @@ async fn malformed_messages_are_logged_and_skipped() {
         ..Record::default()
     });
     records.push(Record::default());
-    records.extend((13..25).map(|n| Record::json(&format!("key-{}", n % 3), &json!({ "n": n }))));
+    // Offset 13: a key that is not UTF-8.
+    records.push(Record {
+        key: Some(vec![0xff, 0x00, b'k']),
+        payload: Some(br#"{"n": "binary key"}"#.to_vec()),
+        ..Record::default()
+    });
+    records.extend((14..26).map(|n| Record::json(&format!("key-{}", n % 3), &json!({ "n": n }))));
     let total = records.len();
     support::produce(&topic, records);
 
@@ -45,8 +52,8 @@ async fn malformed_messages_are_logged_and_skipped() {
     client.unsubscribe().await.expect("unsubscribe");
 
     let handled: BTreeSet<i64> = seen.positions().iter().map(|(_, offset)| *offset).collect();
-    let expected: BTreeSet<i64> = (0..25)
-        .filter(|offset| ![10, 11, 12].contains(offset))
+    let expected: BTreeSet<i64> = (0..26)
+        .filter(|offset| ![10, 11, 12, 13].contains(offset))
         .collect();
     assert_eq!(
         handled, expected,
@@ -74,10 +81,16 @@ async fn malformed_messages_are_logged_and_skipped() {
         logged(12, "no key"),
         "no error logged for the empty message: {errors:#?}"
     );
-    // The reason reads as a sentence and the missing key is not shown as `key=""`.
+    // The reason reads as a sentence; a missing key is not shown as `key=""`, and
+    // a binary key is shown with its bytes escaped.
     assert!(
-        logged(11, "unusable message: it has no key") && logged(11, "key=\"<unusable>\""),
+        logged(11, "unusable message: it has no key") && logged(11, "key=\"<none>\""),
         "keyless message line: {errors:#?}"
+    );
+    assert!(
+        logged(13, "unusable message: its key is not valid UTF-8")
+            && logged(13, r#"key="\\xff\\x00k""#),
+        "binary key line: {errors:#?}"
     );
     assert!(
         !errors

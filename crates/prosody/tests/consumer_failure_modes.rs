@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prosody::{ClassifyError, Client, ConfigBuilder, Context, EventHandler, Message, OptionValue};
+use prosody::{
+    ClassifyError, Client, ConfigBuilder, Context, EventHandler, FailureKind, Message, OptionValue,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
@@ -147,6 +149,66 @@ async fn low_latency_dead_letters_after_max_retries() {
     assert_eq!(header(letter, "prosody-error-message"), "bad key refused");
     assert!(header(letter, "prosody-error-class").contains("Failed"));
     assert_eq!(lock(&attempts).get(&7), Some(&3));
+    consumer.unsubscribe().await.expect("unsubscribe");
+    reader.unsubscribe().await.expect("unsubscribe reader");
+}
+
+/// Overruns `timeout` on key "slow" (until cancelled) and names the failures
+/// Prosody finds itself.
+struct NamesItsFailures {
+    seen: Seen,
+}
+
+impl EventHandler for NamesItsFailures {
+    type Error = Failed;
+
+    async fn on_message(&self, context: Context, message: Message) -> Result<(), Failed> {
+        if message.key() == "slow" {
+            context.on_cancel().await;
+            return Ok(());
+        }
+        self.seen.push(message);
+        Ok(())
+    }
+
+    fn failure_class(&self, kind: FailureKind) -> String {
+        format!("Custom::{}", kind.as_str())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_prosody_finds_itself_is_named_by_the_handler() {
+    let source = topic("timeout-class", 1);
+    let dead = topic("timeout-class-dlq", 1);
+    produce(
+        &source,
+        ["slow", "good"]
+            .iter()
+            .map(|key| Record::json(key, &json!({ "key": key }))),
+    );
+    let handler = NamesItsFailures {
+        seen: Seen::default(),
+    };
+    let consumer = client(fast_retries(with(
+        config(&unique("group"), &source),
+        &[
+            ("mode", "low_latency".into()),
+            ("failure_topic", dead.as_str().into()),
+            ("timeout", "50ms".into()),
+            ("max_retries", OptionValue::Int(0)),
+        ],
+    )));
+    consumer.subscribe(handler).expect("subscribe");
+
+    let (reader, dead_letters) = read_back(&dead);
+    wait_until("the timed-out message is dead-lettered", || {
+        dead_letters.len() == 1
+    })
+    .await;
+    let letter = &dead_letters.messages()[0];
+    assert_eq!(letter.key(), "slow");
+    assert_eq!(header(letter, "prosody-failure-kind"), "timeout");
+    assert_eq!(header(letter, "prosody-error-class"), "Custom::timeout");
     consumer.unsubscribe().await.expect("unsubscribe");
     reader.unsubscribe().await.expect("unsubscribe reader");
 }

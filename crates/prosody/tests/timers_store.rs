@@ -88,7 +88,10 @@ macro_rules! conformance {
                 assert!(store.schedule(&scope, "k", 5).await.unwrap());
                 assert!(!store.schedule(&scope, "k", 5).await.unwrap());
                 assert_eq!(store.scheduled(&scope, "k").await.unwrap(), vec![5]);
-                assert_eq!(store.due(&scope, i64::MAX, 10).await.unwrap().len(), 1);
+                assert_eq!(
+                    store.due(&scope, None, i64::MAX, 10).await.unwrap().len(),
+                    1
+                );
             }
 
             #[tokio::test]
@@ -103,7 +106,7 @@ macro_rules! conformance {
                 assert_eq!(store.clear(&scope, "a").await.unwrap(), 0);
                 assert!(store.scheduled(&scope, "a").await.unwrap().is_empty());
                 assert_eq!(
-                    store.due(&scope, i64::MAX, 10).await.unwrap(),
+                    store.due(&scope, None, i64::MAX, 10).await.unwrap(),
                     pairs(&[("b", 2)])
                 );
             }
@@ -139,24 +142,28 @@ macro_rules! conformance {
                     store.schedule(&scope, key, at).await.unwrap();
                 }
                 assert_eq!(
-                    store.due(&scope, 40, 100).await.unwrap(),
+                    store.due(&scope, None, 40, 100).await.unwrap(),
                     pairs(&[("z", -5), ("c", 10), ("a", 20), ("b", 20), ("a", 30)]),
                     "before_ms is exclusive"
                 );
                 assert_eq!(
-                    store.due(&scope, 40, 3).await.unwrap(),
+                    store.due(&scope, None, 40, 3).await.unwrap(),
                     pairs(&[("z", -5), ("c", 10), ("a", 20)])
                 );
-                assert!(store.due(&scope, 40, 0).await.unwrap().is_empty());
-                assert!(store.due(&scope, -5, 10).await.unwrap().is_empty());
+                assert!(store.due(&scope, None, 40, 0).await.unwrap().is_empty());
+                assert!(store.due(&scope, None, -5, 10).await.unwrap().is_empty());
                 assert_eq!(
-                    store.due(&scope, i64::MAX, usize::MAX).await.unwrap().len(),
+                    store
+                        .due(&scope, None, i64::MAX, usize::MAX)
+                        .await
+                        .unwrap()
+                        .len(),
                     6
                 );
             }
 
             #[tokio::test]
-            async fn due_after_pages_through_a_window() {
+            async fn due_from_a_cursor_pages_through_a_window() {
                 let store = store().await;
                 let scope = fresh_scope();
                 for key in ["k1", "k2", "k3", "k4", "k5"] {
@@ -164,10 +171,10 @@ macro_rules! conformance {
                 }
                 store.schedule(&scope, "k0", 200).await.unwrap();
                 let mut seen = Vec::new();
-                let mut page = store.due(&scope, 1_000, 2).await.unwrap();
+                let mut page = store.due(&scope, None, 1_000, 2).await.unwrap();
                 while let Some((key, at)) = page.last().cloned() {
                     seen.extend(page);
-                    page = store.due_after(&scope, at, &key, 1_000, 2).await.unwrap();
+                    page = store.due(&scope, Some((at, &key)), 1_000, 2).await.unwrap();
                 }
                 assert_eq!(
                     seen,
@@ -181,12 +188,12 @@ macro_rules! conformance {
                     ])
                 );
                 assert!(store
-                    .due_after(&scope, 100, "k5", 200, 10)
+                    .due(&scope, Some((100, "k5")), 200, 10)
                     .await
                     .unwrap()
                     .is_empty());
                 assert!(store
-                    .due_after(&scope, 500, "", 200, 10)
+                    .due(&scope, Some((500, "")), 200, 10)
                     .await
                     .unwrap()
                     .is_empty());
@@ -202,7 +209,7 @@ macro_rules! conformance {
                     store.schedule(&scope, key, 1).await.unwrap();
                 }
                 let due: Vec<String> = store
-                    .due(&scope, 2, 100)
+                    .due(&scope, None, 2, 100)
                     .await
                     .unwrap()
                     .into_iter()
@@ -233,7 +240,7 @@ macro_rules! conformance {
                     let at = i64::try_from(index).unwrap();
                     assert_eq!(store.scheduled(scope, "k").await.unwrap(), vec![at]);
                     assert_eq!(
-                        store.due(scope, 100, 10).await.unwrap(),
+                        store.due(scope, None, 100, 10).await.unwrap(),
                         vec![("k".to_owned(), at)]
                     );
                 }
@@ -263,7 +270,7 @@ macro_rules! conformance {
                 while let Some(result) = tasks.join_next().await {
                     result.unwrap();
                 }
-                let due = store.due(&scope, i64::MAX, 1_000).await.unwrap();
+                let due = store.due(&scope, None, i64::MAX, 1_000).await.unwrap();
                 assert_eq!(due.len(), 400);
                 assert!(due.windows(2).all(|pair| pair[0].1 < pair[1].1));
                 assert_eq!(store.scheduled(&scope, "key-7").await.unwrap().len(), 20);
@@ -463,6 +470,22 @@ async fn an_unreachable_database_is_retriable() {
     assert!(prosody::Error::from(error).is_retriable());
 }
 
+#[tokio::test]
+async fn a_lazy_store_connects_on_first_use_and_reports_a_bad_url_there() {
+    let bad = PostgresStore::lazy("postgres://user:s3cret@127.0.0.1:notaport/db");
+    let scope = fresh_scope();
+    let error = bad.scheduled(&scope, "k").await.unwrap_err();
+    assert!(
+        matches!(error, StoreError::Configuration { .. }),
+        "{error:?}"
+    );
+    assert!(!format!("{bad:?}").contains("s3cret"), "{bad:?}");
+
+    let store = PostgresStore::lazy(&database_url());
+    assert!(store.schedule(&scope, "k", 7).await.unwrap());
+    assert_eq!(store.scheduled(&scope, "k").await.unwrap(), vec![7]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_write_does_not_fail_the_writes_batched_with_it() {
     let store = Arc::new(PostgresStore::connect(&database_url()).await.unwrap());
@@ -560,7 +583,7 @@ async fn the_store_survives_the_database_going_away() {
     cluster.script("stop");
     assert_unavailable(store.scheduled(&scope, "k").await);
     assert_unavailable(store.schedule(&scope, "k", 2).await);
-    assert_unavailable(store.due(&scope, 10, 10).await);
+    assert_unavailable(store.due(&scope, None, 10, 10).await);
 
     // Back: the next call reconnects, and the data is still there.
     cluster.script("start");

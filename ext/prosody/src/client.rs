@@ -181,9 +181,9 @@ impl NativeClient {
             hash.aset(ruby.to_symbol("partition"), entry.partition)?;
             hash.aset(ruby.to_symbol("buffered"), entry.buffered)?;
             hash.aset(ruby.to_symbol("max_buffered"), entry.max_buffered)?;
-            hash.aset(ruby.to_symbol("paused"), entry.paused)?;
-            hash.aset(ruby.to_symbol("pauses"), entry.pauses)?;
-            hash.aset(ruby.to_symbol("resumes"), entry.resumes)?;
+            hash.aset(ruby.to_symbol("full"), entry.full)?;
+            hash.aset(ruby.to_symbol("fills"), entry.fills)?;
+            hash.aset(ruby.to_symbol("drains"), entry.drains)?;
             hash.aset(ruby.to_symbol("finished"), entry.finished)?;
             list.push(hash)?;
         }

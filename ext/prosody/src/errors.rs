@@ -74,8 +74,26 @@ fn kind_of(error: &prosody::Error) -> Kind {
         prosody::Error::Mock(_) => Kind::MockCluster,
         prosody::Error::Store(_) => Kind::Store,
         prosody::Error::NoRuntime => Kind::Bridge,
+        prosody::Error::Thread { .. } => Kind::Base,
         _ => Kind::Base,
     }
+}
+
+/// The Ruby class that logs and dead-letter headers name for a failure the
+/// core found itself rather than one a Ruby handler raised (see
+/// `EventHandler::failure_class`).
+pub(crate) fn failure_class(kind: prosody::FailureKind) -> String {
+    let name = match kind {
+        prosody::FailureKind::Timeout => "TimeoutError",
+        prosody::FailureKind::BadInput => Kind::InvalidMessage.class_name(),
+        _ => Kind::Base.class_name(),
+    };
+    format!("Prosody::{name}")
+}
+
+/// The Ruby class name of `kind`, with its namespace, for messages and headers.
+pub(crate) fn qualified_name(kind: Kind) -> String {
+    format!("Prosody::{}", kind.class_name())
 }
 
 /// An exception object (not raised) for a core error, to push onto a result queue.

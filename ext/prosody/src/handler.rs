@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use magnus::{method, prelude::*, Error, RModule, Ruby, Value};
-use prosody::{ClassifyError, Context, EventHandler, Message, Timer};
+use prosody::{ClassifyError, Context, EventHandler, FailureKind, Message, Timer};
 use tokio::sync::oneshot;
 use tracing::warn;
 
@@ -17,6 +17,7 @@ use crate::bridge::owned::RubyOwned;
 use crate::bridge::{self};
 use crate::classes;
 use crate::convert::from_json;
+use crate::errors;
 use crate::reply::{answer_later, reply_with};
 use crate::runtime::runtime;
 
@@ -32,7 +33,7 @@ pub(crate) struct HandlerFailure {
 impl HandlerFailure {
     fn internal(message: &str) -> Self {
         Self {
-            class: "Prosody::BridgeError".to_owned(),
+            class: errors::qualified_name(errors::Kind::Bridge),
             message: message.to_owned(),
             permanent: false,
         }
@@ -102,6 +103,10 @@ impl EventHandler for RubyHandler {
     /// thread that feeds it are alive.
     fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire) && bridge::is_running()
+    }
+
+    fn failure_class(&self, kind: FailureKind) -> String {
+        errors::failure_class(kind)
     }
 }
 

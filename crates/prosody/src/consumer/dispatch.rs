@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
+pub(crate) use crate::handler::FailureKind;
 use crate::handler::{ClassifyError, Context, EventHandler};
 use crate::message::{Message, Timer};
 
@@ -21,39 +22,13 @@ pub(crate) struct Failure {
     pub(crate) message: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FailureKind {
-    /// Retrying may succeed.
-    Transient,
-    /// Retrying cannot succeed.
-    Permanent,
-    /// The handler overran `timeout` (retried like a transient failure).
-    Timeout,
-    /// The message itself is unusable (no key, not JSON): never retried.
-    BadInput,
-}
-
-impl FailureKind {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Self::Transient => "transient",
-            Self::Permanent => "permanent",
-            Self::Timeout => "timeout",
-            Self::BadInput => "bad-input",
-        }
-    }
-
-    pub(crate) fn is_permanent(self) -> bool {
-        matches!(self, Self::Permanent | Self::BadInput)
-    }
-}
-
 pub(crate) type OutcomeFuture<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
 
 pub(crate) trait DynHandler: Send + Sync + 'static {
     fn on_message(&self, context: Context, message: Message) -> OutcomeFuture<'_>;
     fn on_timer(&self, context: Context, timer: Timer) -> OutcomeFuture<'_>;
     fn is_alive(&self) -> bool;
+    fn failure_class(&self, kind: FailureKind) -> String;
 }
 
 impl<H: EventHandler> DynHandler for H {
@@ -67,6 +42,10 @@ impl<H: EventHandler> DynHandler for H {
 
     fn is_alive(&self) -> bool {
         EventHandler::is_alive(self)
+    }
+
+    fn failure_class(&self, kind: FailureKind) -> String {
+        EventHandler::failure_class(self, kind)
     }
 }
 

@@ -72,26 +72,14 @@ pub(crate) struct SkipCounters {
 }
 
 impl SkipCounters {
-    /// Counts a skip. The subscription's first own-message skip is also logged
-    /// at INFO, saying why and what to change: a client that sends and consumes
-    /// with the default `source_system` (its group id) otherwise sees its own
-    /// messages vanish with nothing but debug lines to explain it.
+    /// Counts a skip.
     pub(crate) fn count(&self, skip: Skip) {
         let counter = match skip {
             Skip::OwnMessage => &self.own_messages,
             Skip::EventType => &self.event_type,
             Skip::Duplicate => &self.duplicates,
         };
-        let before = counter.fetch_add(1, Ordering::Relaxed);
-        if skip == Skip::OwnMessage && before == 0 {
-            tracing::info!(
-                "skipping a message whose `{SOURCE_SYSTEM_HEADER}` header is this consumer's group_id: \
-                 a group does not consume what it sent itself (loop prevention; source_system defaults \
-                 to group_id). To consume these messages, give the sending client a source_system \
-                 different from this group_id. Further skips are logged at debug level and counted \
-                 in skip_counts"
-            );
-        }
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> SkipCounts {

@@ -3,23 +3,19 @@
 //! Rebalance callbacks run on the poll thread, inside `poll`, so they never race
 //! with message dispatch.
 
-use std::ffi::c_int;
-use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, RebalanceProtocol,
-};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaResult;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
-use rdkafka_sys as rdsys;
 use tracing::{debug, error, info, warn};
 
+use super::commit::{commit_by, commit_reserve, is_retriable, CommitError};
 use super::offsets::OffsetTracker;
 use super::partition::PartitionManager;
 use super::shared::Shared;
@@ -319,177 +315,4 @@ fn start_partitions(shared: &Arc<Shared>, committed: &TopicPartitionList) {
     info!(assigned = partitions.len(), "partitions assigned");
     drop(partitions);
     shared.wake();
-}
-
-/// The given partitions' commit points; `release` marks them handed back.
-fn commit_points(managers: &[Arc<PartitionManager>], release: bool) -> TopicPartitionList {
-    let mut list = TopicPartitionList::new();
-    for manager in managers {
-        let point = if release {
-            manager.release()
-        } else {
-            manager.commit_point()
-        };
-        let Some((offset, metadata)) = point else {
-            continue;
-        };
-        match list.add_partition_offset(
-            manager.topic(),
-            manager.partition(),
-            Offset::Offset(offset),
-        ) {
-            Ok(()) => {
-                if let Some(mut element) = list.find_partition(manager.topic(), manager.partition())
-                {
-                    element.set_metadata(metadata);
-                }
-            }
-            Err(error) => warn!("cannot commit offset {offset}: {error}"),
-        }
-    }
-    list
-}
-
-/// Sends the given partitions' commit points without waiting for the answer.
-pub(crate) fn commit_async(
-    consumer: &BaseConsumer<Hooks>,
-    managers: &[Arc<PartitionManager>],
-) -> KafkaResult<()> {
-    let list = commit_points(managers, false);
-    if list.count() == 0 {
-        return Ok(());
-    }
-    consumer.commit(&list, CommitMode::Async)
-}
-
-/// Why a commit that waits for its answer did not succeed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum CommitError {
-    /// The coordinator answered with an error (or the request could not be sent).
-    #[error(transparent)]
-    Kafka(#[from] KafkaError),
-    /// No answer before the deadline; librdkafka may still deliver the commit later.
-    #[error("no answer from the group coordinator before the deadline")]
-    Unconfirmed,
-}
-
-/// Commits the given partitions' commit points (`release` marks them handed
-/// back) and waits for the coordinator's answer until `deadline`.
-///
-/// A synchronous `rd_kafka_commit` waits with no timeout of its own: for a
-/// missing coordinator librdkafka holds the commit for `session.timeout.ms`.
-/// `rd_kafka_commit_queue` instead posts the result to a queue of ours, which
-/// is polled with the time left. This keeps the wait on this thread, without
-/// serving the consumer queue (no rebalance callback runs inside it) and
-/// without a helper thread left behind holding the consumer.
-pub(crate) fn commit_by(
-    consumer: &BaseConsumer<Hooks>,
-    managers: &[Arc<PartitionManager>],
-    release: bool,
-    deadline: Instant,
-) -> Result<(), CommitError> {
-    let list = commit_points(managers, release);
-    if list.count() == 0 {
-        return Ok(());
-    }
-    let replies = ReplyQueue::new(consumer)?;
-    // SAFETY: the client handle and `list` are alive for the call; librdkafka
-    // copies the list, and the reply queue is valid (kept alive by librdkafka's
-    // own reference until the reply is posted, even if we destroy ours first).
-    // No callback is given, so the result arrives as an event on that queue.
-    let err = unsafe {
-        rdsys::rd_kafka_commit_queue(
-            consumer.client().native_ptr(),
-            list.ptr(),
-            replies.0.as_ptr(),
-            None,
-            ptr::null_mut(),
-        )
-    };
-    if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-        return Err(KafkaError::ConsumerCommit(err.into()).into());
-    }
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(CommitError::Unconfirmed);
-        }
-        let millis = c_int::try_from(left.as_millis())
-            .unwrap_or(c_int::MAX)
-            .max(1);
-        // SAFETY: the queue is alive; the returned event (if any) is ours to destroy.
-        let event = unsafe { rdsys::rd_kafka_queue_poll(replies.0.as_ptr(), millis) };
-        if event.is_null() {
-            continue;
-        }
-        // SAFETY: `event` is non-null and not yet destroyed; it is destroyed
-        // exactly once, after its type and error are read.
-        let (kind, err) = unsafe {
-            let read = (
-                rdsys::rd_kafka_event_type(event),
-                rdsys::rd_kafka_event_error(event),
-            );
-            rdsys::rd_kafka_event_destroy(event);
-            read
-        };
-        if kind != rdsys::RD_KAFKA_EVENT_OFFSET_COMMIT {
-            continue;
-        }
-        if err == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            return Ok(());
-        }
-        return Err(KafkaError::ConsumerCommit(err.into()).into());
-    }
-}
-
-/// A librdkafka queue that receives the answer to one commit.
-struct ReplyQueue(NonNull<rdsys::rd_kafka_queue_t>);
-
-impl ReplyQueue {
-    fn new(consumer: &BaseConsumer<Hooks>) -> KafkaResult<Self> {
-        // SAFETY: the client handle is alive; the new queue is owned by `Self`
-        // and destroyed in `Drop`.
-        let queue = unsafe { rdsys::rd_kafka_queue_new(consumer.client().native_ptr()) };
-        NonNull::new(queue)
-            .map(Self)
-            .ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::Fail))
-    }
-}
-
-impl Drop for ReplyQueue {
-    fn drop(&mut self) {
-        // SAFETY: the queue came from rd_kafka_queue_new and is destroyed once.
-        // A reply posted after this is discarded by librdkafka.
-        unsafe { rdsys::rd_kafka_queue_destroy(self.0.as_ptr()) };
-    }
-}
-
-/// The end of a shutdown budget kept for the commit that follows the wait for
-/// handlers: a tenth of it, at most a second.
-pub(crate) fn commit_reserve(budget: Duration) -> Duration {
-    (budget / 10).min(Duration::from_secs(1))
-}
-
-/// Whether a commit or offset fetch that failed with `error` may succeed if
-/// sent again: the coordinator moved or is loading, or the group is between
-/// generations (librdkafka rejoins on its own).
-pub(crate) fn is_retriable(error: &KafkaError) -> bool {
-    use RDKafkaErrorCode as Code;
-    let Some(code) = error.rdkafka_error_code() else {
-        return false;
-    };
-    matches!(
-        code,
-        Code::RebalanceInProgress
-            | Code::IllegalGeneration
-            | Code::NotCoordinator
-            | Code::CoordinatorNotAvailable
-            | Code::CoordinatorLoadInProgress
-            | Code::RequestTimedOut
-            | Code::NetworkException
-            | Code::OperationTimedOut
-            | Code::BrokerTransportFailure
-            | Code::AllBrokersDown
-            | Code::WaitingForCoordinator
-    )
 }

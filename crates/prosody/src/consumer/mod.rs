@@ -8,16 +8,17 @@
 //! The poll thread owns the rdkafka consumer; librdkafka runs rebalance callbacks
 //! on it (see [`hooks`]). Runners live on the tokio runtime.
 
+mod commit;
 mod dispatch;
 mod failure;
 mod filter;
 mod hooks;
 mod offsets;
 mod partition;
+mod settings;
 mod shared;
 mod timer_queue;
 
-use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -31,17 +32,17 @@ use tracing::{debug, error, info, warn};
 
 pub use filter::SkipCounts;
 pub use partition::PartitionStats;
-pub(crate) use timer_queue::TimerQueue;
 
-use crate::config::{Config, Role};
+use crate::config::Config;
 use crate::error::Result;
 use crate::handler::EventHandler;
 use crate::message::Header;
 use crate::probe::{Health, ProbeServer};
 use crate::producer::Producer;
-use hooks::{commit_async, commit_by, commit_reserve, CommitError, Hooks};
-use partition::{Accepted, Fetched};
-use shared::{KafkaConsumer, Shared, TopicPartition};
+use commit::{commit_finally, commit_reserve, PeriodicCommit};
+use hooks::Hooks;
+use partition::{Accepted, Fetched, UnusableKey};
+use shared::{KafkaConsumer, Shared};
 
 /// Where the consumer is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,51 +78,7 @@ impl Subscription {
         runtime: Handle,
     ) -> Result<Self> {
         let group_id = config.group_id.clone().unwrap_or_default();
-        let mut client = config.client_config(Role::Consumer);
-        // Defaults the passthrough may override.
-        let mut defaults = vec![
-            ("auto.offset.reset", "earliest"),
-            ("partition.assignment.strategy", "cooperative-sticky"),
-        ];
-        if config.mock {
-            // The mock cluster holds a group for the session timeout after its last
-            // member leaves (44 s by default); a short session keeps restarts quick.
-            defaults.push(("session.timeout.ms", "6000"));
-        }
-        for (key, value) in defaults {
-            if !config.kafka.contains_key(key) {
-                client.set(key, value);
-            }
-        }
-        // Prosody owns offsets: these are not negotiable through the passthrough.
-        client
-            .set("bootstrap.servers", bootstrap_servers)
-            .set("group.id", &group_id)
-            .set("client.id", &config.source_system)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false");
-        // librdkafka prefetches up to `queued.min.messages` per partition (100k by
-        // default), then re-checks every `fetch.queue.backoff.ms` (1 s by default).
-        // A smaller prefetch bounds memory under a large backlog; the short re-check
-        // keeps a drained prefetch from stalling the partition for a second.
-        //
-        // A broker keeps one fetch in flight per connection, and holds it up to
-        // `fetch.wait.max.ms` (500 ms by default) when the partitions it asks for
-        // have nothing new. A partition whose small prefetch drains meanwhile waits
-        // for that fetch to return: with idle and backlogged partitions on one
-        // broker, consumption stalled for ~450 ms every ~15k messages (measured on
-        // the mock cluster: 170k msg/s with 500 ms, 780k msg/s with 50 ms). The
-        // price is one idle fetch per broker every 50 ms.
-        let prefetch = (config.max_uncommitted * 16).max(10_000).to_string();
-        for (key, value) in [
-            ("queued.min.messages", prefetch.as_str()),
-            ("fetch.queue.backoff.ms", "10"),
-            ("fetch.wait.max.ms", "50"),
-        ] {
-            if !config.kafka.contains_key(key) {
-                client.set(key, value);
-            }
-        }
+        let client = settings::consumer_config(&config, bootstrap_servers);
         let stop_deadline = Arc::new(OnceLock::new());
         let mut consumer: KafkaConsumer =
             client.create_with_context(Hooks::new(Arc::clone(&stop_deadline)))?;
@@ -161,8 +118,9 @@ impl Subscription {
                 PollLoop::new(consumer, poll_shared, stopped).run();
                 drop(done);
             })
-            .map_err(|error| {
-                crate::Error::Mock(format!("cannot start the poll thread: {error}"))
+            .map_err(|source| crate::Error::Thread {
+                name: "prosody-poll",
+                source,
             })?;
         Ok(Self {
             shared,
@@ -254,9 +212,6 @@ impl Drop for Subscription {
     }
 }
 
-/// Every this many commit ticks, all commit points are sent, moved or not.
-const FULL_COMMIT_EVERY: u64 = 5;
-
 /// How long past the stop deadline the consumer may take to leave the group
 /// (`rd_kafka_consumer_close`) before it is left to close in the background.
 /// The close sends LeaveGroup; with the coordinator gone it waits out
@@ -274,10 +229,7 @@ struct PollLoop {
     consumer: Arc<KafkaConsumer>,
     shared: Arc<Shared>,
     stopped: oneshot::Receiver<Instant>,
-    last_commit: Instant,
-    /// Commit ticks so far.
-    ticks: u64,
-    committed: HashMap<TopicPartition, (i64, String)>,
+    commits: PeriodicCommit,
 }
 
 impl PollLoop {
@@ -286,13 +238,12 @@ impl PollLoop {
         shared: Arc<Shared>,
         stopped: oneshot::Receiver<Instant>,
     ) -> Self {
+        let commits = PeriodicCommit::new(shared.config.commit_interval);
         Self {
             consumer,
             shared,
             stopped,
-            last_commit: Instant::now(),
-            ticks: 0,
-            committed: HashMap::new(),
+            commits,
         }
     }
 
@@ -325,24 +276,15 @@ impl PollLoop {
             for manager in self.shared.managers() {
                 progressed |= manager.fill() > 0;
             }
-            if self.last_commit.elapsed() >= self.shared.config.commit_interval {
-                self.commit_progress();
-            }
+            self.commits.tick(&self.consumer, &self.shared);
             if !progressed {
                 let _ = self
                     .shared
                     .wakeups
-                    .recv_timeout(poll_interval.min(self.until_commit()));
+                    .recv_timeout(poll_interval.min(self.commits.until_due()));
             }
         };
         self.shut_down(deadline);
-    }
-
-    fn until_commit(&self) -> Duration {
-        self.shared
-            .config
-            .commit_interval
-            .saturating_sub(self.last_commit.elapsed())
     }
 
     /// A message that arrived on the main queue (fetched before its partition got
@@ -373,39 +315,6 @@ impl PollLoop {
                     .seek(topic, partition, Offset::Offset(offset), Duration::ZERO)
             {
                 warn!(topic, partition, offset, "cannot rewind: {error}");
-            }
-        }
-    }
-
-    /// Commits partitions whose commit point moved since their last commit, and
-    /// every [`FULL_COMMIT_EVERY`] ticks all of them: librdkafka does not report
-    /// async commit failures, so re-sending is how a rejected commit gets repaired
-    /// (the Java client's auto-commit likewise re-sends unchanged positions).
-    fn commit_progress(&mut self) {
-        self.last_commit = Instant::now();
-        self.ticks += 1;
-        if self.ticks % FULL_COMMIT_EVERY == 0 {
-            self.committed.clear();
-        }
-        let managers = self.shared.managers();
-        self.committed.retain(|key, _| {
-            managers
-                .iter()
-                .any(|m| (m.topic(), m.partition()) == (&key.0, key.1))
-        });
-        let moved: Vec<_> = managers
-            .into_iter()
-            .filter(|manager| {
-                let Some(point) = manager.commit_point() else {
-                    return false;
-                };
-                let key = (Arc::clone(manager.topic()), manager.partition());
-                self.committed.insert(key, point.clone()).as_ref() != Some(&point)
-            })
-            .collect();
-        if !moved.is_empty() {
-            if let Err(error) = commit_async(&self.consumer, &moved) {
-                warn!("commit failed; the next full commit sends it again: {error}");
             }
         }
     }
@@ -448,52 +357,13 @@ impl PollLoop {
             self.shared.cancellation.cancel();
             self.wait_until_idle(&managers, cancelled_until);
         }
-        self.commit_finally(&managers, deadline);
+        commit_finally(&self.consumer, &self.shared, &managers, deadline);
         self.shared.partitions().clear();
         self.consumer.unsubscribe();
         self.shared.cancellation.cancel();
         let Self { consumer, .. } = self;
         close(consumer, deadline + LEAVE_GRACE);
         info!(elapsed = ?started.elapsed(), "unsubscribed");
-    }
-
-    /// The last commit before leaving the group, sent again until `deadline` while
-    /// the coordinator answers with a retriable error (a group-wide stop meets
-    /// `REBALANCE_IN_PROGRESS`). Polls between attempts so the consumer can rejoin;
-    /// a partition revoked meanwhile was committed by the revocation and drops out.
-    fn commit_finally(&self, managers: &[Arc<partition::PartitionManager>], deadline: Instant) {
-        let mut pause = Duration::from_millis(50);
-        let mut release = true;
-        loop {
-            let ours: Vec<_> = if release {
-                managers.to_vec()
-            } else {
-                self.shared.managers()
-            };
-            match commit_by(&self.consumer, &ours, release, deadline) {
-                Ok(()) => {
-                    debug!("final commit done");
-                    return;
-                }
-                Err(CommitError::Kafka(error))
-                    if hooks::is_retriable(&error) && Instant::now() + pause < deadline =>
-                {
-                    debug!("final commit failed, retrying: {error}");
-                    release = false;
-                    let _ = self.consumer.poll(Duration::ZERO);
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(500));
-                }
-                Err(CommitError::Unconfirmed) => {
-                    warn!("final commit not confirmed within shutdown_timeout; messages handled since the last confirmed commit may be handled again");
-                    return;
-                }
-                Err(error) => {
-                    error!("final commit failed; messages handled since the last commit will be handled again: {error}");
-                    return;
-                }
-            }
-        }
     }
 
     /// Keeps polling (so the group session stays alive) until every manager is idle or `deadline`.
@@ -544,10 +414,16 @@ fn close(consumer: Arc<KafkaConsumer>, deadline: Instant) {
 /// Copies what the handler needs out of librdkafka's buffer.
 pub(crate) fn fetched(message: &BorrowedMessage<'_>) -> Fetched {
     let key = match message.key() {
-        None => Err("it has no key"),
+        None => Err(UnusableKey {
+            problem: "it has no key",
+            shown: "<none>".to_owned(),
+        }),
         Some(bytes) => std::str::from_utf8(bytes)
             .map(Arc::from)
-            .map_err(|_| "its key is not valid UTF-8"),
+            .map_err(|_| UnusableKey {
+                problem: "its key is not valid UTF-8",
+                shown: bytes.escape_ascii().to_string(),
+            }),
     };
     let headers: Arc<[Header]> = match message.headers() {
         Some(headers) => headers

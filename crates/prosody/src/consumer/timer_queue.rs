@@ -16,7 +16,7 @@ use tracing::warn;
 
 use super::partition::PartitionManager;
 use crate::error::Result;
-use crate::handler::to_millis;
+use crate::handler::{to_millis, KeyTimers, TimersFuture};
 use crate::timers::{PartitionScope, TimerStore};
 
 /// How far ahead timers are loaded.
@@ -82,38 +82,6 @@ impl TimerQueue {
         state.queued.retain(|(_, queued)| &**queued != key);
     }
 
-    pub(crate) async fn schedule(&self, key: &Arc<str>, at: i64) -> Result<()> {
-        self.store.schedule(&self.scope, key, at).await?;
-        self.remember(key, at);
-        Ok(())
-    }
-
-    pub(crate) async fn unschedule(&self, key: &Arc<str>, at: i64) -> Result<()> {
-        self.store.unschedule(&self.scope, key, at).await?;
-        let entry = (at, Arc::clone(key));
-        let mut state = self.state();
-        state.waiting.remove(&entry);
-        state.queued.remove(&entry);
-        Ok(())
-    }
-
-    pub(crate) async fn clear(&self, key: &Arc<str>) -> Result<()> {
-        self.store.clear(&self.scope, key).await?;
-        self.forget_key(key);
-        Ok(())
-    }
-
-    pub(crate) async fn clear_and_schedule(&self, key: &Arc<str>, at: i64) -> Result<()> {
-        self.store.clear_and_schedule(&self.scope, key, at).await?;
-        self.forget_key(key);
-        self.remember(key, at);
-        Ok(())
-    }
-
-    pub(crate) async fn scheduled(&self, key: &Arc<str>) -> Result<Vec<i64>> {
-        Ok(self.store.scheduled(&self.scope, key).await?)
-    }
-
     /// False when the timer was unscheduled after it was handed to its key's queue.
     pub(crate) fn is_queued(&self, key: &Arc<str>, at: i64) -> bool {
         self.state().queued.contains(&(at, Arc::clone(key)))
@@ -167,14 +135,8 @@ impl TimerQueue {
     async fn load(&self, now: i64) -> Result<()> {
         let before = now.saturating_add(millis(WINDOW));
         let cursor = self.state().cursor.clone();
-        let page = match &cursor {
-            None => self.store.due(&self.scope, before, PAGE).await?,
-            Some((at, key)) => {
-                self.store
-                    .due_after(&self.scope, *at, key, before, PAGE)
-                    .await?
-            }
-        };
+        let after = cursor.as_ref().map(|(at, key)| (*at, &**key));
+        let page = self.store.due(&self.scope, after, before, PAGE).await?;
         let mut state = self.state();
         let full = page.len() == PAGE;
         for (key, at) in page {
@@ -210,4 +172,48 @@ impl TimerQueue {
 
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// What a handler's [`crate::Context`] does with its key's timers: the store
+/// changes first, then the loaded window follows.
+impl KeyTimers for TimerQueue {
+    fn schedule<'a>(&'a self, key: &'a Arc<str>, at: i64) -> TimersFuture<'a, ()> {
+        Box::pin(async move {
+            self.store.schedule(&self.scope, key, at).await?;
+            self.remember(key, at);
+            Ok(())
+        })
+    }
+
+    fn unschedule<'a>(&'a self, key: &'a Arc<str>, at: i64) -> TimersFuture<'a, ()> {
+        Box::pin(async move {
+            self.store.unschedule(&self.scope, key, at).await?;
+            let entry = (at, Arc::clone(key));
+            let mut state = self.state();
+            state.waiting.remove(&entry);
+            state.queued.remove(&entry);
+            Ok(())
+        })
+    }
+
+    fn clear<'a>(&'a self, key: &'a Arc<str>) -> TimersFuture<'a, ()> {
+        Box::pin(async move {
+            self.store.clear(&self.scope, key).await?;
+            self.forget_key(key);
+            Ok(())
+        })
+    }
+
+    fn clear_and_schedule<'a>(&'a self, key: &'a Arc<str>, at: i64) -> TimersFuture<'a, ()> {
+        Box::pin(async move {
+            self.store.clear_and_schedule(&self.scope, key, at).await?;
+            self.forget_key(key);
+            self.remember(key, at);
+            Ok(())
+        })
+    }
+
+    fn scheduled<'a>(&'a self, key: &'a Arc<str>) -> TimersFuture<'a, Vec<i64>> {
+        Box::pin(async move { Ok(self.store.scheduled(&self.scope, key).await?) })
+    }
 }

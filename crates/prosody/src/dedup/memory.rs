@@ -5,7 +5,7 @@ use std::future::ready;
 use std::sync::{Mutex, PoisonError};
 
 use super::{DedupStore, HandledId};
-use crate::timers::StoreFuture;
+use crate::store::StoreFuture;
 
 /// Handled message ids in process memory: not durable, gone with the process.
 ///

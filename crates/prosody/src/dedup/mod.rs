@@ -8,7 +8,8 @@
 //!   so the common case (a redelivery after a rebalance or a restart of the
 //!   poll loop) costs no I/O;
 //! - a [`DedupStore`] behind it: PostgreSQL when `database_url` is set (so the
-//!   records outlive the process), one process-wide memory store in mock mode.
+//!   records outlive the process; table and queries in `postgres.rs`), one
+//!   process-wide memory store (`memory.rs`) in mock mode.
 //!
 //! A message is recorded only after its handler succeeded, so a failed attempt
 //! is retried and a redelivery of a failed message runs again. A store that
@@ -16,6 +17,7 @@
 //! once wins over dedup) and a warning is logged.
 
 mod memory;
+pub(crate) mod postgres;
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,7 +28,7 @@ use tracing::warn;
 pub(crate) use memory::MemoryDedup;
 
 use crate::config::Config;
-use crate::timers::{StoreError, StoreFuture};
+use crate::store::{StoreError, StoreFuture};
 
 /// One handled message as the stores remember it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -5,7 +5,8 @@ use std::future::ready;
 use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::store::{PartitionScope, StoreFuture, TimerStore};
+use super::store::{PartitionScope, TimerStore};
+use crate::store::StoreFuture;
 
 /// Timers in process memory: not durable, gone when the process exits.
 ///
@@ -184,22 +185,11 @@ impl TimerStore for MemoryStore {
     fn due<'a>(
         &'a self,
         scope: &'a PartitionScope,
+        after: Option<(i64, &'a str)>,
         before_ms: i64,
         limit: usize,
     ) -> StoreFuture<'a, Vec<(String, i64)>> {
-        Box::pin(ready(Ok(self.range(scope, None, before_ms, limit))))
-    }
-
-    fn due_after<'a>(
-        &'a self,
-        scope: &'a PartitionScope,
-        after_ms: i64,
-        after_key: &'a str,
-        before_ms: i64,
-        limit: usize,
-    ) -> StoreFuture<'a, Vec<(String, i64)>> {
-        let due = self.range(scope, Some((after_ms, after_key)), before_ms, limit);
-        Box::pin(ready(Ok(due)))
+        Box::pin(ready(Ok(self.range(scope, after, before_ms, limit))))
     }
 }
 
@@ -219,7 +209,10 @@ mod tests {
         assert!(store.schedule(&scope, "k", 10).await.unwrap());
         assert!(!store.schedule(&scope, "k", 30).await.unwrap());
         assert_eq!(store.scheduled(&scope, "k").await.unwrap(), vec![10, 30]);
-        assert_eq!(store.due(&scope, i64::MAX, 10).await.unwrap().len(), 2);
+        assert_eq!(
+            store.due(&scope, None, i64::MAX, 10).await.unwrap().len(),
+            2
+        );
     }
 
     #[tokio::test]
@@ -235,7 +228,7 @@ mod tests {
         assert_eq!(store.clear(&scope, "b").await.unwrap(), 3);
         assert_eq!(store.clear(&scope, "b").await.unwrap(), 0);
         assert_eq!(
-            store.due(&scope, i64::MAX, 10).await.unwrap(),
+            store.due(&scope, None, i64::MAX, 10).await.unwrap(),
             vec![("a".to_owned(), 1), ("a".to_owned(), 3)]
         );
         store.clear(&scope, "a").await.unwrap();
@@ -261,26 +254,30 @@ mod tests {
         for (key, at) in [("b", 2), ("a", 2), ("c", 1), ("a", 9), ("d", i64::MIN)] {
             store.schedule(&scope, key, at).await.unwrap();
         }
-        let due = store.due(&scope, 9, 3).await.unwrap();
+        let due = store.due(&scope, None, 9, 3).await.unwrap();
         let expected = [("d", i64::MIN), ("c", 1), ("a", 2)];
         let expected: Vec<_> = expected
             .iter()
             .map(|(k, t)| ((*k).to_owned(), *t))
             .collect();
         assert_eq!(due, expected);
-        let next = store.due_after(&scope, 2, "a", 9, 3).await.unwrap();
+        let next = store.due(&scope, Some((2, "a")), 9, 3).await.unwrap();
         assert_eq!(next, vec![("b".to_owned(), 2)]);
         assert!(store
-            .due_after(&scope, 9, "", 9, 3)
+            .due(&scope, Some((9, "")), 9, 3)
             .await
             .unwrap()
             .is_empty());
         assert!(store
-            .due_after(&scope, 10, "", 9, 3)
+            .due(&scope, Some((10, "")), 9, 3)
             .await
             .unwrap()
             .is_empty());
-        assert!(store.due(&scope, 9, 0).await.unwrap().is_empty());
-        assert!(store.due(&self::scope(4), 9, 3).await.unwrap().is_empty());
+        assert!(store.due(&scope, None, 9, 0).await.unwrap().is_empty());
+        assert!(store
+            .due(&self::scope(4), None, 9, 3)
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

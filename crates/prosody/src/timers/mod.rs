@@ -6,14 +6,12 @@
 //! stores them, behind [`TimerStore`]:
 //!
 //! - [`MemoryStore`]: in process memory, for mock mode and tests;
-//! - [`PostgresStore`]: durable, behind `database_url`.
+//! - [`crate::PostgresStore`]: durable, behind `database_url`; the timer
+//!   table and queries are in `postgres.rs`, the connection in `crate::store`.
 
 mod memory;
-mod postgres;
+pub(crate) mod postgres;
 mod store;
 
 pub use memory::MemoryStore;
-pub use postgres::PostgresStore;
-#[allow(unused_imports)] // for the other PostgreSQL-backed components
-pub(crate) use postgres::{migrate, SCHEMA_LOCK_KEY};
-pub use store::{PartitionScope, StoreError, StoreFuture, TimerStore};
+pub use store::{PartitionScope, TimerStore};

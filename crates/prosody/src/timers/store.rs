@@ -1,9 +1,9 @@
-//! The storage contract every timer store meets, and its error type.
+//! The storage contract every timer store meets.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
+
+use crate::store::StoreFuture;
 
 /// The unit timers belong to: one partition of one topic as consumed by one group.
 ///
@@ -36,82 +36,6 @@ impl fmt::Display for PartitionScope {
         write!(f, "{}/{}/{}", self.group, self.topic, self.partition)
     }
 }
-
-/// A driver's error, kept as the source of a [`StoreError`] so the driver's
-/// types stay out of Prosody's API. Shared, so one failure of a batched write
-/// can be reported to every caller in the batch.
-pub(crate) type ErrorSource = Arc<dyn std::error::Error + Send + Sync + 'static>;
-
-/// An error that is only a message, for failures the driver did not report.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct Reason(pub(crate) String);
-
-/// `error` as an [`ErrorSource`].
-pub(crate) fn source(error: impl std::error::Error + Send + Sync + 'static) -> ErrorSource {
-    Arc::new(error)
-}
-
-/// What a timer store can fail with.
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// The database cannot be reached or cannot serve right now: connection
-    /// refused or lost, server shutting down, timeout, too many connections.
-    /// Retriable: the store reconnects on the next call.
-    #[error("state store unavailable ({operation}): {source}")]
-    Unavailable {
-        /// What the store was doing.
-        operation: &'static str,
-        /// The driver's error.
-        #[source]
-        source: ErrorSource,
-    },
-
-    /// The store is configured wrongly: a malformed `database_url`, an
-    /// unsupported TLS mode, bad credentials, a missing database. Never contains
-    /// the URL itself, which may hold a password.
-    #[error("invalid database_url: {reason}")]
-    Configuration {
-        /// What is wrong.
-        reason: String,
-    },
-
-    /// The database holds a newer timer schema than this version of Prosody
-    /// understands; upgrade Prosody rather than risk writing an old layout.
-    #[error(
-        "timer schema version {found} is newer than the supported {supported}; upgrade prosody"
-    )]
-    SchemaTooNew {
-        /// The version recorded in the database.
-        found: i32,
-        /// The newest version this build knows.
-        supported: i32,
-    },
-
-    /// The database rejected a statement for a reason retrying will not fix.
-    #[error("state store query failed ({operation}): {source}")]
-    Query {
-        /// What the store was doing.
-        operation: &'static str,
-        /// The driver's error.
-        #[source]
-        source: ErrorSource,
-    },
-}
-
-impl StoreError {
-    /// True when the same call may succeed later (the database is down or
-    /// overloaded); false for configuration and schema problems and for
-    /// statements the database rejects.
-    pub fn is_retriable(&self) -> bool {
-        matches!(self, Self::Unavailable { .. })
-    }
-}
-
-/// The future every [`TimerStore`] method returns: boxed so the trait stays
-/// object safe (`Arc<dyn TimerStore>`) without an async-trait dependency.
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// Durable storage for per-key timers.
 ///
@@ -163,22 +87,13 @@ pub trait TimerStore: Send + Sync + fmt::Debug {
     ) -> StoreFuture<'a, Vec<i64>>;
 
     /// At most `limit` timers of the partition with `at_ms < before_ms`, ordered
-    /// by time then key: what the consumer loads to fire soon.
+    /// by time then key: what the consumer loads to fire soon. With `after`,
+    /// only timers strictly after that `(at_ms, key)` in (time, key) order: the
+    /// next page when a window holds more than `limit` timers.
     fn due<'a>(
         &'a self,
         scope: &'a PartitionScope,
-        before_ms: i64,
-        limit: usize,
-    ) -> StoreFuture<'a, Vec<(String, i64)>>;
-
-    /// Like [`due`](Self::due) but only timers strictly after `(after_ms,
-    /// after_key)` in (time, key) order: the next page when a window holds more
-    /// than `limit` timers.
-    fn due_after<'a>(
-        &'a self,
-        scope: &'a PartitionScope,
-        after_ms: i64,
-        after_key: &'a str,
+        after: Option<(i64, &'a str)>,
         before_ms: i64,
         limit: usize,
     ) -> StoreFuture<'a, Vec<(String, i64)>>;

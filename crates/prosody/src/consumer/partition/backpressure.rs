@@ -1,0 +1,115 @@
+//! Backpressure: a partition holds at most `max_uncommitted` accepted,
+//! unfinished messages.
+//!
+//! Nothing is paused in Kafka. librdkafka keeps prefetching into the
+//! partition's own queue (bounded by `queued.min.messages` and
+//! `queued.max.messages.kbytes`), and Prosody stops reading that queue while
+//! the buffer is full, so a drained buffer refills at memory speed instead of
+//! waiting for a new fetch round trip. The poll thread fills every partition
+//! on each turn; once a full buffer has drained by a quarter, the runner that
+//! drained it refills it at once (see [`PartitionManager::refill`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use tracing::warn;
+
+use super::{Accepted, PartitionManager, State};
+use crate::consumer::hooks::Hooks;
+
+/// The buffer's fill state and its counters (see [`super::PartitionStats`]).
+#[derive(Debug, Default)]
+pub(super) struct Backpressure {
+    /// Full: reading stops until it drains by a quarter.
+    pub(super) full: bool,
+    pub(super) fills: u64,
+    pub(super) drains: u64,
+    pub(super) max_buffered: usize,
+}
+
+impl Backpressure {
+    /// Notes a message taken into a buffer now holding `buffered` of `max`.
+    pub(super) fn accepted(&mut self, buffered: usize, max: usize) {
+        self.max_buffered = self.max_buffered.max(buffered);
+        if buffered >= max && !self.full {
+            self.full = true;
+            self.fills += 1;
+        }
+    }
+}
+
+impl PartitionManager {
+    /// Gives the manager its own prefetch queue (see [`fill`](Self::fill)).
+    pub(crate) fn attach_queue(&self, queue: PartitionQueue<Hooks>) {
+        *self
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(queue);
+    }
+
+    /// Moves messages from librdkafka's prefetch queue into key queues while the
+    /// buffer has room. Returns how many were taken.
+    pub(crate) fn fill(self: &Arc<Self>) -> usize {
+        let queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        queue.as_ref().map_or(0, |queue| self.fill_from(queue))
+    }
+
+    /// Refills from a runner once a full buffer has drained a quarter, so in
+    /// steady state the poll thread need not be woken (a context switch per
+    /// refill). If the poll thread is filling right now, or nothing is
+    /// prefetched, it is woken to take over instead.
+    pub(super) fn refill(self: &Arc<Self>) {
+        let taken = match self.queue.try_lock() {
+            Ok(queue) => queue.as_ref().map_or(0, |queue| self.fill_from(queue)),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                let queue = poisoned.into_inner();
+                queue.as_ref().map_or(0, |queue| self.fill_from(queue))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => 0,
+        };
+        if taken == 0 {
+            self.shared.wake();
+        }
+    }
+
+    fn fill_from(self: &Arc<Self>, queue: &PartitionQueue<Hooks>) -> usize {
+        let mut taken = 0;
+        while self.has_room() {
+            match queue.poll(Duration::ZERO) {
+                None => break,
+                Some(Err(error)) => {
+                    warn!(topic = %self.topic, partition = self.partition, "fetch error: {error}")
+                }
+                Some(Ok(message)) => {
+                    if self.accept(crate::consumer::fetched(&message)) == Accepted::Taken {
+                        taken += 1;
+                    }
+                }
+            }
+        }
+        taken
+    }
+
+    fn has_room(&self) -> bool {
+        let state = self.state();
+        self.is_open(&state) && state.offsets.pending() < self.shared.config.max_uncommitted
+    }
+
+    /// Reads on once a full buffer has a quarter free again, so refills come in
+    /// batches rather than one message at a time. True when it did: the caller
+    /// then refills (see [`refill`](Self::refill)).
+    pub(super) fn drained(&self, state: &mut State) -> bool {
+        let max = self.shared.config.max_uncommitted;
+        let buffer = &mut state.buffer;
+        if buffer.full && !state.released && state.offsets.pending() <= max - max.div_ceil(4) {
+            buffer.full = false;
+            buffer.drains += 1;
+            return true;
+        }
+        false
+    }
+}

@@ -1,0 +1,373 @@
+//! Settling: running one message or due timer to a conclusion.
+//!
+//! Both go through one retry loop ([`PartitionManager::retry`]): each attempt
+//! holds a concurrency permit only while the handler runs, a failure is
+//! classified and `consumer/failure.rs` decides between another attempt after a
+//! backoff and giving up. Giving up on a message dead-letters or skips it;
+//! giving up on a timer logs it. Side effects that must not be lost (writing a
+//! dead letter, deleting a fired timer) are retried until they succeed or the
+//! partition is cancelled ([`PartitionManager::retry_until_cancelled`]).
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, error, info, warn};
+
+use super::{Fetched, PartitionManager};
+use crate::consumer::dispatch::{Failure, FailureKind, Outcome};
+use crate::consumer::failure::{backoff, dead_letter_headers, decide, Decision};
+use crate::consumer::filter::{is_own, is_unwanted_type, Skip};
+use crate::dedup::message_id;
+use crate::handler::{from_millis, Context, KeyTimers};
+use crate::message::{Message, Timer};
+use crate::producer::SOURCE_SYSTEM_HEADER;
+
+/// One handler invocation.
+#[derive(Clone)]
+enum Call {
+    Message(Message),
+    /// A timer and its time in ms since the epoch.
+    Timer(Timer, i64),
+}
+
+impl Call {
+    /// The handler method's name in logs.
+    fn handler(&self) -> &'static str {
+        match self {
+            Self::Message(_) => "handler",
+            Self::Timer(..) => "timer handler",
+        }
+    }
+
+    fn noun(&self) -> &'static str {
+        match self {
+            Self::Message(_) => "message",
+            Self::Timer(..) => "timer",
+        }
+    }
+
+    fn offset(&self) -> Option<i64> {
+        match self {
+            Self::Message(message) => Some(message.offset),
+            Self::Timer(..) => None,
+        }
+    }
+
+    fn at(&self) -> Option<i64> {
+        match self {
+            Self::Message(_) => None,
+            Self::Timer(_, at) => Some(*at),
+        }
+    }
+}
+
+/// How a call's attempts ended.
+enum Settled {
+    Succeeded,
+    /// The mode's policy gave up after `attempts`, deciding `decision`.
+    GaveUp {
+        failure: Failure,
+        attempts: u32,
+        decision: Decision,
+    },
+    /// The partition stopped first: the work runs again under the next owner.
+    Cancelled,
+}
+
+impl PartitionManager {
+    /// Runs one message to a conclusion: success, dead letter or skip (true), or
+    /// cancellation (false, the message will run again under the next owner).
+    pub(super) async fn settle_message(&self, key: &Arc<str>, fetched: Fetched) -> bool {
+        let offset = fetched.offset;
+        if is_own(&self.shared.config, &fetched.headers) {
+            return self.skip(key, offset, Skip::OwnMessage);
+        }
+        let message = match self.decode(key, &fetched) {
+            Ok(message) if is_unwanted_type(&self.shared.config, message.payload()) => {
+                return self.skip(key, offset, Skip::EventType);
+            }
+            Ok(message) => message,
+            Err(failure) => {
+                let decision = decide(&self.shared.config, failure.kind, 1);
+                return self.give_up(key, &fetched, &failure, 1, decision).await;
+            }
+        };
+        let id = self
+            .shared
+            .dedup
+            .as_ref()
+            .and_then(|_| message_id(message.payload()));
+        if let (Some(dedup), Some(id)) = (&self.shared.dedup, &id) {
+            // The lookup first: a cache or memory-store answer is ready at once,
+            // and then no cancellation waiter is registered.
+            tokio::select! {
+                biased;
+                seen = dedup.seen(&self.topic, key, id) => if seen {
+                    return self.skip(key, offset, Skip::Duplicate);
+                },
+                () = self.draining.cancelled() => return false,
+            }
+        }
+        match self.retry(key, Call::Message(message)).await {
+            Settled::Succeeded => {
+                if let (Some(dedup), Some(id)) = (&self.shared.dedup, &id) {
+                    dedup.record(&self.topic, key, id).await;
+                }
+                true
+            }
+            Settled::GaveUp {
+                failure,
+                attempts,
+                decision,
+            } => {
+                self.give_up(key, &fetched, &failure, attempts, decision)
+                    .await
+            }
+            Settled::Cancelled => false,
+        }
+    }
+
+    /// Runs a due timer to a conclusion like [`settle_message`](Self::settle_message)
+    /// does a message, then deletes it from the store (retrying while the store is
+    /// down); false on cancellation (the timer stays stored and fires under the
+    /// next owner).
+    pub(super) async fn settle_timer(&self, key: &Arc<str>, at: i64) -> bool {
+        let Some(timers) = self.timers.as_ref() else {
+            return true;
+        };
+        if !timers.is_queued(key, at) {
+            // Unscheduled after it came due.
+            return true;
+        }
+        let timer = Timer {
+            key: Arc::clone(key),
+            time: from_millis(at),
+        };
+        match self.retry(key, Call::Timer(timer, at)).await {
+            Settled::Succeeded => {}
+            Settled::GaveUp {
+                failure, attempts, ..
+            } => error!(
+                topic = %self.topic, partition = self.partition, key = %key, at, attempts,
+                "giving up on timer after failure ({}): {}", failure.class, failure.message
+            ),
+            Settled::Cancelled => return false,
+        }
+        self.retry_until_cancelled(
+            || timers.finished(key, at),
+            |error, delay| warn!(topic = %self.topic, partition = self.partition, key = %key, at, "cannot delete a fired timer; retrying in {delay:?}: {error}"),
+        )
+        .await
+    }
+
+    /// Attempts `call` until it succeeds, the mode's policy gives up, or the
+    /// partition stops. Waiting to retry holds no permit.
+    async fn retry(&self, key: &Arc<str>, call: Call) -> Settled {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let Some(outcome) = self.attempt_with_permit(key, call.clone()).await else {
+                return Settled::Cancelled;
+            };
+            let failure = match outcome {
+                Outcome::Succeeded => return Settled::Succeeded,
+                Outcome::Failed(_) if self.cancellation.is_cancelled() => {
+                    debug!(topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), "handler stopped by cancellation; the {} will run again", call.noun());
+                    return Settled::Cancelled;
+                }
+                Outcome::Failed(failure) => failure,
+            };
+            match decide(&self.shared.config, failure.kind, attempt) {
+                Decision::Retry(delay) => {
+                    warn!(
+                        topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), attempt, kind = failure.kind.as_str(),
+                        "{} failed ({}): {}; retrying in {delay:?}", call.handler(), failure.class, failure.message
+                    );
+                    if !self.wait_to_retry(delay).await {
+                        return Settled::Cancelled;
+                    }
+                }
+                decision => {
+                    return Settled::GaveUp {
+                        failure,
+                        attempts: attempt,
+                        decision,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `operation` until it succeeds, reporting each failure with the
+    /// backoff before the next try; false when the partition is cancelled first.
+    async fn retry_until_cancelled<E, Fut>(
+        &self,
+        mut operation: impl FnMut() -> Fut,
+        report: impl Fn(&E, Duration),
+    ) -> bool
+    where
+        Fut: Future<Output = Result<(), E>>,
+    {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let Err(error) = operation().await else {
+                return true;
+            };
+            let delay = backoff(&self.shared.config, tries);
+            report(&error, delay);
+            tokio::select! {
+                () = self.cancellation.cancelled() => return false,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Counts a filtered message as done without running the handler.
+    fn skip(&self, key: &str, offset: i64, skip: Skip) -> bool {
+        if skip == Skip::OwnMessage && !self.own_skip_explained.swap(true, Ordering::Relaxed) {
+            // Without this, a client that sends and consumes with the default
+            // source_system sees its own messages vanish with only debug lines.
+            info!(
+                topic = %self.topic, partition = self.partition, offset, key,
+                "skipping a message whose `{SOURCE_SYSTEM_HEADER}` header is this consumer's group_id: \
+                 a group does not consume what it sent itself (loop prevention; source_system defaults \
+                 to group_id). To consume these messages, give the sending client a source_system \
+                 different from this group_id. Further skips on this partition are logged at debug \
+                 level and counted in skip_counts"
+            );
+        } else {
+            debug!(topic = %self.topic, partition = self.partition, offset, key, "skipping message: {}", skip.as_str());
+        }
+        self.shared.skips.count(skip);
+        true
+    }
+
+    /// One attempt holding a concurrency permit only while the handler runs;
+    /// `None` when the partition stops before a permit is free.
+    async fn attempt_with_permit(&self, key: &Arc<str>, call: Call) -> Option<Outcome> {
+        let permit = tokio::select! {
+            biased;
+            () = self.draining.cancelled() => return None,
+            permit = Arc::clone(&self.shared.permits).acquire_owned() => permit.ok()?,
+        };
+        let outcome = self.attempt(key, call).await;
+        drop(permit);
+        Some(outcome)
+    }
+
+    /// Sleeps before a retry; false when the partition stops meanwhile.
+    async fn wait_to_retry(&self, delay: Duration) -> bool {
+        tokio::select! {
+            () = self.draining.cancelled() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// One handler call, cancelled once it overruns `timeout`.
+    async fn attempt(&self, key: &Arc<str>, work: Call) -> Outcome {
+        let call = self.cancellation.child_token();
+        let timers = self
+            .timers
+            .as_ref()
+            .map(|timers| (Arc::clone(timers) as Arc<dyn KeyTimers>, Arc::clone(key)));
+        let context = Context::new(call.clone(), timers);
+        let handler = match work {
+            Call::Message(message) => self.shared.handler.on_message(context, message),
+            Call::Timer(timer, _) => self.shared.handler.on_timer(context, timer),
+        };
+        tokio::pin!(handler);
+        let timeout = self.shared.config.timeout;
+        // Handler first, and the timer built only when polled: a handler that
+        // finishes on its first poll never reads the clock or arms a timer.
+        tokio::select! {
+            biased;
+            outcome = &mut handler => outcome,
+            () = async { tokio::time::sleep(timeout).await } => {
+                call.cancel();
+                // The handler should stop promptly now; one that ignores cancellation
+                // holds its key until the partition is released and abandons it.
+                handler.await;
+                Outcome::Failed(Failure {
+                    kind: FailureKind::Timeout,
+                    class: self.shared.handler.failure_class(FailureKind::Timeout),
+                    message: format!("handler ran longer than the {timeout:?} timeout"),
+                })
+            }
+        }
+    }
+
+    fn decode(&self, key: &Arc<str>, fetched: &Fetched) -> Result<Message, Failure> {
+        let bad_input = |message: String| Failure {
+            kind: FailureKind::BadInput,
+            class: self.shared.handler.failure_class(FailureKind::BadInput),
+            message,
+        };
+        if let Err(unusable) = &fetched.key {
+            return Err(bad_input(format!("unusable message: {}", unusable.problem)));
+        }
+        let payload = match fetched.payload.as_deref().map(serde_json::from_slice) {
+            Some(Ok(payload)) => payload,
+            Some(Err(problem)) => return Err(bad_input(format!("payload is not JSON: {problem}"))),
+            None => return Err(bad_input("message has no payload".to_owned())),
+        };
+        Ok(Message {
+            topic: Arc::clone(&self.topic),
+            partition: self.partition,
+            offset: fetched.offset,
+            key: Arc::clone(key),
+            timestamp: fetched.timestamp,
+            payload: Arc::new(payload),
+            headers: Arc::clone(&fetched.headers),
+        })
+    }
+
+    /// Ends a message's retries: writes it to the failure topic or logs and skips it.
+    /// A dead letter that cannot be written is retried until it is (or until cancellation),
+    /// so a message is never lost on the way to the failure topic.
+    async fn give_up(
+        &self,
+        key: &str,
+        fetched: &Fetched,
+        failure: &Failure,
+        attempts: u32,
+        decision: Decision,
+    ) -> bool {
+        let offset = fetched.offset;
+        let (Decision::DeadLetter, Some(topic), Some(producer)) = (
+            decision,
+            self.shared.config.failure_topic.as_deref(),
+            self.shared.dead_letters.as_ref(),
+        ) else {
+            error!(
+                topic = %self.topic, partition = self.partition, offset, key = fetched.shown_key(), attempts, kind = failure.kind.as_str(),
+                "skipping message after failure ({}): {}", failure.class, failure.message
+            );
+            return true;
+        };
+        let headers = dead_letter_headers(
+            &fetched.headers,
+            &self.topic,
+            self.partition,
+            offset,
+            failure,
+            attempts,
+        );
+        let payload = fetched.payload.as_deref().unwrap_or_default();
+        let written = self
+            .retry_until_cancelled(
+                || producer.send_bytes(topic, key, payload, &headers),
+                |problem, delay| error!(topic = %self.topic, partition = self.partition, offset, failure_topic = topic, "cannot dead-letter message; retrying in {delay:?}: {problem}"),
+            )
+            .await;
+        if written {
+            warn!(
+                topic = %self.topic, partition = self.partition, offset, key = fetched.shown_key(), attempts, kind = failure.kind.as_str(),
+                failure_topic = topic, "message dead-lettered after failure ({}): {}", failure.class, failure.message
+            );
+        }
+        written
+    }
+}
