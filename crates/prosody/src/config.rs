@@ -225,7 +225,7 @@ impl Config {
         self.max_concurrency
     }
 
-    /// Buffered, unfinished messages per partition before it pauses.
+    /// Buffered, unfinished messages per partition before it stops being read (until a quarter drains).
     pub fn max_uncommitted(&self) -> usize {
         self.max_uncommitted
     }
@@ -502,7 +502,7 @@ impl ConfigBuilder {
         self
     }
 
-    /// Buffered, unfinished messages per partition before it pauses.
+    /// Buffered, unfinished messages per partition before it stops being read (until a quarter drains).
     pub fn max_uncommitted(mut self, value: usize) -> Self {
         self.values.insert(
             "max_uncommitted".to_owned(),
