@@ -31,12 +31,16 @@ module Bench
       topic = Bench.unique("noop")
       partitions = cluster.create_topics(topic => [(messages / 20_000.0).ceil, 1].max).fetch(topic)
       fill(cluster, topic, messages, 1_000)
-      rate = consume(cluster, topic, messages)
+      rate, cpu = consume(cluster, topic, messages)
       report["ruby_noop_messages"] = messages
       report["ruby_noop_msgs_per_sec"] = rate.round
-      report.compare("(b) Ruby no-op handler (#{messages} msgs, #{partitions} partitions, 1000 keys)",
-                     rate, Bench.per_second(rate), key: "core_noop_msgs_per_sec", baseline: "core no-op",
-                                                   ratio_key: "ruby_vs_core_noop_ratio")
+      report["ruby_noop_cpu_s_per_100k"] = cpu.round(2)
+      report["ruby_noop_rss_mb"] = Bench.rss_mb&.round(1)
+      scenario = "(b) Ruby no-op handler (#{messages} msgs, #{partitions} partitions, 1000 keys)"
+      report.compare(scenario, rate, Bench.per_second(rate), key: "core_noop_msgs_per_sec", baseline: "core no-op",
+                                                            ratio_key: "ruby_vs_core_noop_ratio")
+      report.compare("#{scenario}: CPU", cpu, format("%.2f CPU s/100k", cpu),
+                     key: "core_noop_cpu_s_per_100k", baseline: "core no-op", ratio_key: "ruby_vs_core_noop_cpu_ratio")
     end
 
     # (c)
@@ -52,7 +56,7 @@ module Bench
       # 1 unless a real broker auto-created the topic with its own default.
       partitions = cluster.create_topics(topic => 1).fetch(topic)
       fill(cluster, topic, count, 256)
-      rate = consume(cluster, topic, count, max_concurrency: concurrency, **extra) { sleep(WAIT) }
+      rate, = consume(cluster, topic, count, max_concurrency: concurrency, **extra) { sleep(WAIT) }
       label = "c#{concurrency}#{extra.map { |name, value| "_#{name}#{value}" }.join}"
       scope = "#{partitions == 1 ? "1 partition" : "#{partitions} partitions"}, 256 keys, " \
               "max_concurrency #{concurrency}#{extra.map { |name, value| ", #{name} #{value}" }.join} (#{count} msgs)"
@@ -94,16 +98,23 @@ module Bench
 
     # Consumes `count` messages of `topic`, calling `work` in each handler;
     # returns messages per second from the first handler start to the last
-    # handler end (joining the group is not counted).
+    # handler end (joining the group is not counted), and the process's CPU
+    # seconds per 100k messages over the same span.
     def consume(cluster, topic, count, **options, &work)
       handled = 0
-      first = last = nil
+      first = last = cpu_first = cpu_last = nil
       handler = Class.new(Prosody::EventHandler) do
         define_method(:on_message) do |_context, _message|
-          first ||= Bench.now
+          if first.nil?
+            first = Bench.now
+            cpu_first = Bench.cpu_now
+          end
           work&.call
           handled += 1 # the processor thread runs handlers one fiber at a time
-          last = Bench.now if handled == count
+          if handled == count
+            last = Bench.now
+            cpu_last = Bench.cpu_now
+          end
         end
       end
       client = Prosody::Client.new(**cluster.client_options, group_id: Bench.unique("group"),
@@ -111,7 +122,7 @@ module Bench
       client.subscribe(handler.new)
       Bench.wait_until(DEADLINE, "#{count} messages") { last }
       client.unsubscribe
-      count / (last - first)
+      [count / (last - first), (cpu_last - cpu_first) * 100_000.0 / count]
     end
   end
 end

@@ -35,6 +35,7 @@ module Bench
     def self.show(key, value)
       return format("%.2f ms", value) if key.end_with?("_ms")
       return format("%.1f MB", value) if key.end_with?("_mb")
+      return format("%.2f CPU s/100k", value) if key.end_with?("_per_100k")
 
       Bench.per_second(value)
     end
@@ -87,6 +88,18 @@ module Bench
   end
 
   def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+
+  # CPU seconds this process has used, every thread together.
+  def cpu_now = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
+
+  # This process's resident set size in MB (Linux), or nil where /proc is missing.
+  def rss_mb
+    status = File.read("/proc/self/status")
+    kb = status[/^VmRSS:\s+(\d+)/, 1]
+    kb && (Integer(kb) / 1024.0)
+  rescue SystemCallError
+    nil
+  end
 
   def unique(name) = "bench-#{name}-#{Process.pid}-#{rand(1 << 30)}"
 

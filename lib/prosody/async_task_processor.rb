@@ -6,12 +6,21 @@ require "async/notification"
 module Prosody
   # Runs handler calls as fibers on one dedicated Ruby thread.
   #
-  # The native bridge thread calls {#submit} and {#cancel}; both only push a
-  # command onto a Thread::Queue, so the bridge never waits on Ruby code. The
-  # processor's thread runs an Async reactor whose main task pops commands and
-  # starts one task (fiber) per handler call, so a handler that sleeps or waits
-  # on I/O lets the others run. Each call reports back exactly once through its
-  # native completion: success, the handler's exception, or {CancelledError}.
+  # The native bridge thread calls {#submit_batch} (or {#submit}) and {#cancel};
+  # both only push a command onto a Thread::Queue, so the bridge never waits on
+  # Ruby code. The processor's thread runs an Async reactor whose main task pops
+  # commands and hands each call to a pool of long-lived worker tasks (fibers):
+  # an idle worker runs calls one after another, inline, until one of them
+  # yields (sleeps, waits on I/O), and only then does the next call go to
+  # another worker, started when none is idle. So a handler that waits lets the
+  # others run, while handlers that never wait cost no fiber or task each. Each
+  # call reports back exactly once through its completion: success, the
+  # handler's exception, or {CancelledError}. On the processor's thread those
+  # reports are sent in one go per batch of calls (`Native.flush_completions`).
+  #
+  # Cancelling a call stops its worker at the handler's next yield point (with
+  # the tasks the handler started); a worker whose call leaves tasks running
+  # retires with them. Either way the next call gets another worker.
   #
   # The thread must outlive anything a handler does: every exception a handler
   # raises is that call's failure (`exit` also asks the client to stop). If the
@@ -23,9 +32,17 @@ module Prosody
   #
   # @api private Created by {Client#subscribe}; applications do not use it directly.
   class AsyncTaskProcessor
-    # A call in flight: its task, and the context its cancellation goes through.
-    Call = Struct.new(:task, :context)
-    private_constant :Call
+    # A long-lived task that runs calls; `task_id` and `context` are its call's while it has one.
+    Worker = Struct.new(:task, :task_id, :context)
+    private_constant :Worker
+
+    # Entries per call in a batch: task id, native context, completion, message.
+    STRIDE = 4
+    private_constant :STRIDE
+
+    # The batch in hand when there is none.
+    NO_CALLS = [].freeze
+    private_constant :NO_CALLS
 
     # Marks a call that ended without reporting an outcome (it was stopped).
     UNFINISHED = Object.new.freeze
@@ -53,7 +70,13 @@ module Prosody
       @on_death = on_death
       @blocking_threshold = blocking_threshold
       @commands = Thread::Queue.new
-      @calls = {} # task id => Call; touched only by the processor thread
+      # Touched only by the processor thread:
+      @workers = [] # every worker, idle or busy
+      @idle = [] # workers parked, waiting for calls
+      @batch = NO_CALLS # the calls being started, STRIDE entries each
+      @next = 0 # index in @batch of the next call to start
+      @dispatching = false # the main task is handing out @batch
+      @call_finished = nil # Async::Notification, while draining
       @thread = nil
       @watchdog = nil
       @stopping = false
@@ -79,18 +102,30 @@ module Prosody
       @watchdog&.reports || 0
     end
 
-    # Queues a handler call. Called by the native bridge; never blocks.
+    # Queues a handler call. Never blocks.
     #
     # @param task_id [Integer] unique within this subscription
     # @param native_context [Native::Context]
-    # @param message [Message]
-    # @param completion [Native::Completion] reports the outcome, once
+    # @param message [Message, Timer]
+    # @param completion [#complete] reports the outcome, once
     # @return [nil]
     def submit(task_id, native_context, message, completion)
-      @commands.push([:submit, task_id, native_context, message, completion])
+      submit_batch([task_id, native_context, completion, message])
+    end
+
+    # Queues handler calls, as the native bridge gathers them during one GVL
+    # hold: `task_id, native_context, completion, message` for each call
+    # (the native context is its own completion). Never blocks.
+    #
+    # @param calls [Array] STRIDE entries per call
+    # @return [nil]
+    def submit_batch(calls)
+      @commands.push(calls)
       nil
     rescue ClosedQueueError
-      completion.complete(CancelledError.new("the processor has stopped; #{where(message)} was not handled"))
+      calls.each_slice(STRIDE) do |_, _, completion, message|
+        report(completion, CancelledError.new("the processor has stopped; #{where(message)} was not handled"))
+      end
       nil
     end
 
@@ -99,7 +134,7 @@ module Prosody
     # @param task_id [Integer]
     # @return [nil]
     def cancel(task_id)
-      @commands.push([:cancel, task_id])
+      @commands.push(task_id)
       nil
     rescue ClosedQueueError
       nil
@@ -136,6 +171,7 @@ module Prosody
     private
 
     def run
+      Native.defer_completions
       Async { |root| serve(root) }
     rescue Exception => e # rubocop:disable Lint/RescueException -- reported below, then re-raised
       fatal = e
@@ -144,45 +180,85 @@ module Prosody
       # Whatever stopped the reactor, never leave the native side waiting.
       @commands.close
       abandon_queued
+      Native.flush_completions
       died(fatal) unless @stopping
     end
 
     def serve(root)
       heartbeat = root.async { |task| beat(task) }
       while (command = @commands.pop)
-        dispatch(root, command)
+        if command.is_a?(Integer)
+          cancel_call(root, command)
+        else
+          start_calls(root, command)
+          # Under a steady stream the queue never blocks: let waiting handlers,
+          # timers and the heartbeat have their turn between batches.
+          root.yield
+        end
       end
       drain
     ensure
       heartbeat&.stop
     end
 
-    def dispatch(root, command)
-      case command
-      in [:submit, task_id, native_context, message, completion]
-        start_call(root, task_id, Context.new(native_context), message, completion)
-      in [:cancel, task_id]
-        cancel_call(root, task_id)
+    # Starts every call of `calls`: idle workers run them inline, one after
+    # another, until a handler yields; then the rest goes to another worker.
+    def start_calls(root, calls)
+      @batch = calls
+      @next = 0
+      @dispatching = true
+      while @next < @batch.size
+        worker = @idle.pop
+        if worker
+          worker.task.fiber.resume
+        else
+          start_worker(root)
+        end
       end
+    ensure
+      @batch = NO_CALLS
+      @next = 0
+      @dispatching = false
+      Native.flush_completions
     end
 
-    def start_call(root, task_id, context, message, completion)
-      # Registered before the task starts: a handler that never yields finishes
-      # (and unregisters) inside `async`.
-      call = Call.new(nil, context)
-      @calls[task_id] = call
-      call.task = root.async { perform(task_id, context, message, completion) }
-      nil
+    def start_worker(root)
+      worker = Worker.new
+      @workers << worker
+      root.async { |task| work(task, worker) }
     end
 
-    def perform(task_id, context, message, completion)
+    def work(task, worker)
+      worker.task = task
+      loop do
+        while (index = @next) < @batch.size
+          @next = index + STRIDE
+          perform(worker, @batch[index], @batch[index + 1], @batch[index + 2], @batch[index + 3])
+          # Resumed by the reactor after waiting, outside any batch: report now.
+          Native.flush_completions unless @dispatching
+          # The call left tasks running: they stay with this task, which retires.
+          return if task.children?
+        end
+        # (Never twice: a stray wake-up of a parked worker just parks it again.)
+        @idle << worker unless @idle.include?(worker)
+        Async::Task.yield # parked until the main task has calls again
+      end
+    ensure
+      @idle.delete(worker)
+      @workers.delete(worker)
+    end
+
+    def perform(worker, task_id, native_context, completion, message)
+      context = Context.new(native_context)
+      worker.task_id = task_id
+      worker.context = context
       ReactorWatchdog.working_on(message)
       outcome = UNFINISHED
       begin
         invoke(context, message)
         outcome = nil
       rescue Async::Stop
-        raise # cancellation: reported as such below
+        raise # cancellation: reported as such below, and the worker stops
       rescue SystemExit => e
         outcome = exited(message, e)
       rescue Exception => e # rubocop:disable Lint/RescueException -- a handler must not kill the processor
@@ -192,8 +268,10 @@ module Prosody
         log_failure(message, e)
       ensure
         # Async::Stop (cancellation) skips the branches above and lands here.
-        @calls.delete(task_id)
+        worker.task_id = nil
+        worker.context = nil
         report(completion, UNFINISHED.equal?(outcome) ? cancelled(message) : outcome)
+        @call_finished&.signal
       end
     end
 
@@ -218,34 +296,31 @@ module Prosody
     end
 
     def cancel_call(root, task_id)
-      call = @calls[task_id] or return
+      worker = @workers.find { |candidate| candidate.task_id == task_id } or return
 
-      call.context.cancel!
+      worker.context.cancel!
       # Let fibers parked in Context#on_cancel run first, then stop the call at
       # its next yield point; `ensure` blocks in the handler run.
       root.async do |stopper|
         stopper.yield
-        call.task.stop if @calls.key?(task_id)
+        worker.task.stop if worker.task_id == task_id
       end
     end
 
+    # Waits for the calls in flight, then stops the idle workers.
     def drain
-      until @calls.empty?
-        task_id, call = @calls.first
-        if call.task&.alive?
-          call.task.wait
-        else
-          @calls.delete(task_id)
-        end
-      end
+      @call_finished = Async::Notification.new
+      @call_finished.wait while @workers.any?(&:task_id)
+      @workers.dup.each { |worker| worker.task.stop }
     end
 
     def abandon_queued
       while (command = @commands.pop)
-        next unless command.first == :submit
+        next if command.is_a?(Integer)
 
-        _, _, _, message, completion = command
-        report(completion, CancelledError.new("the processor stopped before #{where(message)} was handled"))
+        command.each_slice(STRIDE) do |_, _, completion, message|
+          report(completion, CancelledError.new("the processor stopped before #{where(message)} was handled"))
+        end
       end
     end
 

@@ -1,5 +1,6 @@
 //! Ruby classes the native code uses, resolved once when the extension loads
-//! instead of by name on every message or error.
+//! instead of by name on every message or error, and the one frozen empty Hash
+//! that every message without headers shares.
 //!
 //! lib/prosody.rb requires the Ruby files that define them (errors, Message,
 //! Timer, Logging) before the extension. Each class is registered as a mark
@@ -8,7 +9,7 @@
 use std::sync::OnceLock;
 
 use magnus::value::{InnerValue, Opaque};
-use magnus::{exception::ExceptionClass, prelude::*, Error, RClass, RModule, Ruby};
+use magnus::{exception::ExceptionClass, prelude::*, Error, RClass, RHash, RModule, Ruby};
 
 use crate::errors::Kind;
 
@@ -17,6 +18,8 @@ struct Classes {
     message: Opaque<RClass>,
     timer: Opaque<RClass>,
     permanent_error: Opaque<ExceptionClass>,
+    /// A frozen empty Hash: the headers of every message that has none.
+    empty_headers: Opaque<RHash>,
     errors: Vec<(Kind, Opaque<ExceptionClass>)>,
 }
 
@@ -46,11 +49,15 @@ pub(crate) fn init(ruby: &Ruby) -> Result<(), Error> {
         magnus::gc::register_mark_object(value);
     }
     magnus::gc::register_mark_object(permanent_error);
+    let empty_headers = ruby.hash_new();
+    empty_headers.freeze();
+    magnus::gc::register_mark_object(empty_headers);
     let _ = CLASSES.set(Classes {
         prosody: Opaque::from(prosody),
         message: Opaque::from(message),
         timer: Opaque::from(timer),
         permanent_error: Opaque::from(permanent_error),
+        empty_headers: Opaque::from(empty_headers),
         errors,
     });
     Ok(())
@@ -74,6 +81,11 @@ pub(crate) fn timer(ruby: &Ruby) -> RClass {
 /// `Prosody::PermanentError`.
 pub(crate) fn permanent_error(ruby: &Ruby) -> ExceptionClass {
     classes().permanent_error.get_inner_with(ruby)
+}
+
+/// The frozen empty Hash shared by every message without headers.
+pub(crate) fn empty_headers(ruby: &Ruby) -> RHash {
+    classes().empty_headers.get_inner_with(ruby)
 }
 
 /// The `Prosody::Error` subclass for `kind`.

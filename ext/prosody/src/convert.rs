@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use magnus::rb_sys::FromRawValue;
 use magnus::value::ReprValue;
 use magnus::{Error, Float, Integer, IntoValue, RArray, RHash, RString, Ruby, Symbol, Value};
 use prosody::OptionValue;
@@ -179,7 +180,21 @@ fn class_name(value: Value) -> String {
     value.class().inspect()
 }
 
-/// JSON → Ruby value, with String hash keys.
+/// The frozen, deduplicated ("f") String with `text`'s contents: built once per
+/// distinct text and shared (what Ruby does for literal and Hash-key strings).
+pub(crate) fn interned(_ruby: &Ruby, text: &str) -> Value {
+    let len = std::os::raw::c_long::try_from(text.len()).unwrap_or(std::os::raw::c_long::MAX);
+    // SAFETY: `_ruby` proves this is a Ruby thread holding the GVL; `text` is
+    // valid for `len` bytes during the call, which copies them (like magnus's
+    // `str_new`, only allocation failure could raise, and that aborts anyway).
+    let raw = unsafe {
+        rb_sys::rb_enc_interned_str(text.as_ptr().cast(), len, rb_sys::rb_utf8_encoding())
+    };
+    // SAFETY: `rb_enc_interned_str` returns a live String VALUE.
+    unsafe { Value::from_raw(raw) }
+}
+
+/// JSON → Ruby value, with String hash keys (frozen and shared, as Ruby makes them).
 pub(crate) fn from_json(ruby: &Ruby, json: &Json) -> Result<Value, Error> {
     Ok(match json {
         Json::Null => ruby.qnil().as_value(),
@@ -204,7 +219,7 @@ pub(crate) fn from_json(ruby: &Ruby, json: &Json) -> Result<Value, Error> {
         Json::Object(object) => {
             let hash = ruby.hash_new();
             for (key, item) in object {
-                hash.aset(ruby.str_new(key), from_json(ruby, item)?)?;
+                hash.aset(interned(ruby, key), from_json(ruby, item)?)?;
             }
             hash.as_value()
         }

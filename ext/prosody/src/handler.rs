@@ -1,14 +1,22 @@
-//! Running Rust-side handler calls in Ruby: `RubyHandler`, `Native::Context`, `Native::Completion`.
+//! Running Rust-side handler calls in Ruby: `RubyHandler` and `Native::Context`.
 //!
-//! A call travels as a bridge job that builds the Ruby message and hands it to the
-//! Ruby `AsyncTaskProcessor` (`submit`), which runs the user's handler in a fiber
-//! and reports back through a `Completion`. Cancellation sends `cancel(task_id)`.
+//! A call travels as a bridge job that builds the Ruby message and coalesces it,
+//! with the call's `Native::Context`, into the batch the bridge hands to the Ruby
+//! `AsyncTaskProcessor` (`submit_batch`) once per GVL hold. The processor runs the
+//! user's handler and reports back through the same `Native::Context`
+//! (`complete`). Cancellation sends `cancel(task_id)`.
+//!
+//! The processor's thread defers its completions (`Native.defer_completions`) and
+//! sends them in one go with the GVL released (`Native.flush_completions`), so
+//! waking the tokio side never holds up Ruby.
 
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use magnus::{method, prelude::*, Error, RModule, Ruby, Value};
+use magnus::value::{LazyId, ReprValue};
+use magnus::{function, method, prelude::*, Error, IntoValue, RModule, RObject, Ruby, Value};
 use prosody::{ClassifyError, Context, EventHandler, FailureKind, Message, Timer};
 use tokio::sync::oneshot;
 use tracing::warn;
@@ -16,8 +24,9 @@ use tracing::warn;
 use crate::bridge::owned::RubyOwned;
 use crate::bridge::{self};
 use crate::classes;
-use crate::convert::from_json;
+use crate::convert::{from_json, interned};
 use crate::errors;
+use crate::gvl::without_gvl;
 use crate::reply::{answer_later, reply_with};
 use crate::runtime::runtime;
 
@@ -53,19 +62,59 @@ impl ClassifyError for HandlerFailure {
 type Outcome = Result<(), HandlerFailure>;
 type SharedSender = Arc<Mutex<Option<oneshot::Sender<Outcome>>>>;
 
-/// Delivers `outcome` unless an outcome was delivered already.
-fn deliver(sender: &SharedSender, outcome: Outcome) -> bool {
-    let taken = sender
+/// Takes the sender, unless an outcome was delivered already.
+fn take_sender(sender: &SharedSender) -> Option<oneshot::Sender<Outcome>> {
+    sender
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take();
-    match taken {
+        .take()
+}
+
+/// Delivers `outcome` unless an outcome was delivered already.
+fn deliver(sender: &SharedSender, outcome: Outcome) -> bool {
+    match take_sender(sender) {
         Some(sender) => {
             let _ = sender.send(outcome);
             true
         }
         None => false,
     }
+}
+
+thread_local! {
+    /// Set on the processor's thread: its completions wait for `flush_completions`.
+    static DEFERRING: Cell<bool> = const { Cell::new(false) };
+    static DEFERRED: RefCell<Vec<(oneshot::Sender<Outcome>, Outcome)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// `Prosody::Native.defer_completions`: from now on, completions made on the
+/// calling thread are sent by `flush_completions`, not at once.
+fn defer_completions() {
+    DEFERRING.with(|deferring| deferring.set(true));
+}
+
+/// `Prosody::Native.flush_completions`: sends the calling thread's deferred
+/// completions, with the GVL released when there are several. Returns how many.
+fn flush_completions() -> usize {
+    let mut batch = DEFERRED.with(|deferred| std::mem::take(&mut *deferred.borrow_mut()));
+    let count = batch.len();
+    if count > 1 {
+        // Waking tokio tasks touches no Ruby; nothing to interrupt, it is quick.
+        let _ = without_gvl(
+            || {
+                for (sender, outcome) in batch.drain(..) {
+                    let _ = sender.send(outcome);
+                }
+            },
+            || {},
+        );
+    }
+    // One completion, or an interrupt was pending and the batch did not run.
+    for (sender, outcome) in batch {
+        let _ = sender.send(outcome);
+    }
+    count
 }
 
 /// The core's view of a Ruby `AsyncTaskProcessor`.
@@ -123,7 +172,7 @@ impl RubyHandler {
         let processor = Arc::clone(&self.processor);
         let token = context.cancellation_token().clone();
         let job_sender = Arc::clone(&sender);
-        let submitted = bridge::run(move |ruby| {
+        let submitted = bridge::run_coalesced(move |ruby| {
             let submitted = submit(ruby, &processor, task_id, context, build, &job_sender);
             let failure = match submitted {
                 Ok(()) => return,
@@ -165,23 +214,30 @@ impl RubyHandler {
     }
 }
 
+/// Adds the call to this GVL hold's batch for the processor: four entries,
+/// `task_id, native context, completion, message` (the native context is its
+/// own completion).
 fn submit(
     ruby: &Ruby,
-    processor: &RubyOwned,
+    processor: &Arc<RubyOwned>,
     task_id: u64,
     context: Context,
     build: impl FnOnce(&Ruby) -> Result<Value, Error>,
     sender: &SharedSender,
 ) -> Result<(), Error> {
     let subject = build(ruby)?;
-    let context = NativeContext(context);
-    let completion = Completion {
+    let native = NativeContext {
+        context,
         sender: Arc::clone(sender),
-    };
-    processor
-        .get(ruby)
-        .funcall::<_, _, Value>("submit", (task_id, context, subject, completion))?;
-    Ok(())
+    }
+    .into_value_with(ruby);
+    let task_id = task_id.into_value_with(ruby);
+    bridge::coalesce(
+        ruby,
+        processor,
+        "submit_batch",
+        &[task_id, native, native, subject],
+    )
 }
 
 fn ruby_time(ruby: &Ruby, time: SystemTime) -> Result<Value, Error> {
@@ -200,69 +256,117 @@ fn ruby_timer(ruby: &Ruby, timer: &Timer) -> Result<Value, Error> {
     classes::timer(ruby).new_instance((timer.key(), ruby_time(ruby, timer.time())?))
 }
 
+// The instance variables of `Prosody::Message`, set here in the order its
+// `initialize` sets them.
+static TOPIC: LazyId = LazyId::new("@topic");
+static PARTITION: LazyId = LazyId::new("@partition");
+static OFFSET: LazyId = LazyId::new("@offset");
+static KEY: LazyId = LazyId::new("@key");
+static TIMESTAMP: LazyId = LazyId::new("@timestamp");
+static PAYLOAD: LazyId = LazyId::new("@payload");
+static HEADERS: LazyId = LazyId::new("@headers");
+
+/// Builds a frozen `Prosody::Message` directly (allocate, set its instance
+/// variables, freeze), without a Ruby-level `initialize` per message.
 fn ruby_message(ruby: &Ruby, message: &Message) -> Result<Value, Error> {
     let timestamp = match message.timestamp() {
         Some(time) => ruby_time(ruby, time)?,
         None => ruby.qnil().as_value(),
     };
-    let headers = ruby.hash_new();
-    for (name, value) in message.headers() {
-        let value = match value {
-            None => ruby.qnil().as_value(),
-            Some(bytes) => match std::str::from_utf8(bytes) {
-                Ok(text) => ruby.str_new(text).as_value(),
-                Err(_) => ruby.str_from_slice(bytes).as_value(),
-            },
-        };
-        headers.aset(ruby.str_new(name), value)?;
-    }
+    let headers = if message.headers().is_empty() {
+        classes::empty_headers(ruby)
+    } else {
+        let headers = ruby.hash_new();
+        for (name, value) in message.headers() {
+            let value = match value {
+                None => ruby.qnil().as_value(),
+                Some(bytes) => match std::str::from_utf8(bytes) {
+                    Ok(text) => ruby.str_new(text).as_value(),
+                    Err(_) => ruby.str_from_slice(bytes).as_value(),
+                },
+            };
+            headers.aset(ruby.str_new(name), value)?;
+        }
+        headers.freeze();
+        headers
+    };
     let payload = from_json(ruby, message.payload())?;
-    classes::message(ruby).new_instance((
-        message.topic(),
-        message.partition(),
-        message.offset(),
-        message.key(),
-        timestamp,
-        payload,
-        headers,
-    ))
+    let allocated = classes::message(ruby).obj_alloc()?;
+    let Some(object) = RObject::from_value(allocated) else {
+        return Err(Error::new(
+            ruby.exception_type_error(),
+            "Prosody::Message did not allocate a plain object",
+        ));
+    };
+    object.ivar_set(*TOPIC, interned(ruby, message.topic()))?;
+    object.ivar_set(*PARTITION, message.partition())?;
+    object.ivar_set(*OFFSET, message.offset())?;
+    object.ivar_set(*KEY, message.key())?;
+    object.ivar_set(*TIMESTAMP, timestamp)?;
+    object.ivar_set(*PAYLOAD, payload)?;
+    object.ivar_set(*HEADERS, headers)?;
+    object.freeze();
+    Ok(object.as_value())
 }
 
-/// `Prosody::Native::Context`: the core's per-call context, seen from Ruby.
+/// `Prosody::Native::Context`: the core's per-call context, seen from Ruby, and
+/// the call's completion, which reports its outcome once.
 #[magnus::wrap(class = "Prosody::Native::Context", free_immediately, size)]
-pub(crate) struct NativeContext(Context);
+pub(crate) struct NativeContext {
+    context: Context,
+    sender: SharedSender,
+}
 
 impl NativeContext {
     fn should_cancel(&self) -> bool {
-        self.0.should_cancel()
+        self.context.should_cancel()
+    }
+
+    /// `nil` for success, an exception for failure; returns false if already
+    /// completed. Deferred on a thread that called `defer_completions`.
+    fn complete(ruby: &Ruby, rb_self: &Self, error: Value) -> Result<bool, Error> {
+        let outcome = if error.is_nil() {
+            Ok(())
+        } else {
+            Err(describe(ruby, error)?)
+        };
+        let Some(sender) = take_sender(&rb_self.sender) else {
+            return Ok(false);
+        };
+        if DEFERRING.with(Cell::get) {
+            DEFERRED.with(|deferred| deferred.borrow_mut().push((sender, outcome)));
+        } else {
+            let _ = sender.send(outcome);
+        }
+        Ok(true)
     }
 
     // Timer calls reach the store (PostgreSQL): like `Client#send_message` they
     // run on a tokio task and answer through the caller's Thread::Queue.
 
     fn schedule(ruby: &Ruby, rb_self: &Self, at_ms: i64, queue: Value) {
-        let context = rb_self.0.clone();
+        let context = rb_self.context.clone();
         answer_later(ruby, queue, false, async move {
             context.schedule(from_millis(at_ms)).await
         });
     }
 
     fn clear_and_schedule(ruby: &Ruby, rb_self: &Self, at_ms: i64, queue: Value) {
-        let context = rb_self.0.clone();
+        let context = rb_self.context.clone();
         answer_later(ruby, queue, false, async move {
             context.clear_and_schedule(from_millis(at_ms)).await
         });
     }
 
     fn unschedule(ruby: &Ruby, rb_self: &Self, at_ms: i64, queue: Value) {
-        let context = rb_self.0.clone();
+        let context = rb_self.context.clone();
         answer_later(ruby, queue, false, async move {
             context.unschedule(from_millis(at_ms)).await
         });
     }
 
     fn clear_scheduled(ruby: &Ruby, rb_self: &Self, queue: Value) {
-        let context = rb_self.0.clone();
+        let context = rb_self.context.clone();
         answer_later(ruby, queue, false, async move {
             context.clear_scheduled().await
         });
@@ -270,7 +374,7 @@ impl NativeContext {
 
     /// Pushes an Array of Integer milliseconds since the epoch, earliest first.
     fn scheduled(ruby: &Ruby, rb_self: &Self, queue: Value) {
-        let context = rb_self.0.clone();
+        let context = rb_self.context.clone();
         let queue = RubyOwned::new(ruby, queue);
         runtime().spawn(async move {
             let times = context.scheduled().await;
@@ -297,25 +401,7 @@ fn from_millis(at_ms: i64) -> SystemTime {
     }
 }
 
-/// `Prosody::Native::Completion`: reports one handler call's outcome, once.
-#[magnus::wrap(class = "Prosody::Native::Completion", free_immediately, size)]
-pub(crate) struct Completion {
-    sender: SharedSender,
-}
-
-impl Completion {
-    /// `nil` for success, an exception for failure; returns false if already completed.
-    fn complete(ruby: &Ruby, rb_self: &Self, error: Value) -> Result<bool, Error> {
-        let outcome = if error.is_nil() {
-            Ok(())
-        } else {
-            Err(describe(ruby, error)?)
-        };
-        Ok(deliver(&rb_self.sender, outcome))
-    }
-}
-
-impl Drop for Completion {
+impl Drop for NativeContext {
     fn drop(&mut self) {
         // Garbage-collected without a word: never leave the Rust side waiting.
         deliver(
@@ -357,8 +443,13 @@ pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
         method!(NativeContext::clear_scheduled, 1),
     )?;
     context.define_method("scheduled", method!(NativeContext::scheduled, 1))?;
-    let completion = native.define_class("Completion", ruby.class_object())?;
-    completion.undef_default_alloc_func();
-    completion.define_method("complete", method!(Completion::complete, 1))?;
+    context.define_method("complete", method!(NativeContext::complete, 1))?;
+    native.define_module_function("defer_completions", function!(defer_completions, 0))?;
+    native.define_module_function("flush_completions", function!(flush_completions, 0))?;
+    for id in [
+        &TOPIC, &PARTITION, &OFFSET, &KEY, &TIMESTAMP, &PAYLOAD, &HEADERS,
+    ] {
+        LazyId::force(id, ruby);
+    }
     Ok(())
 }
