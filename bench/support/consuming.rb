@@ -37,8 +37,8 @@ module Bench
       report["ruby_noop_cpu_s_per_100k"] = cpu.round(2)
       report["ruby_noop_rss_mb"] = Bench.rss_mb&.round(1)
       scenario = "(b) Ruby no-op handler (#{messages} msgs, #{partitions} partitions, 1000 keys)"
-      report.compare(scenario, rate, Bench.per_second(rate), key: "core_noop_msgs_per_sec", baseline: "core no-op",
-                                                            ratio_key: "ruby_vs_core_noop_ratio")
+      report.compare(scenario, rate, Bench.per_second(rate),
+                     key: "core_noop_msgs_per_sec", baseline: "core no-op", ratio_key: "ruby_vs_core_noop_ratio")
       report.compare("#{scenario}: CPU", cpu, format("%.2f CPU s/100k", cpu),
                      key: "core_noop_cpu_s_per_100k", baseline: "core no-op", ratio_key: "ruby_vs_core_noop_cpu_ratio")
     end
@@ -101,28 +101,51 @@ module Bench
     # handler end (joining the group is not counted), and the process's CPU
     # seconds per 100k messages over the same span.
     def consume(cluster, topic, count, **options, &work)
-      handled = 0
-      first = last = cpu_first = cpu_last = nil
+      span = Span.new(count)
       handler = Class.new(Prosody::EventHandler) do
         define_method(:on_message) do |_context, _message|
-          if first.nil?
-            first = Bench.now
-            cpu_first = Bench.cpu_now
-          end
+          span.start
           work&.call
-          handled += 1 # the processor thread runs handlers one fiber at a time
-          if handled == count
-            last = Bench.now
-            cpu_last = Bench.cpu_now
-          end
+          span.handled
         end
       end
       client = Prosody::Client.new(**cluster.client_options, group_id: Bench.unique("group"),
                                                              subscribed_topics: topic, **options)
       client.subscribe(handler.new)
-      Bench.wait_until(DEADLINE, "#{count} messages") { last }
+      Bench.wait_until(DEADLINE, "#{count} messages") { span.done? }
       client.unsubscribe
-      [count / (last - first), (cpu_last - cpu_first) * 100_000.0 / count]
+      [span.rate, span.cpu_per_100k]
+    end
+
+    # Wall clock and process CPU from the first handler start to the last
+    # handler end. The processor thread runs handlers one fiber at a time.
+    class Span
+      def initialize(count)
+        @count = count
+        @handled = 0
+        @first = @last = @cpu_first = @cpu_last = nil
+      end
+
+      def start
+        return if @first
+
+        @first = Bench.now
+        @cpu_first = Bench.cpu_now
+      end
+
+      def handled
+        @handled += 1
+        return unless @handled == @count
+
+        @last = Bench.now
+        @cpu_last = Bench.cpu_now
+      end
+
+      def done? = !@last.nil?
+
+      def rate = @count / (@last - @first)
+
+      def cpu_per_100k = (@cpu_last - @cpu_first) * 100_000.0 / @count
     end
   end
 end

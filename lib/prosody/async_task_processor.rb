@@ -32,17 +32,9 @@ module Prosody
   #
   # @api private Created by {Client#subscribe}; applications do not use it directly.
   class AsyncTaskProcessor
-    # A long-lived task that runs calls; `task_id` and `context` are its call's while it has one.
-    Worker = Struct.new(:task, :task_id, :context)
-    private_constant :Worker
-
     # Entries per call in a batch: task id, native context, completion, message.
-    STRIDE = 4
+    STRIDE = FiberPool::STRIDE
     private_constant :STRIDE
-
-    # The batch in hand when there is none.
-    NO_CALLS = [].freeze
-    private_constant :NO_CALLS
 
     # Marks a call that ended without reporting an outcome (it was stopped).
     UNFINISHED = Object.new.freeze
@@ -70,13 +62,7 @@ module Prosody
       @on_death = on_death
       @blocking_threshold = blocking_threshold
       @commands = Thread::Queue.new
-      # Touched only by the processor thread:
-      @workers = [] # every worker, idle or busy
-      @idle = [] # workers parked, waiting for calls
-      @batch = NO_CALLS # the calls being started, STRIDE entries each
-      @next = 0 # index in @batch of the next call to start
-      @dispatching = false # the main task is handing out @batch
-      @call_finished = nil # Async::Notification, while draining
+      @pool = FiberPool.new { |worker, native, completion, message| perform(worker, native, completion, message) }
       @thread = nil
       @watchdog = nil
       @stopping = false
@@ -196,62 +182,19 @@ module Prosody
           root.yield
         end
       end
-      drain
+      @pool.drain
     ensure
       heartbeat&.stop
     end
 
-    # Starts every call of `calls`: idle workers run them inline, one after
-    # another, until a handler yields; then the rest goes to another worker.
     def start_calls(root, calls)
-      @batch = calls
-      @next = 0
-      @dispatching = true
-      while @next < @batch.size
-        worker = @idle.pop
-        if worker
-          worker.task.fiber.resume
-        else
-          start_worker(root)
-        end
-      end
+      @pool.start(root, calls)
     ensure
-      @batch = NO_CALLS
-      @next = 0
-      @dispatching = false
       Native.flush_completions
     end
 
-    def start_worker(root)
-      worker = Worker.new
-      @workers << worker
-      root.async { |task| work(task, worker) }
-    end
-
-    def work(task, worker)
-      worker.task = task
-      loop do
-        while (index = @next) < @batch.size
-          @next = index + STRIDE
-          perform(worker, @batch[index], @batch[index + 1], @batch[index + 2], @batch[index + 3])
-          # Resumed by the reactor after waiting, outside any batch: report now.
-          Native.flush_completions unless @dispatching
-          # The call left tasks running: they stay with this task, which retires.
-          return if task.children?
-        end
-        # (Never twice: a stray wake-up of a parked worker just parks it again.)
-        @idle << worker unless @idle.include?(worker)
-        Async::Task.yield # parked until the main task has calls again
-      end
-    ensure
-      @idle.delete(worker)
-      @workers.delete(worker)
-    end
-
-    def perform(worker, task_id, native_context, completion, message)
-      context = Context.new(native_context)
-      worker.task_id = task_id
-      worker.context = context
+    def perform(worker, native_context, completion, message)
+      context = worker.context = Context.new(native_context)
       ReactorWatchdog.working_on(message)
       outcome = UNFINISHED
       begin
@@ -268,10 +211,9 @@ module Prosody
         log_failure(message, e)
       ensure
         # Async::Stop (cancellation) skips the branches above and lands here.
-        worker.task_id = nil
-        worker.context = nil
         report(completion, UNFINISHED.equal?(outcome) ? cancelled(message) : outcome)
-        @call_finished&.signal
+        # Outside a batch (resumed after waiting, or stopped): send it now.
+        Native.flush_completions unless @pool.dispatching?
       end
     end
 
@@ -296,7 +238,7 @@ module Prosody
     end
 
     def cancel_call(root, task_id)
-      worker = @workers.find { |candidate| candidate.task_id == task_id } or return
+      worker = @pool.running(task_id) or return
 
       worker.context.cancel!
       # Let fibers parked in Context#on_cancel run first, then stop the call at
@@ -305,13 +247,6 @@ module Prosody
         stopper.yield
         worker.task.stop if worker.task_id == task_id
       end
-    end
-
-    # Waits for the calls in flight, then stops the idle workers.
-    def drain
-      @call_finished = Async::Notification.new
-      @call_finished.wait while @workers.any?(&:task_id)
-      @workers.dup.each { |worker| worker.task.stop }
     end
 
     def abandon_queued

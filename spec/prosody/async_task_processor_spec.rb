@@ -46,6 +46,64 @@ RSpec.describe Prosody::AsyncTaskProcessor do
     expect(threads.pop).to equal(threads.pop)
   end
 
+  it "runs calls that never yield one after another on one long-lived fiber" do
+    fibers = Queue.new
+    processor = start(handler { |_context, _msg| fibers << Fiber.current })
+    completions = Array.new(3) { |index| submit(processor, index + 1) }
+    expect(completions.map(&:outcome)).to eq([nil, nil, nil])
+    expect(Array.new(3) { fibers.pop }.uniq.size).to eq(1)
+  end
+
+  it "hands the calls of a batch to another fiber while one waits" do
+    release = Queue.new
+    order = Queue.new
+    processor = start(handler do |_context, msg|
+      release.pop if msg.offset == 1 # waits (yields to the reactor) until released
+      order << msg.offset
+    end)
+    batch = [1, 2, 3].flat_map do |id|
+      completion = ProsodySpec::FakeCompletion.new
+      [id, ProsodySpec::FakeNativeContext.new, completion, message(id)]
+    end
+    processor.submit_batch(batch)
+    completions = batch.each_slice(4).map { |slice| slice[2] }
+    expect([completions[1].outcome, completions[2].outcome]).to eq([nil, nil])
+    release << :go
+    expect(completions[0].outcome).to be_nil
+    expect(Array.new(3) { order.pop }).to eq([2, 3, 1])
+  end
+
+  it "lets tasks a call started outlive it, while later calls run" do
+    child_done = Queue.new
+    release = Queue.new
+    processor = start(handler do |_context, msg|
+      Async { child_done << release.pop } if msg.offset == 1
+    end)
+    expect(submit(processor, 1).outcome).to be_nil
+    expect(submit(processor, 2).outcome).to be_nil
+    release << :later
+    expect(child_done.pop).to eq(:later)
+  end
+
+  it "stops the tasks a cancelled call started" do
+    log = Queue.new
+    processor = start(handler do |_context, msg|
+      next unless msg.offset == 1
+
+      Async do
+        sleep 30
+      ensure
+        log << :child_ensure
+      end
+      sleep 30
+    end)
+    completion = submit(processor, 1)
+    processor.cancel(1)
+    expect(completion.outcome).to be_a(Prosody::CancelledError)
+    expect(log.pop).to eq(:child_ensure)
+    expect(submit(processor, 2).outcome).to be_nil
+  end
+
   it "reports and logs a handler's exception, and keeps running" do
     calls = Queue.new
     logs = capture_logs do

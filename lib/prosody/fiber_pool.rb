@@ -1,0 +1,117 @@
+# frozen_string_literal: true
+
+module Prosody
+  # Long-lived worker tasks (fibers) that run handler calls for an
+  # {AsyncTaskProcessor}, inside its reactor, on its thread.
+  #
+  # {#start} hands a batch of calls to the pool: an idle worker runs them
+  # inline, one after another, until a handler yields (sleeps, waits on I/O);
+  # only then does the next call go to another worker, started when none is
+  # idle. Handlers that never wait so cost no task, fiber or switch each, and
+  # handlers that wait still run concurrently. Workers stay until stopped:
+  # cancelling a call stops its worker (with the tasks the handler started), and
+  # a worker whose call leaves tasks running retires with them.
+  #
+  # @api private Used by {AsyncTaskProcessor}.
+  class FiberPool
+    # A worker: its task, and the call in hand (`task_id`, `context`), if any.
+    Worker = Struct.new(:task, :task_id, :context)
+
+    # Entries per call in a batch: task id, native context, completion, message.
+    STRIDE = 4
+
+    # The batch in hand when there is none.
+    NO_CALLS = [].freeze
+    private_constant :NO_CALLS
+
+    # @yieldparam worker [Worker] runs the call (sets `worker.context`), reports its outcome
+    # @yieldparam native_context [Object]
+    # @yieldparam completion [#complete]
+    # @yieldparam message [Message, Timer]
+    def initialize(&perform)
+      @perform = perform
+      @workers = [] # every worker, idle or busy
+      @idle = [] # workers parked, waiting for calls
+      @batch = NO_CALLS # the calls being started, STRIDE entries each
+      @next = 0 # index in @batch of the next call to start
+      @dispatching = false
+      @call_finished = nil # an Async::Notification, while draining
+    end
+
+    # @return [Boolean] whether {#start} is handing out a batch right now
+    def dispatching?
+      @dispatching
+    end
+
+    # Starts every call of `calls` (STRIDE entries each); returns once each has
+    # finished or is waiting. Only from the reactor's main task.
+    #
+    # @param root [Async::Task] the parent of new workers
+    # @param calls [Array]
+    # @return [void]
+    def start(root, calls)
+      @batch = calls
+      @next = 0
+      @dispatching = true
+      while @next < @batch.size
+        worker = @idle.pop
+        worker ? worker.task.fiber.resume : start_worker(root)
+      end
+    ensure
+      @batch = NO_CALLS
+      @next = 0
+      @dispatching = false
+    end
+
+    # @param task_id [Integer]
+    # @return [Worker, nil] the worker running that call
+    def running(task_id)
+      @workers.find { |worker| worker.task_id == task_id }
+    end
+
+    # Waits for the calls in flight, then stops the idle workers.
+    #
+    # @return [void]
+    def drain
+      @call_finished = Async::Notification.new
+      @call_finished.wait while @workers.any?(&:task_id)
+      @workers.dup.each { |worker| worker.task.stop }
+    end
+
+    private
+
+    def start_worker(root)
+      worker = Worker.new
+      @workers << worker
+      root.async { |task| work(task, worker) }
+    end
+
+    def work(task, worker)
+      worker.task = task
+      loop do
+        while (index = @next) < @batch.size
+          @next = index + STRIDE
+          perform(worker, index)
+          # The call left tasks running: they stay with this task, which retires.
+          return if task.children?
+        end
+        # (Never twice: a stray wake-up of a parked worker just parks it again.)
+        @idle << worker unless @idle.include?(worker)
+        Async::Task.yield # parked until the main task has calls again
+      end
+    ensure
+      @idle.delete(worker)
+      @workers.delete(worker)
+    end
+
+    def perform(worker, index)
+      worker.task_id = @batch[index]
+      @perform.call(worker, @batch[index + 1], @batch[index + 2], @batch[index + 3])
+    ensure
+      # Also when the call was stopped (Async::Stop ends this worker).
+      worker.task_id = nil
+      worker.context = nil
+      @call_finished&.signal
+    end
+  end
+end
