@@ -1,14 +1,15 @@
 # frozen_string_literal: true
 
 module Prosody
-  # One Kafka record as a handler sees it. Built by the native side; immutable.
+  # One Kafka record as a handler sees it. Built by the native side (which sets
+  # the same instance variables as {#initialize}, without calling it); immutable.
   #
   # @example
   #   def on_message(context, message)
   #     Invoice.charge(message.payload.fetch("amount")) if message.key.start_with?("acct-")
   #   end
   class Message
-    # @return [String]
+    # @return [String] frozen (shared by the messages of a topic)
     attr_reader :topic
     # @return [Integer]
     attr_reader :partition

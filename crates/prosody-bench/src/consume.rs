@@ -21,7 +21,10 @@ use serde_json::Value;
 
 use crate::cluster::Cluster;
 use crate::data::{fill, unique, Payload};
-use crate::report::{median, per_second, rate, ratio, round0, round1, round3, Report};
+use crate::report::{
+    cpu_now, cpu_per_100k, cpu_shown, median, per_second, rate, ratio, round0, round1, round2,
+    round3, Report,
+};
 use crate::{as_i64, BenchResult, DEADLINE, MAX_PER_PARTITION};
 
 /// Distinct keys in the no-op scenario.
@@ -52,15 +55,24 @@ pub(crate) async fn noop(
     let mut plain = Vec::new();
     let mut plain_json = Vec::new();
     let mut core = Vec::new();
+    let (mut plain_cpu, mut plain_json_cpu, mut core_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=RUNS {
         eprintln!("(a) run {run}/{RUNS}: plain rdkafka consumer…");
-        plain.push(plain_rdkafka(cluster, &topic, messages, false).await?);
+        let (rate, cpu) = plain_rdkafka(cluster, &topic, messages, false).await?;
+        plain.push(rate);
+        plain_cpu.push(cpu);
         eprintln!("(a) run {run}/{RUNS}: plain rdkafka consumer decoding JSON…");
-        plain_json.push(plain_rdkafka(cluster, &topic, messages, true).await?);
+        let (rate, cpu) = plain_rdkafka(cluster, &topic, messages, true).await?;
+        plain_json.push(rate);
+        plain_json_cpu.push(cpu);
         eprintln!("(a) run {run}/{RUNS}: Prosody, no-op handler…");
-        core.push(prosody_rate(cluster, &topic, messages, None, &[]).await?);
+        let (rate, cpu) = prosody_rate(cluster, &topic, messages, None, &[]).await?;
+        core.push(rate);
+        core_cpu.push(cpu);
     }
     let (plain, plain_json, core) = (median(plain), median(plain_json), median(core));
+    let (plain_cpu, plain_json_cpu, core_cpu) =
+        (median(plain_cpu), median(plain_json_cpu), median(core_cpu));
     let core_vs_plain = ratio(core, plain);
     report.insert("messages", messages);
     report.insert("noop_partitions", partitions);
@@ -69,6 +81,9 @@ pub(crate) async fn noop(
     report.insert("core_vs_plain_ratio", round3(core_vs_plain));
     report.insert("plain_rdkafka_json_msgs_per_sec", round0(plain_json));
     report.insert("core_vs_plain_json_ratio", round3(ratio(core, plain_json)));
+    report.insert("plain_rdkafka_cpu_s_per_100k", round2(plain_cpu));
+    report.insert("plain_rdkafka_json_cpu_s_per_100k", round2(plain_json_cpu));
+    report.insert("core_noop_cpu_s_per_100k", round2(core_cpu));
     let verdict = if core_vs_plain >= TARGET_CORE_VS_PLAIN {
         "met"
     } else {
@@ -87,6 +102,18 @@ pub(crate) async fn noop(
         per_second(core),
         format!("plain loop decoding JSON {}", per_second(plain_json)),
         format!("{:.2}", ratio(core, plain_json)),
+    );
+    report.row(
+        "(a) core, no-op handler: process CPU (same runs)",
+        cpu_shown(core_cpu),
+        format!("plain BaseConsumer loop {}", cpu_shown(plain_cpu)),
+        format!("{:.2}", ratio(core_cpu, plain_cpu)),
+    );
+    report.row(
+        "(a) core, no-op handler: process CPU (same runs)",
+        cpu_shown(core_cpu),
+        format!("plain loop decoding JSON {}", cpu_shown(plain_json_cpu)),
+        format!("{:.2}", ratio(core_cpu, plain_json_cpu)),
     );
     Ok(())
 }
@@ -112,7 +139,7 @@ pub(crate) async fn io(cluster: &Cluster, report: &mut Report) -> BenchResult<()
         let shown =
             max_uncommitted.map_or_else(String::new, |max| format!(", max_uncommitted {max}"));
         eprintln!("(c) Prosody, max_concurrency {concurrency}{shown}…");
-        let rate = prosody_rate(cluster, &topic, count, Some(WAIT), &extra).await?;
+        let (rate, _) = prosody_rate(cluster, &topic, count, Some(WAIT), &extra).await?;
         let ideal = crate::report::as_f64(concurrency) / WAIT.as_secs_f64();
         let label = match max_uncommitted {
             Some(max) => format!("c{concurrency}_max_uncommitted{max}"),
@@ -146,12 +173,13 @@ pub(crate) async fn io(cluster: &Cluster, report: &mut Report) -> BenchResult<()
 }
 
 /// A plain consumer loop: poll and count; with `decode`, also decode each payload as JSON.
+/// Returns messages per second and process CPU seconds per 100k messages.
 async fn plain_rdkafka(
     cluster: &Cluster,
     topic: &str,
     count: usize,
     decode: bool,
-) -> BenchResult<f64> {
+) -> BenchResult<(f64, f64)> {
     let topic = topic.to_owned();
     let mut config = cluster.client_config()?;
     config
@@ -166,6 +194,7 @@ async fn plain_rdkafka(
             .map_err(|error| error.to_string())?;
         let started = Instant::now();
         let mut first = None;
+        let mut cpu_first = Duration::ZERO;
         let mut seen = 0;
         while seen < count {
             if started.elapsed() > DEADLINE {
@@ -175,7 +204,10 @@ async fn plain_rdkafka(
             }
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(message)) => {
-                    first.get_or_insert_with(Instant::now);
+                    if first.is_none() {
+                        first = Some(Instant::now());
+                        cpu_first = cpu_now();
+                    }
                     if decode {
                         let payload = message.payload().unwrap_or_default();
                         let value: Value =
@@ -189,7 +221,9 @@ async fn plain_rdkafka(
             }
         }
         let first = first.ok_or("no messages")?;
-        Ok(rate(count, first.elapsed()))
+        let elapsed = first.elapsed();
+        let cpu = cpu_now().saturating_sub(cpu_first);
+        Ok((rate(count, elapsed), cpu_per_100k(cpu, count)))
     })
     .await
     .map_err(|error| error.to_string())?
@@ -200,8 +234,8 @@ struct Counting {
     target: usize,
     work: Option<Duration>,
     handled: AtomicUsize,
-    first: OnceLock<Instant>,
-    last: OnceLock<Instant>,
+    first: OnceLock<(Instant, Duration)>,
+    last: OnceLock<(Instant, Duration)>,
 }
 
 struct CountingHandler(Arc<Counting>);
@@ -210,25 +244,26 @@ impl EventHandler for CountingHandler {
     type Error = std::convert::Infallible;
 
     async fn on_message(&self, _context: Context, _message: Message) -> Result<(), Self::Error> {
-        self.0.first.get_or_init(Instant::now);
+        self.0.first.get_or_init(|| (Instant::now(), cpu_now()));
         if let Some(work) = self.0.work {
             tokio::time::sleep(work).await;
         }
         if self.0.handled.fetch_add(1, Ordering::AcqRel) + 1 == self.0.target {
-            let _ = self.0.last.set(Instant::now());
+            let _ = self.0.last.set((Instant::now(), cpu_now()));
         }
         Ok(())
     }
 }
 
 /// Prosody consuming `count` messages of `topic`, each handler awaiting `work`.
+/// Returns messages per second and process CPU seconds per 100k messages.
 async fn prosody_rate(
     cluster: &Cluster,
     topic: &str,
     count: usize,
     work: Option<Duration>,
     extra: &[(&str, OptionValue)],
-) -> BenchResult<f64> {
+) -> BenchResult<(f64, f64)> {
     let mut builder = cluster
         .config()?
         .group_id(&unique("prosody"))
@@ -253,7 +288,11 @@ async fn prosody_rate(
     let started = Instant::now();
     let outcome = loop {
         if let (Some(first), Some(last)) = (counting.first.get(), counting.last.get()) {
-            break Ok(rate(count, last.duration_since(*first)));
+            let cpu = last.1.saturating_sub(first.1);
+            break Ok((
+                rate(count, last.0.duration_since(first.0)),
+                cpu_per_100k(cpu, count),
+            ));
         }
         if started.elapsed() > DEADLINE {
             let handled = counting.handled.load(Ordering::Acquire);

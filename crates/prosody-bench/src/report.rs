@@ -114,6 +114,33 @@ pub(crate) fn rate(count: usize, elapsed: Duration) -> f64 {
     as_f64(count) / elapsed.as_secs_f64().max(f64::EPSILON)
 }
 
+/// CPU time this process has used so far, every thread together.
+pub(crate) fn cpu_now() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec for the duration of the call.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &raw mut now) };
+    if status != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or(0),
+        u32::try_from(now.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// CPU seconds per 100k messages, from the CPU time `used` over `count` messages.
+pub(crate) fn cpu_per_100k(used: Duration, count: usize) -> f64 {
+    used.as_secs_f64() * 100_000.0 / as_f64(count).max(1.0)
+}
+
+/// `1.23 CPU s/100k`.
+pub(crate) fn cpu_shown(value: f64) -> String {
+    format!("{value:.2} CPU s/100k")
+}
+
 /// The middle value (upper middle for an even count); 0 when empty.
 pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);

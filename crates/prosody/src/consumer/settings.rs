@@ -38,8 +38,14 @@ const MOCK_SESSION_TIMEOUT_MS: &str = "6000";
 /// Messages librdkafka prefetches per partition, per message of `max_uncommitted`.
 const PREFETCH_PER_UNCOMMITTED: usize = 16;
 
-/// The least librdkafka prefetches per partition.
-const MIN_PREFETCH: usize = 10_000;
+/// The least librdkafka prefetches per partition (what the default
+/// `max_uncommitted`, 64, gives). A partition's queue is topped up as soon as
+/// it holds fewer, and re-checked every `fetch.queue.backoff.ms` (10 ms), so
+/// 1024 keeps up with ~100k msg/s per partition on a low-latency broker:
+/// bench (a) measured the same throughput as with 10 000, while (f)'s RSS
+/// growth under a 20-partition backlog fell from 2.06x to 0.43x the backlog's
+/// size (librdkafka holds ~450 bytes per queued message besides the payload).
+const MIN_PREFETCH: usize = 1024;
 
 /// Settings Prosody owns: it stores and commits offsets itself.
 const OWNED: &[(&str, &str)] = &[
@@ -93,6 +99,21 @@ mod tests {
     }
 
     #[test]
+    fn the_prefetch_grows_with_max_uncommitted_above_its_floor() {
+        let larger = Config::builder()
+            .mock(true)
+            .group_id("g")
+            .max_uncommitted(256)
+            .build_with_env(Vec::new())
+            .unwrap();
+        let client = consumer_config(&larger, "localhost:9092");
+        assert_eq!(client.get("queued.min.messages"), Some("4096"));
+        let passthrough = config(&[("queued.min.messages", "50000")]);
+        let client = consumer_config(&passthrough, "localhost:9092");
+        assert_eq!(client.get("queued.min.messages"), Some("50000"));
+    }
+
+    #[test]
     fn the_passthrough_overrides_defaults_but_not_owned_settings() {
         let config = config(&[("fetch.wait.max.ms", "500"), ("enable.auto.commit", "true")]);
         let client = consumer_config(&config, "localhost:9092");
@@ -103,7 +124,7 @@ mod tests {
             Some("cooperative-sticky")
         );
         assert_eq!(client.get("session.timeout.ms"), Some("6000"));
-        assert_eq!(client.get("queued.min.messages"), Some("10000"));
+        assert_eq!(client.get("queued.min.messages"), Some("1024"));
         assert_eq!(client.get("group.id"), Some("g"));
         assert_eq!(client.get("bootstrap.servers"), Some("localhost:9092"));
     }

@@ -198,7 +198,9 @@ fn flush(ruby: &Ruby) -> Result<(), Error> {
             .funcall::<_, _, Value>(entry.method, (array,));
         if let Err(error) = handed {
             match recoverable(ruby, error) {
-                Some(error) => tracing::warn!("cannot hand values to Ruby ({}): {error}", entry.method),
+                Some(error) => {
+                    tracing::warn!("cannot hand values to Ruby ({}): {error}", entry.method)
+                }
                 // Terminating: what is left is dropped here, with the GVL held.
                 None => break,
             }
