@@ -35,16 +35,20 @@ const DEFAULTS: &[(&str, &str)] = &[
 /// (44 s by default); a short session keeps restarts quick.
 const MOCK_SESSION_TIMEOUT_MS: &str = "6000";
 
-/// Messages librdkafka prefetches per partition, per message of `max_uncommitted`.
-const PREFETCH_PER_UNCOMMITTED: usize = 16;
+/// Messages librdkafka prefetches per partition, per message of `max_uncommitted`:
+/// 4096 with the default 64.
+///
+/// A partition's queue is topped up as soon as it holds fewer than this, and
+/// re-checked every `fetch.queue.backoff.ms` (10 ms) otherwise, so it must
+/// cover what a partition handles during a fetch round trip plus that backoff.
+/// Measured (issue 14, 4 partitions, no-op handler, 2 shared cores): bench (a)
+/// at 4096 was within noise of 10 000, at 2048 and 1024 it was lower; bench (f)
+/// (20 partitions, 500k-message backlog) grew RSS by 0.99x the backlog's size at
+/// 4096, against 2.06x at the former floor of 10 000 (librdkafka keeps ~450
+/// bytes per queued message besides the payload).
+const PREFETCH_PER_UNCOMMITTED: usize = 64;
 
-/// The least librdkafka prefetches per partition (what the default
-/// `max_uncommitted`, 64, gives). A partition's queue is topped up as soon as
-/// it holds fewer, and re-checked every `fetch.queue.backoff.ms` (10 ms), so
-/// 1024 keeps up with ~100k msg/s per partition on a low-latency broker:
-/// bench (a) measured the same throughput as with 10 000, while (f)'s RSS
-/// growth under a 20-partition backlog fell from 2.06x to 0.43x the backlog's
-/// size (librdkafka holds ~450 bytes per queued message besides the payload).
+/// The least librdkafka prefetches per partition, whatever `max_uncommitted`.
 const MIN_PREFETCH: usize = 1024;
 
 /// Settings Prosody owns: it stores and commits offsets itself.
@@ -107,7 +111,15 @@ mod tests {
             .build_with_env(Vec::new())
             .unwrap();
         let client = consumer_config(&larger, "localhost:9092");
-        assert_eq!(client.get("queued.min.messages"), Some("4096"));
+        assert_eq!(client.get("queued.min.messages"), Some("16384"));
+        let smaller = Config::builder()
+            .mock(true)
+            .group_id("g")
+            .max_uncommitted(4)
+            .build_with_env(Vec::new())
+            .unwrap();
+        let client = consumer_config(&smaller, "localhost:9092");
+        assert_eq!(client.get("queued.min.messages"), Some("1024"));
         let passthrough = config(&[("queued.min.messages", "50000")]);
         let client = consumer_config(&passthrough, "localhost:9092");
         assert_eq!(client.get("queued.min.messages"), Some("50000"));
@@ -124,7 +136,7 @@ mod tests {
             Some("cooperative-sticky")
         );
         assert_eq!(client.get("session.timeout.ms"), Some("6000"));
-        assert_eq!(client.get("queued.min.messages"), Some("1024"));
+        assert_eq!(client.get("queued.min.messages"), Some("4096"));
         assert_eq!(client.get("group.id"), Some("g"));
         assert_eq!(client.get("bootstrap.servers"), Some("localhost:9092"));
     }
