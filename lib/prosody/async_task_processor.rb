@@ -157,7 +157,7 @@ module Prosody
     private
 
     def run
-      Native.defer_completions
+      Native.defer_completions(true)
       Async { |root| serve(root) }
     rescue Exception => e # rubocop:disable Lint/RescueException -- reported below, then re-raised
       fatal = e
@@ -167,6 +167,7 @@ module Prosody
       @commands.close
       abandon_queued
       Native.flush_completions
+      Native.defer_completions(false)
       died(fatal) unless @stopping
     end
 

@@ -88,10 +88,12 @@ thread_local! {
         const { RefCell::new(Vec::new()) };
 }
 
-/// `Prosody::Native.defer_completions`: from now on, completions made on the
-/// calling thread are sent by `flush_completions`, not at once.
-fn defer_completions() {
-    DEFERRING.with(|deferring| deferring.set(true));
+/// `Prosody::Native.defer_completions(on)`: while on, completions made on the
+/// calling thread wait for `flush_completions` instead of being sent at once.
+/// The processor turns it off when its thread ends: Ruby may reuse the native
+/// thread for another Ruby thread, which must not inherit it.
+fn defer_completions(on: bool) {
+    DEFERRING.with(|deferring| deferring.set(on));
 }
 
 /// `Prosody::Native.flush_completions`: sends the calling thread's deferred
@@ -444,7 +446,7 @@ pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     )?;
     context.define_method("scheduled", method!(NativeContext::scheduled, 1))?;
     context.define_method("complete", method!(NativeContext::complete, 1))?;
-    native.define_module_function("defer_completions", function!(defer_completions, 0))?;
+    native.define_module_function("defer_completions", function!(defer_completions, 1))?;
     native.define_module_function("flush_completions", function!(flush_completions, 0))?;
     for id in [
         &TOPIC, &PARTITION, &OFFSET, &KEY, &TIMESTAMP, &PAYLOAD, &HEADERS,
