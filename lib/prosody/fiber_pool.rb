@@ -14,8 +14,10 @@ module Prosody
   #
   # @api private Used by {AsyncTaskProcessor}.
   class FiberPool
-    # A worker: its task, and the call in hand (`task_id`, `context`), if any.
-    Worker = Struct.new(:task, :task_id, :context)
+    # A worker: its task, the call in hand (`task_id`, `context`), if any, and
+    # whether it is in the idle list (a flag: searching the list compared
+    # Structs member by member, measurably slow with many workers).
+    Worker = Struct.new(:task, :task_id, :context, :idle)
 
     # Entries per call in a batch: task id, native context, completion, message.
     STRIDE = 4
@@ -55,7 +57,12 @@ module Prosody
       @dispatching = true
       while @next < @batch.size
         worker = @idle.pop
-        worker ? worker.task.fiber.resume : start_worker(root)
+        if worker
+          worker.idle = false
+          worker.task.fiber.resume
+        else
+          start_worker(root)
+        end
       end
     ensure
       @batch = NO_CALLS
@@ -96,12 +103,15 @@ module Prosody
           return if task.children?
         end
         # (Never twice: a stray wake-up of a parked worker just parks it again.)
-        @idle << worker unless @idle.include?(worker)
+        unless worker.idle
+          worker.idle = true
+          @idle << worker
+        end
         Async::Task.yield # parked until the main task has calls again
       end
     ensure
-      @idle.delete(worker)
-      @workers.delete(worker)
+      @idle.delete_if { |other| other.equal?(worker) }
+      @workers.delete_if { |other| other.equal?(worker) }
     end
 
     def perform(worker, index)
