@@ -287,7 +287,8 @@ fn ruby_message(ruby: &Ruby, message: &Message) -> Result<Value, Error> {
                     Err(_) => ruby.str_from_slice(bytes).as_value(),
                 },
             };
-            headers.aset(ruby.str_new(name), value)?;
+            // Hash keys are frozen and deduplicated by Ruby anyway: intern at once.
+            headers.aset(interned(ruby, name), value)?;
         }
         headers.freeze();
         headers
