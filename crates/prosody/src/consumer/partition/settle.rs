@@ -145,8 +145,11 @@ impl PartitionManager {
             key: Arc::clone(key),
             time: from_millis(at),
         };
+        let late = std::time::SystemTime::now()
+            .duration_since(timer.time)
+            .unwrap_or_default();
         match self.retry(key, Call::Timer(timer, at)).await {
-            Settled::Succeeded => {}
+            Settled::Succeeded => self.shared.metrics.timer_fired(&self.labels, late),
             Settled::GaveUp {
                 failure, attempts, ..
             } => error!(
@@ -172,15 +175,24 @@ impl PartitionManager {
                 return Settled::Cancelled;
             };
             let failure = match outcome {
-                Outcome::Succeeded => return Settled::Succeeded,
+                Outcome::Succeeded => {
+                    if matches!(call, Call::Message(_)) {
+                        self.shared.metrics.handled(&self.labels);
+                    }
+                    return Settled::Succeeded;
+                }
                 Outcome::Failed(_) if self.cancellation.is_cancelled() => {
                     debug!(topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), "handler stopped by cancellation; the {} will run again", call.noun());
                     return Settled::Cancelled;
                 }
                 Outcome::Failed(failure) => failure,
             };
+            self.shared
+                .metrics
+                .failed(&self.labels, failure.kind.as_str());
             match decide(&self.shared.config, failure.kind, attempt) {
                 Decision::Retry(delay) => {
+                    self.shared.metrics.retried(&self.labels);
                     warn!(
                         topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), attempt, kind = failure.kind.as_str(),
                         "{} failed ({}): {}; retrying in {delay:?}", call.handler(), failure.class, failure.message
@@ -242,6 +254,7 @@ impl PartitionManager {
             debug!(topic = %self.topic, partition = self.partition, offset, key, "skipping message: {}", skip.as_str());
         }
         self.shared.skips.count(skip);
+        self.shared.metrics.skipped(&self.labels, skip.label());
         true
     }
 
@@ -274,6 +287,7 @@ impl PartitionManager {
             .as_ref()
             .map(|timers| (Arc::clone(timers) as Arc<dyn KeyTimers>, Arc::clone(key)));
         let context = Context::new(call.clone(), timers);
+        let _running = self.shared.metrics.handler_running(&self.topic);
         let handler = match work {
             Call::Message(message) => self.shared.handler.on_message(context, message),
             Call::Timer(timer, _) => self.shared.handler.on_timer(context, timer),
@@ -345,6 +359,7 @@ impl PartitionManager {
                 topic = %self.topic, partition = self.partition, offset, key = fetched.shown_key(), attempts, kind = failure.kind.as_str(),
                 "skipping message after failure ({}): {}", failure.class, failure.message
             );
+            self.shared.metrics.skipped(&self.labels, "failed");
             return true;
         };
         let headers = dead_letter_headers(
@@ -363,6 +378,7 @@ impl PartitionManager {
             )
             .await;
         if written {
+            self.shared.metrics.dead_lettered(&self.labels);
             warn!(
                 topic = %self.topic, partition = self.partition, offset, key = fetched.shown_key(), attempts, kind = failure.kind.as_str(),
                 failure_topic = topic, "message dead-lettered after failure ({}): {}", failure.class, failure.message
