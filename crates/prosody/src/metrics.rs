@@ -250,12 +250,20 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn received(&self, labels: &PartitionLabels, count: u64) {
-        self.received.get_or_create(labels).inc_by(count);
-    }
-
-    pub(crate) fn handled(&self, labels: &PartitionLabels) {
-        self.handled.get_or_create(labels).inc();
+    /// Handles on one partition's per-message series, looked up once, so counting
+    /// a message is an atomic add rather than a labelled lookup.
+    pub(crate) fn partition(&self, topic: &str, partition: i32) -> PartitionMetrics {
+        let labels = PartitionLabels::new(topic, partition);
+        let topic_labels = TopicLabels {
+            topic: topic.to_owned(),
+        };
+        PartitionMetrics {
+            received: self.received.get_or_create(&labels).clone(),
+            handled: self.handled.get_or_create(&labels).clone(),
+            handler_seconds: self.handler_seconds.get_or_create(&topic_labels).clone(),
+            in_flight: self.in_flight.clone(),
+            labels,
+        }
     }
 
     pub(crate) fn failed(&self, labels: &PartitionLabels, kind: &'static str) {
@@ -282,16 +290,6 @@ impl Metrics {
             reason,
         };
         self.skipped.get_or_create(&labels).inc();
-    }
-
-    /// Counts a handler attempt as running until the guard drops, then records its run time.
-    pub(crate) fn handler_running(&self, topic: &str) -> HandlerRun<'_> {
-        self.in_flight.inc();
-        HandlerRun {
-            metrics: self,
-            topic: topic.to_owned(),
-            started: std::time::Instant::now(),
-        }
     }
 
     pub(crate) fn set_buffered(&self, labels: &PartitionLabels, buffered: usize) {
@@ -419,22 +417,45 @@ fn classic(openmetrics: &str) -> String {
     page
 }
 
-/// A running handler attempt; see [`Metrics::handler_running`].
+/// One partition's per-message series; see [`Metrics::partition`].
+pub(crate) struct PartitionMetrics {
+    pub(crate) labels: PartitionLabels,
+    received: Counter,
+    handled: Counter,
+    handler_seconds: Histogram,
+    in_flight: Gauge,
+}
+
+impl PartitionMetrics {
+    pub(crate) fn received(&self) {
+        self.received.inc();
+    }
+
+    pub(crate) fn handled(&self) {
+        self.handled.inc();
+    }
+
+    /// Counts a handler attempt as running until the guard drops, then records its run time.
+    pub(crate) fn handler_running(&self) -> HandlerRun<'_> {
+        self.in_flight.inc();
+        HandlerRun {
+            partition: self,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+/// A running handler attempt; see [`PartitionMetrics::handler_running`].
 pub(crate) struct HandlerRun<'a> {
-    metrics: &'a Metrics,
-    topic: String,
+    partition: &'a PartitionMetrics,
     started: std::time::Instant,
 }
 
 impl Drop for HandlerRun<'_> {
     fn drop(&mut self) {
-        self.metrics.in_flight.dec();
-        let labels = TopicLabels {
-            topic: std::mem::take(&mut self.topic),
-        };
-        self.metrics
+        self.partition.in_flight.dec();
+        self.partition
             .handler_seconds
-            .get_or_create(&labels)
             .observe(self.started.elapsed().as_secs_f64());
     }
 }
@@ -446,12 +467,14 @@ mod tests {
     #[test]
     fn renders_openmetrics_with_labels_and_eof() {
         let metrics = Metrics::new();
-        let partition = PartitionLabels::new("orders", 3);
-        metrics.received(&partition, 2);
-        metrics.handled(&partition);
-        metrics.failed(&partition, "transient");
-        metrics.skipped(&partition, "duplicate");
-        drop(metrics.handler_running("orders"));
+        let orders = metrics.partition("orders", 3);
+        let partition = &orders.labels;
+        orders.received();
+        orders.received();
+        orders.handled();
+        metrics.failed(partition, "transient");
+        metrics.skipped(partition, "duplicate");
+        drop(orders.handler_running());
         metrics.sent("orders", Duration::from_millis(3), true);
         let page = metrics.render(Format::OpenMetrics);
         assert!(

@@ -29,7 +29,7 @@ use super::offsets::{Admission, OffsetTracker};
 use super::shared::Shared;
 use super::timer_queue::TimerQueue;
 use crate::message::Header;
-use crate::metrics::PartitionLabels;
+use crate::metrics::{PartitionLabels, PartitionMetrics};
 use crate::timers::PartitionScope;
 use backpressure::Backpressure;
 
@@ -131,8 +131,8 @@ pub(crate) struct PartitionManager {
     timers: Option<Arc<TimerQueue>>,
     /// Set by the partition's first own-message skip, which is explained at INFO.
     own_skip_explained: AtomicBool,
-    /// This partition's labels in the client's metrics.
-    labels: PartitionLabels,
+    /// This partition's series in the client's metrics.
+    metrics: PartitionMetrics,
 }
 
 impl PartitionManager {
@@ -152,7 +152,7 @@ impl PartitionManager {
             TimerQueue::new(Arc::clone(store), scope, Arc::clone(&shared.metrics))
         });
         let manager = Arc::new(Self {
-            labels: PartitionLabels::new(&topic, partition),
+            metrics: shared.metrics.partition(&topic, partition),
             topic,
             partition,
             timers,
@@ -212,7 +212,7 @@ impl PartitionManager {
         let buffered = state.offsets.pending();
         self.enqueue(&mut state, key, Work::Message(fetched));
         state.buffer.accepted(buffered, max);
-        self.shared.metrics.received(&self.labels, 1);
+        self.metrics.received();
         Accepted::Taken
     }
 
@@ -301,7 +301,7 @@ impl PartitionManager {
 
     /// This partition's labels in the client's metrics.
     pub(crate) fn labels(&self) -> &PartitionLabels {
-        &self.labels
+        &self.metrics.labels
     }
 
     pub(crate) fn stats(&self) -> PartitionStats {

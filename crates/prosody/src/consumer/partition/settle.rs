@@ -149,7 +149,7 @@ impl PartitionManager {
             .duration_since(timer.time)
             .unwrap_or_default();
         match self.retry(key, Call::Timer(timer, at)).await {
-            Settled::Succeeded => self.shared.metrics.timer_fired(&self.labels, late),
+            Settled::Succeeded => self.shared.metrics.timer_fired(self.labels(), late),
             Settled::GaveUp {
                 failure, attempts, ..
             } => error!(
@@ -177,7 +177,7 @@ impl PartitionManager {
             let failure = match outcome {
                 Outcome::Succeeded => {
                     if matches!(call, Call::Message(_)) {
-                        self.shared.metrics.handled(&self.labels);
+                        self.metrics.handled();
                     }
                     return Settled::Succeeded;
                 }
@@ -189,10 +189,10 @@ impl PartitionManager {
             };
             self.shared
                 .metrics
-                .failed(&self.labels, failure.kind.as_str());
+                .failed(self.labels(), failure.kind.as_str());
             match decide(&self.shared.config, failure.kind, attempt) {
                 Decision::Retry(delay) => {
-                    self.shared.metrics.retried(&self.labels);
+                    self.shared.metrics.retried(self.labels());
                     warn!(
                         topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), attempt, kind = failure.kind.as_str(),
                         "{} failed ({}): {}; retrying in {delay:?}", call.handler(), failure.class, failure.message
@@ -254,7 +254,7 @@ impl PartitionManager {
             debug!(topic = %self.topic, partition = self.partition, offset, key, "skipping message: {}", skip.as_str());
         }
         self.shared.skips.count(skip);
-        self.shared.metrics.skipped(&self.labels, skip.label());
+        self.shared.metrics.skipped(self.labels(), skip.label());
         true
     }
 
@@ -287,7 +287,7 @@ impl PartitionManager {
             .as_ref()
             .map(|timers| (Arc::clone(timers) as Arc<dyn KeyTimers>, Arc::clone(key)));
         let context = Context::new(call.clone(), timers);
-        let _running = self.shared.metrics.handler_running(&self.topic);
+        let _running = self.metrics.handler_running();
         let handler = match work {
             Call::Message(message) => self.shared.handler.on_message(context, message),
             Call::Timer(timer, _) => self.shared.handler.on_timer(context, timer),
@@ -359,7 +359,7 @@ impl PartitionManager {
                 topic = %self.topic, partition = self.partition, offset, key = fetched.shown_key(), attempts, kind = failure.kind.as_str(),
                 "skipping message after failure ({}): {}", failure.class, failure.message
             );
-            self.shared.metrics.skipped(&self.labels, "failed");
+            self.shared.metrics.skipped(self.labels(), "failed");
             return true;
         };
         let headers = dead_letter_headers(
@@ -378,7 +378,7 @@ impl PartitionManager {
             )
             .await;
         if written {
-            self.shared.metrics.dead_lettered(&self.labels);
+            self.shared.metrics.dead_lettered(self.labels());
             warn!(
                 topic = %self.topic, partition = self.partition, offset, key = fetched.shown_key(), attempts, kind = failure.kind.as_str(),
                 failure_topic = topic, "message dead-lettered after failure ({}): {}", failure.class, failure.message
