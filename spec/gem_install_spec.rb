@@ -20,9 +20,10 @@ RSpec.describe "the built gem", :gem_install do
   # PROSODY_* build overrides, RubyGems' default paths (where Debian's
   # ruby-async is) plus the temporary GEM_HOME.
   def self.gem_environment(gem_home)
-    env = ENV.to_h.each_key.select do |name|
+    cleared = ENV.each_key.select do |name|
       name.start_with?("PROSODY_", "BUNDLE", "GEM_", "RUBY") || name == "CARGO_TARGET_DIR"
-    end.to_h { |name| [name, nil] }
+    end
+    env = cleared.to_h { |name| [name, nil] }
     env["GEM_HOME"] = gem_home
     reused_target = ENV.fetch("PROSODY_GEM_TEST_TARGET_DIR", "")
     env["CARGO_TARGET_DIR"] = reused_target unless reused_target.empty?
@@ -79,7 +80,7 @@ RSpec.describe "the built gem", :gem_install do
     gem_file = File.join(@work, "prosody.gem")
 
     status, output, = self.class.run_command(env, ["gem", "build", "prosody.gemspec", "--output", gem_file],
-                                     chdir: root, deadline: 120)
+                                             chdir: root, deadline: 120)
     raise "gem build failed:\n#{output}" unless status.success?
 
     # --local: no network (only the .gem file and installed gems, such as
@@ -95,8 +96,9 @@ RSpec.describe "the built gem", :gem_install do
     installed = Dir.glob(File.join(@gem_home, "gems", "prosody-*"))
     @gem_dir = installed.first
     @native_copies = Dir.glob("**/*prosody_native.{so,bundle,dylib}", base: @gem_home)
+    copies = @native_copies.map { |path| "#{path}: #{File.size(File.join(@gem_home, path))} bytes" }
     warn format("gem install took %<seconds>ds; installed size %<mb>.1f MB (%<copies>s)",
-                seconds: @install_seconds, mb: @installed_bytes / 1024.0 / 1024, copies: @native_copies.join(", "))
+                seconds: @install_seconds, mb: @installed_bytes / 1024.0 / 1024, copies: copies.join(", "))
   end
 
   after(:context) { FileUtils.rm_rf(@work) if @work }
@@ -113,8 +115,19 @@ RSpec.describe "the built gem", :gem_install do
   end
 
   it "installs one copy of the extension, in the gem's lib dir, and no build tree" do
-    expect(@native_copies).to eq(["gems/#{File.basename(@gem_dir)}/lib/prosody/prosody_native.#{RbConfig::CONFIG["DLEXT"]}"])
+    extension = "prosody_native.#{RbConfig::CONFIG["DLEXT"]}"
+    expect(@native_copies).to eq(["gems/#{File.basename(@gem_dir)}/lib/prosody/#{extension}"])
     expect(Dir.exist?(File.join(@gem_dir, "ext", "prosody", "target"))).to be(false)
+  end
+
+  it "has an extension without debug info that keeps its symbols (for backtraces)" do
+    skip "readelf checks an ELF library" unless RbConfig::CONFIG["DLEXT"] == "so"
+
+    sections, status = Open3.capture2e("readelf", "--section-headers", "--wide",
+                                       File.join(@gem_dir, "lib", "prosody", "prosody_native.so"))
+    expect(status).to be_success, sections
+    expect(sections).to include(".symtab")
+    expect(sections).not_to include(".debug_info")
   end
 
   it "takes at most 25 MB installed" do

@@ -18,7 +18,7 @@
 require "English"
 
 BANNER = "prosody: building the native extension with cargo (a release build of the Rust core and " \
-         "librdkafka; 3-8 minutes, longer on a small machine). Progress:"
+         "librdkafka, about 6-7 CPU-minutes: 3-10 minutes). Progress:"
 
 def open_live(path)
   io = File.open(path, "a")
