@@ -11,8 +11,9 @@
 # in gem_make.out) and also, live, to the first of these that can be opened:
 # - PROSODY_BUILD_OUTPUT, a path, if set (set it empty to show nothing live);
 # - the stderr of INSTALLER_PID, the `gem install` (or Bundler) process, through
-#   /proc on Linux; skipped when that is a regular file (`gem install 2>log`),
-#   whose writer would overwrite what is appended behind its back;
+#   /proc on Linux, if that process is still an ancestor of this one; skipped when
+#   that stderr is a regular file (`gem install 2>log`), whose writer would
+#   overwrite what is appended behind its back;
 # - /dev/tty.
 
 require "English"
@@ -28,9 +29,25 @@ rescue SystemCallError
   nil
 end
 
+# Whether pid is an ancestor of this process (so it is still the installer that
+# ran extconf.rb, not a process that got its pid since).
+def ancestor?(pid)
+  current = Process.ppid
+  while current > 1
+    return true if current == pid
+
+    stat = File.read("/proc/#{current}/stat")
+    # "pid (command) state ppid ...": the command may hold spaces and parentheses.
+    current = Integer(stat[(stat.rindex(")") + 2)..].split.fetch(1))
+  end
+  false
+rescue SystemCallError, ArgumentError, IndexError
+  false
+end
+
 def installer_stderr(installer_pid)
   path = "/proc/#{installer_pid}/fd/2"
-  path if installer_pid.positive? && File.exist?(path) && !File.file?(path)
+  path if installer_pid.positive? && ancestor?(installer_pid) && File.exist?(path) && !File.file?(path)
 end
 
 def live_output(installer_pid)
