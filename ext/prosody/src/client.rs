@@ -13,9 +13,9 @@ use prosody::{Config, ConsumerState};
 
 use crate::bridge::owned::RubyOwned;
 use crate::convert;
-use crate::monitor::RubyObserver;
 use crate::errors::from_core;
 use crate::handler::RubyHandler;
+use crate::monitor::RubyObserver;
 use crate::process::{check_same_process, ensure_started, generation, off_ruby_stack};
 use crate::reply::{answer_later, reply};
 use crate::runtime::runtime;

@@ -115,7 +115,10 @@ impl Waiting {
         let set = |name: &str, value: Value| payload.aset(ruby.to_symbol(name), value).ok();
         set("topic", ruby.str_new(&event.topic).as_value());
         if let Some(partition) = event.partition {
-            set("partition", ruby.integer_from_i64(i64::from(partition)).as_value());
+            set(
+                "partition",
+                ruby.integer_from_i64(i64::from(partition)).as_value(),
+            );
         }
         if let Some(offset) = event.offset {
             set("offset", ruby.integer_from_i64(offset).as_value());
@@ -124,10 +127,16 @@ impl Waiting {
             set("key", ruby.str_new(key).as_value());
         }
         if let Some(duration) = event.duration {
-            set("duration", ruby.float_from_f64(duration.as_secs_f64()).as_value());
+            set(
+                "duration",
+                ruby.float_from_f64(duration.as_secs_f64()).as_value(),
+            );
         }
         if let Some(attempts) = event.attempts {
-            set("attempts", ruby.integer_from_i64(i64::from(attempts)).as_value());
+            set(
+                "attempts",
+                ruby.integer_from_i64(i64::from(attempts)).as_value(),
+            );
         }
         if let Some(reason) = event.reason {
             set("reason", ruby.str_new(reason).as_value());
