@@ -33,21 +33,26 @@ mod consumer;
 mod dedup;
 mod duration;
 mod error;
+pub mod events;
 mod handler;
 mod message;
+mod metrics;
 pub mod mock;
 mod probe;
 mod producer;
 mod state;
 mod store;
 mod timers;
+pub mod traces;
 
 pub use client::Client;
 pub use config::{Config, ConfigBuilder, Mode, OptionValue, StateStore};
 pub use consumer::{ConsumerState, PartitionStats, SkipCounts};
 pub use error::{Error, Result};
+pub use events::{Event, EventKind, Observer};
 pub use handler::{ClassifyError, Context, EventHandler, FailureKind};
 pub use message::{Header, Message, Timer};
+pub use metrics::Format as MetricsFormat;
 pub use producer::{Producer, SOURCE_SYSTEM_HEADER};
 pub use store::StoreError;
 // Not part of the documented API: a `Client` cannot take a store (it picks one from the

@@ -28,7 +28,9 @@ use super::hooks::Hooks;
 use super::offsets::{Admission, OffsetTracker};
 use super::shared::Shared;
 use super::timer_queue::TimerQueue;
+use crate::events::{Event, EventKind};
 use crate::message::Header;
+use crate::metrics::{PartitionLabels, PartitionMetrics};
 use crate::timers::PartitionScope;
 use backpressure::Backpressure;
 
@@ -130,6 +132,8 @@ pub(crate) struct PartitionManager {
     timers: Option<Arc<TimerQueue>>,
     /// Set by the partition's first own-message skip, which is explained at INFO.
     own_skip_explained: AtomicBool,
+    /// This partition's series in the client's metrics.
+    metrics: PartitionMetrics,
 }
 
 impl PartitionManager {
@@ -146,9 +150,10 @@ impl PartitionManager {
                 Arc::clone(&topic),
                 partition,
             );
-            TimerQueue::new(Arc::clone(store), scope)
+            TimerQueue::new(Arc::clone(store), scope, Arc::clone(&shared.metrics))
         });
         let manager = Arc::new(Self {
+            metrics: shared.metrics.partition(&topic, partition),
             topic,
             partition,
             timers,
@@ -206,8 +211,17 @@ impl PartitionManager {
             .as_ref()
             .map_or_else(|_| Arc::from(""), Arc::clone);
         let buffered = state.offsets.pending();
+        let offset = fetched.offset;
+        self.shared.metrics.emit(EventKind::MessageReceived, || {
+            Event::new(EventKind::MessageReceived, Arc::clone(&self.topic)).at(
+                self.partition,
+                Some(offset),
+                Some(&key),
+            )
+        });
         self.enqueue(&mut state, key, Work::Message(fetched));
         state.buffer.accepted(buffered, max);
+        self.metrics.received();
         Accepted::Taken
     }
 
@@ -292,6 +306,11 @@ impl PartitionManager {
 
     pub(crate) fn partition(&self) -> i32 {
         self.partition
+    }
+
+    /// This partition's labels in the client's metrics.
+    pub(crate) fn labels(&self) -> &PartitionLabels {
+        &self.metrics.labels
     }
 
     pub(crate) fn stats(&self) -> PartitionStats {
