@@ -44,7 +44,7 @@ mod timers;
 
 pub use client::Client;
 pub use config::{Config, ConfigBuilder, Mode, OptionValue, StateStore};
-pub use consumer::{ConsumerState, PartitionStats, SkipCounts};
+pub use consumer::{ConsumerState, PartitionStats, QosStats, SkipCounts};
 pub use error::{Error, Result};
 pub use handler::{ClassifyError, Context, EventHandler, FailureKind};
 pub use message::{Header, Message, Timer};

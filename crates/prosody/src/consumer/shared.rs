@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use crossbeam_channel::{Receiver, Sender};
 use rdkafka::consumer::BaseConsumer;
 use tokio::runtime::Handle;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::dispatch::DynHandler;
 use super::filter::SkipCounters;
 use super::hooks::Hooks;
 use super::partition::PartitionManager;
+use super::scheduler::{QosSettings, Scheduler};
 use crate::config::Config;
 use crate::dedup::Deduplicator;
 use crate::probe::Health;
@@ -34,8 +34,9 @@ pub(crate) struct Shared {
     pub(crate) store: Option<Arc<dyn TimerStore>>,
     /// Message-id deduplication, unless `idempotence_cache_size` is 0.
     pub(crate) dedup: Option<Deduplicator>,
-    /// Bounds running handlers across all partitions to `max_concurrency`.
-    pub(crate) permits: Arc<Semaphore>,
+    /// Bounds running handlers across all partitions to `max_concurrency`,
+    /// deciding who runs next when they are all busy.
+    pub(crate) scheduler: Scheduler,
     pub(crate) runtime: Handle,
     /// Parent of every partition's cancellation token.
     pub(crate) cancellation: CancellationToken,
@@ -64,7 +65,7 @@ impl Shared {
         Arc::new(Self {
             waker,
             wakeups,
-            permits: Arc::new(Semaphore::new(config.max_concurrency)),
+            scheduler: Scheduler::new(QosSettings::new(&config)),
             config,
             handler,
             dead_letters,
