@@ -10,13 +10,14 @@
 //!   half-life `scheduler_decay`: a key that has kept slots busy ranks behind
 //!   keys that have not. Stored inflated by `2^(t/half-life)` so that adding
 //!   run time never touches other keys; the sweep rebases it.
-//! - **Waiting boost**: a call's rank is `min(vt, cap) + cap × enqueued / max_wait`
-//!   (seconds since the scheduler started), with `cap` the virtual time of a
-//!   key that has held one slot forever (`half-life / ln 2`). Waiting therefore
-//!   lowers a call's rank relative to later arrivals by `cap / max_wait` per
-//!   second, and once it has waited `scheduler_max_wait` it ranks ahead of
-//!   anything arriving from then on: nothing starves. The rank is fixed at
-//!   enqueue time, so the queue is an ordered map, O(log n) per call.
+//! - **Waiting boost**: a call's rank is its key's virtual time when it
+//!   queued, scaled by `1 − waited / max_wait` (never below 0), ties going to
+//!   the earlier arrival. Short waits barely change the order, so fairness
+//!   holds at the scale of single calls; a call that has waited
+//!   `scheduler_max_wait` ranks 0, ahead of everything that arrived after it:
+//!   nothing starves. The queue is an ordered map (O(log n) per call) whose
+//!   ranks are recomputed every `max_wait / 1000` while calls wait, so a rank
+//!   is never more than 0.1% of its virtual time stale.
 //! - **Pools**: fresh calls and retries (second and later attempts) queue
 //!   apart. When both have waiters, a slot goes to a retry only while retries
 //!   have had less than `scheduler_failure_share` of the execution time granted
@@ -166,11 +167,12 @@ impl Scheduler {
         };
         let shared_at = match waiting {
             None => None,
-            Some((slot, grants)) => {
+            Some((slot, reranks, grants)) => {
                 let mut waiting = Waiting {
                     scheduler: self,
                     pool,
                     slot,
+                    reranks,
                     grants,
                     granted: false,
                 };
@@ -228,7 +230,9 @@ impl Drop for Permit<'_> {
 struct Waiting<'a> {
     scheduler: &'a Scheduler,
     pool: Pool,
+    /// Where the call queued; valid while the queue was not re-ranked since.
     slot: Slot,
+    reranks: u64,
     grants: oneshot::Receiver<Grant>,
     granted: bool,
 }
@@ -250,12 +254,11 @@ impl Drop for Waiting<'_> {
         }
         let now = self.scheduler.now();
         let mut core = self.scheduler.core();
-        if core.waiting[self.pool.index()].remove(&self.slot).is_some() {
-            return;
-        }
-        // Granted under the lock just before: pass the slot on.
+        // Grants are sent under the lock: either one is here, or the call still queues.
         if let Ok(grant) = self.grants.try_recv() {
             core.abandon(self.pool, grant, now);
+        } else {
+            core.leave(self.pool, self.slot, self.reranks);
         }
     }
 }
@@ -279,6 +282,16 @@ impl Ord for Rank {
     fn cmp(&self, other: &Self) -> Ordering {
         self.0.total_cmp(&other.0)
     }
+}
+
+/// A queued call.
+#[derive(Debug)]
+struct Waiter {
+    grant: oneshot::Sender<Grant>,
+    /// Its key's virtual time when it queued.
+    vt: f64,
+    /// When it queued.
+    since: f64,
 }
 
 /// What a waiting call is sent when it gets a slot.
@@ -314,16 +327,16 @@ struct Core {
     settings: QosSettings,
     free: usize,
     /// Waiting calls by pool ([`Pool::index`]).
-    waiting: [BTreeMap<Slot, oneshot::Sender<Grant>>; 2],
+    waiting: [BTreeMap<Slot, Waiter>; 2],
     keys: HashMap<Arc<str>, KeyEntry>,
     /// Execution time granted to each pool under contention, inflated like `vt`.
     pool_time: [f64; 2],
     running: [Running; 2],
     half_life: f64,
-    /// Virtual time of a key holding one slot forever; the most a rank counts.
-    cap: f64,
-    /// Rank lowered per second of waiting.
-    boost: f64,
+    max_wait: f64,
+    /// When waiting calls are ranked again, and how many times they were.
+    next_rerank: f64,
+    reranks: u64,
     /// Time at which the inflation factor is 1.
     epoch: f64,
     next_sweep: f64,
@@ -338,8 +351,7 @@ struct Core {
 impl Core {
     fn new(settings: QosSettings) -> Self {
         let half_life = settings.decay.as_secs_f64().max(1e-3);
-        let cap = half_life / std::f64::consts::LN_2;
-        let boost = cap / settings.max_wait.as_secs_f64().max(1e-3);
+        let max_wait = settings.max_wait.as_secs_f64().max(1e-3);
         Self {
             free: settings.slots,
             settings,
@@ -348,8 +360,9 @@ impl Core {
             pool_time: [0.0; 2],
             running: [Running::default(); 2],
             half_life,
-            cap,
-            boost,
+            max_wait,
+            next_rerank: 0.0,
+            reranks: 0,
             epoch: 0.0,
             next_sweep: half_life / 4.0,
             seq: 0,
@@ -396,16 +409,54 @@ impl Core {
         })
     }
 
-    /// Queues a call; returns its place and where its grant arrives.
-    fn enqueue(&mut self, key: &str, pool: Pool, now: f64) -> (Slot, oneshot::Receiver<Grant>) {
-        let vt = self.virtual_time(key, now).min(self.cap);
+    /// Queues a call; returns its place (valid until the `reranks`-th re-ranking)
+    /// and where its grant arrives.
+    fn enqueue(
+        &mut self,
+        key: &str,
+        pool: Pool,
+        now: f64,
+    ) -> (Slot, u64, oneshot::Receiver<Grant>) {
+        let vt = self.virtual_time(key, now);
         self.seq += 1;
-        let slot = (Rank(vt + self.boost * now), self.seq);
+        let slot = (Rank(vt), self.seq);
         let (grant, grants) = oneshot::channel();
-        self.waiting[pool.index()].insert(slot, grant);
+        let waiter = Waiter {
+            grant,
+            vt,
+            since: now,
+        };
+        self.waiting[pool.index()].insert(slot, waiter);
         self.waited += 1;
         self.max_waiting = self.max_waiting.max(self.waiting());
-        (slot, grants)
+        (slot, self.reranks, grants)
+    }
+
+    /// Takes a call that gave up waiting out of its queue.
+    fn leave(&mut self, pool: Pool, slot: Slot, reranks: u64) {
+        let queue = &mut self.waiting[pool.index()];
+        if reranks == self.reranks {
+            queue.remove(&slot);
+        } else if let Some(current) = queue.keys().find(|(_, seq)| *seq == slot.1).copied() {
+            // Re-ranked since it queued: only its arrival number still identifies it.
+            queue.remove(&current);
+        }
+    }
+
+    /// Recomputes waiting calls' ranks with the boost of their wait so far.
+    fn rerank(&mut self, now: f64) {
+        self.next_rerank = now + (self.max_wait / 1000.0).max(1e-3);
+        if self.waiting() == 0 {
+            return;
+        }
+        self.reranks += 1;
+        for queue in &mut self.waiting {
+            let waiters = std::mem::take(queue);
+            for ((_, seq), waiter) in waiters {
+                let left = (1.0 - (now - waiter.since) / self.max_wait).max(0.0);
+                queue.insert((Rank(waiter.vt * left), seq), waiter);
+            }
+        }
     }
 
     /// A call of `key` ran `ran` seconds until `now`: charge it, hand the slot on.
@@ -464,6 +515,9 @@ impl Core {
     /// Gives a freed slot to the first-ranked waiter of the pool whose turn it
     /// is, or marks it free.
     fn hand_off(&mut self, now: f64) {
+        if now >= self.next_rerank {
+            self.rerank(now);
+        }
         loop {
             let fresh = !self.waiting[0].is_empty();
             let retry = !self.waiting[1].is_empty();
@@ -486,7 +540,7 @@ impl Core {
                 running.count += 1;
                 running.since += at;
             }
-            match waiter.send(Grant { shared_at }) {
+            match waiter.grant.send(Grant { shared_at }) {
                 Ok(()) => return,
                 // Cannot happen (a waiter leaves the queue before it goes), but
                 // a slot must never be lost.
@@ -586,7 +640,7 @@ mod tests {
                 self.core.free -= 1;
                 return true;
             }
-            let (_, grants) = self.core.enqueue(key, pool, now);
+            let (_, _, grants) = self.core.enqueue(key, pool, now);
             self.queued.push((Arc::from(key), pool, grants));
             false
         }
@@ -672,15 +726,14 @@ mod tests {
     #[test]
     fn a_waiting_call_ranks_ahead_of_every_arrival_after_max_wait() {
         let mut harness = Harness::new(settings(1));
-        // "hot" has held a slot for a long time: its virtual time is at the cap.
+        // "hot" has held a slot for a long time.
         for second in 0..100 {
             harness
                 .core
                 .release(&Arc::from("hot"), Pool::Fresh, 1.0, None, f64::from(second));
         }
         harness.core.free = 0;
-        let cap = harness.core.cap;
-        assert!(harness.core.virtual_time("hot", 100.0) > 0.9 * cap);
+        assert!(harness.core.virtual_time("hot", 100.0) > 10.0);
         assert!(!harness.take("hot", Pool::Fresh, 100.0));
         // A stream of never-seen keys, one arrival and one finished call per second.
         let mut ran_at = None;
@@ -726,6 +779,20 @@ mod tests {
         }
         let share = time[1] / (time[0] + time[1]);
         assert!((0.25..=0.35).contains(&share), "retries took {share:.2}");
+    }
+
+    #[test]
+    fn a_call_leaving_the_queue_is_found_after_a_re_ranking() {
+        let mut core = Core::new(settings(0));
+        core.release(&Arc::from("a"), Pool::Fresh, 1.0, None, 0.0);
+        core.free = 0;
+        let (slot_a, reranks_a, _grants_a) = core.enqueue("a", Pool::Fresh, 1.0);
+        let (slot_b, reranks_b, _grants_b) = core.enqueue("b", Pool::Fresh, 1.0);
+        core.rerank(5.0);
+        assert_ne!(reranks_a, core.reranks);
+        core.leave(Pool::Fresh, slot_a, reranks_a);
+        core.leave(Pool::Fresh, slot_b, reranks_b);
+        assert_eq!(core.stats().waiting, 0);
     }
 
     #[test]
