@@ -16,6 +16,7 @@ use super::partition::PartitionManager;
 use super::scheduler::{QosSettings, Scheduler};
 use crate::config::Config;
 use crate::dedup::Deduplicator;
+use crate::metrics::{Format, Metrics};
 use crate::probe::Health;
 use crate::producer::Producer;
 use crate::timers::TimerStore;
@@ -34,6 +35,8 @@ pub(crate) struct Shared {
     pub(crate) store: Option<Arc<dyn TimerStore>>,
     /// Message-id deduplication, unless `idempotence_cache_size` is 0.
     pub(crate) dedup: Option<Deduplicator>,
+    /// The client's metrics.
+    pub(crate) metrics: Arc<Metrics>,
     /// Bounds running handlers across all partitions to `max_concurrency`,
     /// deciding who runs next when they are all busy.
     pub(crate) scheduler: Scheduler,
@@ -55,12 +58,14 @@ impl Shared {
         config: Arc<Config>,
         handler: Arc<dyn DynHandler>,
         dead_letters: Option<Arc<Producer>>,
+        metrics: Arc<Metrics>,
         runtime: Handle,
     ) -> Arc<Self> {
         // One pending wake-up is enough: the poll thread looks at everything when it wakes.
         let (waker, wakeups) = crossbeam_channel::bounded(1);
         let stores = crate::state::stores(&config);
-        let dedup = Deduplicator::new(&config, stores.dedup);
+        let dedup = Deduplicator::new(&config, stores.dedup)
+            .map(|dedup| dedup.with_metrics(Arc::clone(&metrics)));
         let store = stores.timers;
         Arc::new(Self {
             waker,
@@ -69,6 +74,7 @@ impl Shared {
             config,
             handler,
             dead_letters,
+            metrics,
             store,
             dedup,
             skips: SkipCounters::default(),
@@ -128,6 +134,18 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Sets the gauges that mirror partition state (buffered messages, assignment).
+    pub(crate) fn refresh_metrics(&self) {
+        let managers = self.managers();
+        self.metrics.set_assigned(managers.len());
+        for manager in managers {
+            self.metrics
+                .set_buffered(manager.labels(), manager.stats().buffered);
+        }
+    }
+}
+
 impl Health for Shared {
     fn ready(&self) -> bool {
         !self.partitions().is_empty()
@@ -135,5 +153,10 @@ impl Health for Shared {
 
     fn live(&self) -> bool {
         !self.is_stalled()
+    }
+
+    fn metrics(&self, format: Format) -> String {
+        self.refresh_metrics();
+        self.metrics.render(format)
     }
 }

@@ -29,6 +29,7 @@ use super::offsets::{Admission, OffsetTracker};
 use super::shared::Shared;
 use super::timer_queue::TimerQueue;
 use crate::message::Header;
+use crate::metrics::{PartitionLabels, PartitionMetrics};
 use crate::timers::PartitionScope;
 use backpressure::Backpressure;
 
@@ -130,6 +131,8 @@ pub(crate) struct PartitionManager {
     timers: Option<Arc<TimerQueue>>,
     /// Set by the partition's first own-message skip, which is explained at INFO.
     own_skip_explained: AtomicBool,
+    /// This partition's series in the client's metrics.
+    metrics: PartitionMetrics,
 }
 
 impl PartitionManager {
@@ -146,9 +149,10 @@ impl PartitionManager {
                 Arc::clone(&topic),
                 partition,
             );
-            TimerQueue::new(Arc::clone(store), scope)
+            TimerQueue::new(Arc::clone(store), scope, Arc::clone(&shared.metrics))
         });
         let manager = Arc::new(Self {
+            metrics: shared.metrics.partition(&topic, partition),
             topic,
             partition,
             timers,
@@ -208,6 +212,7 @@ impl PartitionManager {
         let buffered = state.offsets.pending();
         self.enqueue(&mut state, key, Work::Message(fetched));
         state.buffer.accepted(buffered, max);
+        self.metrics.received();
         Accepted::Taken
     }
 
@@ -292,6 +297,11 @@ impl PartitionManager {
 
     pub(crate) fn partition(&self) -> i32 {
         self.partition
+    }
+
+    /// This partition's labels in the client's metrics.
+    pub(crate) fn labels(&self) -> &PartitionLabels {
+        &self.metrics.labels
     }
 
     pub(crate) fn stats(&self) -> PartitionStats {

@@ -146,8 +146,11 @@ impl PartitionManager {
             key: Arc::clone(key),
             time: from_millis(at),
         };
+        let late = std::time::SystemTime::now()
+            .duration_since(timer.time)
+            .unwrap_or_default();
         match self.retry(key, Call::Timer(timer, at)).await {
-            Settled::Succeeded => {}
+            Settled::Succeeded => self.shared.metrics.timer_fired(self.labels(), late),
             Settled::GaveUp {
                 failure, attempts, ..
             } => error!(
@@ -179,13 +182,21 @@ impl PartitionManager {
                 return Settled::Cancelled;
             };
             let failure = match outcome {
-                Outcome::Succeeded => return Settled::Succeeded,
+                Outcome::Succeeded => {
+                    if matches!(call, Call::Message(_)) {
+                        self.metrics.handled();
+                    }
+                    return Settled::Succeeded;
+                }
                 Outcome::Failed(_) if self.cancellation.is_cancelled() => {
                     debug!(topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), "handler stopped by cancellation; the {} will run again", call.noun());
                     return Settled::Cancelled;
                 }
                 Outcome::Failed(failure) => failure,
             };
+            self.shared
+                .metrics
+                .failed(self.labels(), failure.kind.as_str());
             match decide(&self.shared.config, failure.kind, attempt) {
                 Decision::Retry(delay) if rejected => {
                     // Logged at WARN once per window by `attempt_with_permit`.
@@ -195,6 +206,7 @@ impl PartitionManager {
                     }
                 }
                 Decision::Retry(delay) => {
+                    self.shared.metrics.retried(self.labels());
                     warn!(
                         topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), attempt, kind = failure.kind.as_str(),
                         "{} failed ({}): {}; retrying in {delay:?}", call.handler(), failure.class, failure.message
@@ -256,6 +268,7 @@ impl PartitionManager {
             debug!(topic = %self.topic, partition = self.partition, offset, key, "skipping message: {}", skip.as_str());
         }
         self.shared.skips.count(skip);
+        self.shared.metrics.skipped(self.labels(), skip.label());
         true
     }
 
@@ -321,6 +334,7 @@ impl PartitionManager {
             .as_ref()
             .map(|timers| (Arc::clone(timers) as Arc<dyn KeyTimers>, Arc::clone(key)));
         let context = Context::new(call.clone(), timers);
+        let _running = self.metrics.handler_running();
         let handler = match work {
             Call::Message(message) => self.shared.handler.on_message(context, message),
             Call::Timer(timer, _) => self.shared.handler.on_timer(context, timer),
@@ -392,6 +406,7 @@ impl PartitionManager {
                 topic = %self.topic, partition = self.partition, offset, key = fetched.shown_key(), attempts, kind = failure.kind.as_str(),
                 "skipping message after failure ({}): {}", failure.class, failure.message
             );
+            self.shared.metrics.skipped(self.labels(), "failed");
             return true;
         };
         let headers = dead_letter_headers(
@@ -410,6 +425,7 @@ impl PartitionManager {
             )
             .await;
         if written {
+            self.shared.metrics.dead_lettered(self.labels());
             warn!(
                 topic = %self.topic, partition = self.partition, offset, key = fetched.shown_key(), attempts, kind = failure.kind.as_str(),
                 failure_topic = topic, "message dead-lettered after failure ({}): {}", failure.class, failure.message
