@@ -40,17 +40,6 @@ use tokio::sync::oneshot;
 use super::monopoly::{MonopolySettings, Usage};
 use crate::config::{Config, Mode};
 
-/// `scheduler_decay`'s default: virtual time's half-life.
-pub(crate) const DEFAULT_DECAY: Duration = Duration::from_secs(120);
-/// `scheduler_failure_share`'s default.
-pub(crate) const DEFAULT_FAILURE_SHARE: f64 = 0.3;
-/// `scheduler_max_wait`'s default.
-pub(crate) const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(120);
-/// `monopolization_window`'s default.
-pub(crate) const DEFAULT_MONOPOLIZATION_WINDOW: Duration = Duration::from_secs(300);
-/// `monopolization_threshold`'s default.
-pub(crate) const DEFAULT_MONOPOLIZATION_THRESHOLD: f64 = 0.9;
-
 /// A key whose decayed virtual time is below this many seconds is forgotten
 /// by the sweep (it ranks like a key never seen).
 const EVICT_BELOW: f64 = 1e-3;
@@ -74,13 +63,13 @@ impl QosSettings {
     pub(crate) fn new(config: &Config) -> Self {
         Self {
             slots: config.max_concurrency,
-            decay: DEFAULT_DECAY,
-            failure_share: DEFAULT_FAILURE_SHARE,
-            max_wait: DEFAULT_MAX_WAIT,
+            decay: config.scheduler_decay,
+            failure_share: config.scheduler_failure_share,
+            max_wait: config.scheduler_max_wait,
             monopolization: (config.mode == Mode::Pipeline).then(|| {
                 MonopolySettings::new(
-                    DEFAULT_MONOPOLIZATION_WINDOW,
-                    DEFAULT_MONOPOLIZATION_THRESHOLD,
+                    config.monopolization_window,
+                    config.monopolization_threshold,
                 )
             }),
         }
