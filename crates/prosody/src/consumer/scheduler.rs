@@ -16,8 +16,9 @@
 //!   holds at the scale of single calls; a call that has waited
 //!   `scheduler_max_wait` ranks 0, ahead of everything that arrived after it:
 //!   nothing starves. The queue is an ordered map (O(log n) per call) whose
-//!   ranks are recomputed every `max_wait / 1000` while calls wait, so a rank
-//!   is never more than 0.1% of its virtual time stale.
+//!   ranks are recomputed from the keys' current virtual time every 10 ms
+//!   while calls wait (less often for long queues, and at least every
+//!   `max_wait / 1000`, so the boost is never more than 0.1% stale).
 //! - **Pools**: fresh calls and retries (second and later attempts) queue
 //!   apart. When both have waiters, a slot goes to a retry only while retries
 //!   have had less than `scheduler_failure_share` of the execution time granted
@@ -43,6 +44,12 @@ use crate::config::{Config, Mode};
 /// A key whose decayed virtual time is below this many seconds is forgotten
 /// by the sweep (it ranks like a key never seen).
 const EVICT_BELOW: f64 = 1e-3;
+
+/// The shortest time between two re-rankings of the waiting calls, in seconds.
+const RERANK_MIN: f64 = 0.01;
+
+/// Seconds between re-rankings per waiting call (10k waiting: every 100 ms).
+const RERANK_PER_WAITER: f64 = 1e-5;
 
 /// The scheduler's settings, read from the configuration in one place.
 #[derive(Debug, Clone, PartialEq)]
@@ -277,8 +284,7 @@ impl Ord for Rank {
 #[derive(Debug)]
 struct Waiter {
     grant: oneshot::Sender<Grant>,
-    /// Its key's virtual time when it queued.
-    vt: f64,
+    key: Arc<str>,
     /// When it queued.
     since: f64,
 }
@@ -402,7 +408,7 @@ impl Core {
     /// and where its grant arrives.
     fn enqueue(
         &mut self,
-        key: &str,
+        key: &Arc<str>,
         pool: Pool,
         now: f64,
     ) -> (Slot, u64, oneshot::Receiver<Grant>) {
@@ -412,7 +418,7 @@ impl Core {
         let (grant, grants) = oneshot::channel();
         let waiter = Waiter {
             grant,
-            vt,
+            key: Arc::clone(key),
             since: now,
         };
         self.waiting[pool.index()].insert(slot, waiter);
@@ -432,18 +438,33 @@ impl Core {
         }
     }
 
-    /// Recomputes waiting calls' ranks with the boost of their wait so far.
+    /// Recomputes waiting calls' ranks from their keys' virtual time now (a key
+    /// with several calls waiting, from several partitions, ran meanwhile) and
+    /// the boost of their wait so far.
+    ///
+    /// Every [`RERANK_MIN`], or less often with many waiting so the work stays
+    /// a small share of the time, and at least every `max_wait / 1000`.
     fn rerank(&mut self, now: f64) {
-        self.next_rerank = now + (self.max_wait / 1000.0).max(1e-3);
-        if self.waiting() == 0 {
+        let waiting = self.waiting();
+        #[allow(clippy::cast_precision_loss)] // queue lengths are far below 2^52
+        let interval = (waiting as f64 * RERANK_PER_WAITER)
+            .max(RERANK_MIN)
+            .min(self.max_wait / 1000.0);
+        self.next_rerank = now + interval;
+        if waiting == 0 {
             return;
         }
         self.reranks += 1;
-        for queue in &mut self.waiting {
-            let waiters = std::mem::take(queue);
+        let growth = self.growth(now);
+        for pool in 0..self.waiting.len() {
+            let waiters = std::mem::take(&mut self.waiting[pool]);
             for ((_, seq), waiter) in waiters {
+                let vt = self
+                    .keys
+                    .get(&waiter.key)
+                    .map_or(0.0, |entry| entry.vt / growth);
                 let left = (1.0 - (now - waiter.since) / self.max_wait).max(0.0);
-                queue.insert((Rank(waiter.vt * left), seq), waiter);
+                self.waiting[pool].insert((Rank(vt * left), seq), waiter);
             }
         }
     }
@@ -629,7 +650,7 @@ mod tests {
                 self.core.free -= 1;
                 return true;
             }
-            let (_, _, grants) = self.core.enqueue(key, pool, now);
+            let (_, _, grants) = self.core.enqueue(&Arc::from(key), pool, now);
             self.queued.push((Arc::from(key), pool, grants));
             false
         }
@@ -775,8 +796,8 @@ mod tests {
         let mut core = Core::new(settings(0));
         core.release(&Arc::from("a"), Pool::Fresh, 1.0, None, 0.0);
         core.free = 0;
-        let (slot_a, reranks_a, _grants_a) = core.enqueue("a", Pool::Fresh, 1.0);
-        let (slot_b, reranks_b, _grants_b) = core.enqueue("b", Pool::Fresh, 1.0);
+        let (slot_a, reranks_a, _grants_a) = core.enqueue(&Arc::from("a"), Pool::Fresh, 1.0);
+        let (slot_b, reranks_b, _grants_b) = core.enqueue(&Arc::from("b"), Pool::Fresh, 1.0);
         core.rerank(5.0);
         assert_ne!(reranks_a, core.reranks);
         core.leave(Pool::Fresh, slot_a, reranks_a);
