@@ -11,6 +11,7 @@ use rdkafka::util::Timeout;
 
 use crate::config::{Config, Role};
 use crate::error::{Error, Result};
+use crate::events::{Event, EventKind};
 use crate::metrics::Metrics;
 use crate::mock;
 
@@ -130,8 +131,27 @@ impl Producer {
             self.inner.send(record, Timeout::After(self.send_timeout)),
         )
         .await;
-        self.metrics
-            .sent(topic, started.elapsed(), matches!(delivery, Ok(Ok(_))));
+        let took = started.elapsed();
+        let delivered = matches!(delivery, Ok(Ok(_)));
+        self.metrics.sent(topic, took, delivered);
+        let kind = if delivered {
+            EventKind::SendDelivered
+        } else {
+            EventKind::SendFailed
+        };
+        self.metrics.emit(kind, || {
+            let mut event = Event::new(kind, Arc::from(topic)).took(took);
+            event.key = Some(Arc::from(key));
+            match &delivery {
+                Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _)))
+                | Err(_) => event.because("timeout"),
+                Ok(Err((error, _))) => {
+                    event.error_message = Some(error.to_string());
+                    event.because("kafka")
+                }
+                Ok(Ok(_)) => event,
+            }
+        });
         match delivery {
             Err(_) => Err(timed_out()),
             Ok(Ok(_)) => Ok(()),

@@ -21,6 +21,7 @@ use crate::consumer::failure::{backoff, dead_letter_headers, decide, Decision};
 use crate::consumer::filter::{is_own, is_unwanted_type, Skip};
 use crate::consumer::scheduler::{Pool, Rejected};
 use crate::dedup::message_id;
+use crate::events::{Event, EventKind};
 use crate::handler::{from_millis, Context, KeyTimers};
 use crate::message::{Message, Timer};
 use crate::producer::SOURCE_SYSTEM_HEADER;
@@ -207,6 +208,15 @@ impl PartitionManager {
                 }
                 Decision::Retry(delay) => {
                     self.shared.metrics.retried(self.labels());
+                    if let Some(offset) = call.offset() {
+                        self.shared.metrics.emit(EventKind::MessageRetried, || {
+                            Event::new(EventKind::MessageRetried, Arc::clone(&self.topic))
+                                .at(self.partition, Some(offset), Some(key))
+                                .attempts(attempt)
+                                .because(failure.kind.as_str())
+                                .error(&failure.class, &failure.message)
+                        });
+                    }
                     warn!(
                         topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), attempt, kind = failure.kind.as_str(),
                         "{} failed ({}): {}; retrying in {delay:?}", call.handler(), failure.class, failure.message
@@ -269,6 +279,11 @@ impl PartitionManager {
         }
         self.shared.skips.count(skip);
         self.shared.metrics.skipped(self.labels(), skip.label());
+        self.shared.metrics.emit(EventKind::MessageSkipped, || {
+            Event::new(EventKind::MessageSkipped, Arc::clone(&self.topic))
+                .at(self.partition, Some(offset), Some(&Arc::from(key)))
+                .because(skip.label())
+        });
         true
     }
 
@@ -334,7 +349,8 @@ impl PartitionManager {
             .as_ref()
             .map(|timers| (Arc::clone(timers) as Arc<dyn KeyTimers>, Arc::clone(key)));
         let context = Context::new(call.clone(), timers);
-        let _running = self.metrics.handler_running();
+        let running = self.metrics.handler_running();
+        let offset = work.offset();
         let handler = match work {
             Call::Message(message) => self.shared.handler.on_message(context, message),
             Call::Timer(timer, _) => self.shared.handler.on_timer(context, timer),
@@ -343,7 +359,7 @@ impl PartitionManager {
         let timeout = self.shared.config.timeout;
         // Handler first, and the timer built only when polled: a handler that
         // finishes on its first poll never reads the clock or arms a timer.
-        tokio::select! {
+        let outcome = tokio::select! {
             biased;
             outcome = &mut handler => outcome,
             () = async { tokio::time::sleep(timeout).await } => {
@@ -357,7 +373,31 @@ impl PartitionManager {
                     message: format!("handler ran longer than the {timeout:?} timeout"),
                 })
             }
+        };
+        let took = running.finish();
+        if let Some(offset) = offset {
+            self.observe_attempt(key, offset, &outcome, took);
         }
+        outcome
+    }
+
+    /// Reports a message's handler attempt to the observer, if it wants to know.
+    fn observe_attempt(&self, key: &Arc<str>, offset: i64, outcome: &Outcome, took: Duration) {
+        let kind = match outcome {
+            Outcome::Succeeded => EventKind::MessageHandled,
+            Outcome::Failed(_) => EventKind::MessageFailed,
+        };
+        self.shared.metrics.emit(kind, || {
+            let event = Event::new(kind, Arc::clone(&self.topic))
+                .at(self.partition, Some(offset), Some(key))
+                .took(took);
+            match outcome {
+                Outcome::Succeeded => event,
+                Outcome::Failed(failure) => event
+                    .because(failure.kind.as_str())
+                    .error(&failure.class, &failure.message),
+            }
+        });
     }
 
     fn decode(&self, key: &Arc<str>, fetched: &Fetched) -> Result<Message, Failure> {
@@ -407,6 +447,7 @@ impl PartitionManager {
                 "skipping message after failure ({}): {}", failure.class, failure.message
             );
             self.shared.metrics.skipped(self.labels(), "failed");
+            self.observe_give_up(EventKind::MessageSkipped, fetched, failure, attempts);
             return true;
         };
         let headers = dead_letter_headers(
@@ -426,11 +467,38 @@ impl PartitionManager {
             .await;
         if written {
             self.shared.metrics.dead_lettered(self.labels());
+            self.observe_give_up(EventKind::MessageDeadLettered, fetched, failure, attempts);
             warn!(
                 topic = %self.topic, partition = self.partition, offset, key = fetched.shown_key(), attempts, kind = failure.kind.as_str(),
                 failure_topic = topic, "message dead-lettered after failure ({}): {}", failure.class, failure.message
             );
         }
         written
+    }
+
+    /// Reports a message whose retries ended to the observer, if it wants to know.
+    fn observe_give_up(
+        &self,
+        kind: EventKind,
+        fetched: &Fetched,
+        failure: &Failure,
+        attempts: u32,
+    ) {
+        self.shared.metrics.emit(kind, || {
+            let reason = if kind == EventKind::MessageSkipped {
+                "failed"
+            } else {
+                failure.kind.as_str()
+            };
+            Event::new(kind, Arc::clone(&self.topic))
+                .at(
+                    self.partition,
+                    Some(fetched.offset),
+                    fetched.key.as_ref().ok(),
+                )
+                .attempts(attempts)
+                .because(reason)
+                .error(&failure.class, &failure.message)
+        });
     }
 }
