@@ -383,6 +383,14 @@ async fn a_key_hogging_handler_time_is_refused_and_warned_once_per_window() {
     })
     .await;
     let rejections = client.qos_stats().rejections;
+    let page = client.metrics_text(prosody::MetricsFormat::Classic);
+    assert!(
+        page.lines().any(|line| line
+            .strip_prefix("prosody_monopolization_rejections_total ")
+            .and_then(|value| value.parse::<f64>().ok())
+            .is_some_and(|value| value >= 1.0)),
+        "{page}"
+    );
     client.unsubscribe().await.expect("unsubscribe");
     let elapsed = started.elapsed();
 

@@ -139,6 +139,8 @@ impl Shared {
     pub(crate) fn refresh_metrics(&self) {
         let managers = self.managers();
         self.metrics.set_assigned(managers.len());
+        self.metrics
+            .set_scheduler_waiting(self.scheduler.stats().waiting);
         for manager in managers {
             self.metrics
                 .set_buffered(manager.labels(), manager.stats().buffered);

@@ -314,6 +314,7 @@ impl PartitionManager {
     /// The transient failure of a call refused for monopolizing handler time,
     /// logged at WARN the first time per window.
     fn rejected(&self, key: &str, rejected: &Rejected) -> Failure {
+        self.shared.metrics.monopolization_rejected();
         let window = rejected.window;
         let used = Duration::from_secs_f64(rejected.used);
         if rejected.warn {
