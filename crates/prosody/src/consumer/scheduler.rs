@@ -8,10 +8,12 @@
 //!
 //! - **Virtual time** is a key's handler run time, decaying exponentially with
 //!   half-life `scheduler_decay`: a key that has kept slots busy ranks behind
-//!   keys that have not. Stored inflated by `2^(t/half-life)` so that adding
-//!   run time never touches other keys; the sweep rebases it.
-//! - **Waiting boost**: a call's rank is its key's virtual time when it
-//!   queued, scaled by `1 − waited / max_wait` (never below 0), ties going to
+//!   keys that have not. A key is its string, whatever the topic or partition
+//!   (one customer's key in two topics is one key). Stored inflated by
+//!   `2^(t/half-life)` so that adding run time never touches other keys; the
+//!   sweep rebases it.
+//! - **Waiting boost**: a call's rank is its key's virtual time (when it
+//!   queued, then at each re-ranking), scaled by `1 − waited / max_wait` (never below 0), ties going to
 //!   the earlier arrival. Short waits barely change the order, so fairness
 //!   holds at the scale of single calls; a call that has waited
 //!   `scheduler_max_wait` ranks 0, ahead of everything that arrived after it:
@@ -464,7 +466,7 @@ impl Core {
             return Ok(());
         }
         if !entry.usage.is_over(&settings, now) {
-            self.monopolized -= 1;
+            self.monopolized = self.monopolized.saturating_sub(1);
             return Ok(());
         }
         self.rejections += 1;
