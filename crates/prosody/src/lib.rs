@@ -43,6 +43,7 @@ mod producer;
 mod state;
 mod store;
 mod timers;
+pub mod traces;
 
 pub use client::Client;
 pub use config::{Config, ConfigBuilder, Mode, OptionValue, StateStore};

@@ -25,6 +25,7 @@ use crate::events::{Event, EventKind};
 use crate::handler::{from_millis, Context, KeyTimers};
 use crate::message::{Message, Timer};
 use crate::producer::SOURCE_SYSTEM_HEADER;
+use crate::traces::{self, Position};
 
 /// One handler invocation.
 #[derive(Clone)]
@@ -61,6 +62,16 @@ impl Call {
         match self {
             Self::Message(_) => None,
             Self::Timer(_, at) => Some(*at),
+        }
+    }
+}
+
+impl Settled {
+    /// Why the call failed, when it gave up.
+    fn failure(&self) -> Option<&str> {
+        match self {
+            Self::GaveUp { failure, .. } => Some(&failure.message),
+            _ => None,
         }
     }
 }
@@ -112,7 +123,23 @@ impl PartitionManager {
                 () = self.draining.cancelled() => return false,
             }
         }
-        match self.retry(key, Call::Message(message)).await {
+        let trace = traces::process_span(
+            &Position {
+                topic: &self.topic,
+                partition: self.partition,
+                offset,
+                key,
+                group: self.shared.config.group_id.as_deref().unwrap_or_default(),
+            },
+            &fetched.headers,
+        );
+        let mut message = message;
+        message.trace_parent = trace.as_ref().and_then(traces::traceparent).map(Arc::from);
+        let settled = traces::within(trace.clone(), self.retry(key, Call::Message(message))).await;
+        if let Some(trace) = &trace {
+            traces::end(trace, settled.failure());
+        }
+        match settled {
             Settled::Succeeded => {
                 if let (Some(dedup), Some(id)) = (&self.shared.dedup, &id) {
                     dedup.record(&self.topic, key, id).await;
@@ -150,7 +177,12 @@ impl PartitionManager {
         let late = std::time::SystemTime::now()
             .duration_since(timer.time)
             .unwrap_or_default();
-        match self.retry(key, Call::Timer(timer, at)).await {
+        let trace = traces::timer_span(&self.topic, self.partition, key);
+        let settled = traces::within(trace.clone(), self.retry(key, Call::Timer(timer, at))).await;
+        if let Some(trace) = &trace {
+            traces::end(trace, settled.failure());
+        }
+        match settled {
             Settled::Succeeded => self.shared.metrics.timer_fired(self.labels(), late),
             Settled::GaveUp {
                 failure, attempts, ..
@@ -178,10 +210,22 @@ impl PartitionManager {
             } else {
                 Pool::Retry
             };
-            let Some((outcome, rejected)) = self.attempt_with_permit(key, call.clone(), pool).await
-            else {
+            let span = traces::attempt_span(call.handler(), attempt);
+            let attempted = traces::within(
+                span.clone(),
+                self.attempt_with_permit(key, call.clone(), pool),
+            )
+            .await;
+            let Some((outcome, rejected)) = attempted else {
                 return Settled::Cancelled;
             };
+            if let Some(span) = &span {
+                let failure = match &outcome {
+                    Outcome::Failed(failure) => Some(failure.message.as_str()),
+                    Outcome::Succeeded => None,
+                };
+                traces::end(span, failure);
+            }
             let failure = match outcome {
                 Outcome::Succeeded => {
                     if matches!(call, Call::Message(_)) {
@@ -423,6 +467,7 @@ impl PartitionManager {
             timestamp: fetched.timestamp,
             payload: Arc::new(payload),
             headers: Arc::clone(&fetched.headers),
+            trace_parent: None,
         })
     }
 
