@@ -6,7 +6,7 @@
 #
 #   ruby bench/merge_results.rb [--out bench/results/all.json] [FILE…]
 #
-# FILE defaults to bench/results/core.json, timers.json and ruby.json; a
+# FILE defaults to bench/results/core.json, hot_key.json, timers.json and ruby.json; a
 # missing one is skipped with a warning.
 
 require "json"
@@ -18,7 +18,7 @@ out = File.join(results, "all.json")
 OptionParser.new do |parser|
   parser.on("--out PATH", "where to write the merged JSON") { |path| out = path }
 end.parse!
-files = ARGV.empty? ? %w[core timers ruby].map { |suite| File.join(results, "#{suite}.json") } : ARGV
+files = ARGV.empty? ? %w[core hot_key timers ruby].map { |suite| File.join(results, "#{suite}.json") } : ARGV
 
 merged = {}
 table = []

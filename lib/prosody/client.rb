@@ -147,6 +147,17 @@ module Prosody
       @native.partition_stats
     end
 
+    # The fair scheduler shared by every partition of the subscription, since the last {#subscribe}.
+    #
+    # @return [Hash{Symbol=>Integer}] :waiting (handler calls waiting for a slot now: the
+    #   virtual-time queue's length), :waiting_retries (of those, retries), :max_waiting (the most
+    #   ever waiting), :waited (calls that had to wait), :tracked_keys (keys whose virtual time is
+    #   remembered) and :rejections (calls refused because their key monopolized handler time,
+    #   `:pipeline` mode)
+    def qos_stats
+      @native.qos_stats
+    end
+
     # Handlers of the current subscription that ran longer than
     # {ReactorWatchdog::DEFAULT_THRESHOLD} seconds without yielding, which
     # holds up every other handler of the process (each is also logged at WARN).

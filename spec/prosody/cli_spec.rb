@@ -46,6 +46,11 @@ RSpec.describe Prosody::CLI do
     expect(usage).to include("--[no-]mock", "--kafka SETTING=VALUE")
   end
 
+  it "takes the scheduler's shares as Floats and its durations as given" do
+    expect(parse("--scheduler-failure-share", "0.25", "--scheduler-max-wait", "30s").client_options)
+      .to eq(scheduler_failure_share: 0.25, scheduler_max_wait: "30s")
+  end
+
   it "takes --mock as a switch and repeated --kafka settings as a Hash" do
     cli = parse("--mock", "--kafka", "security.protocol=SSL", "--kafka", "ssl.ca.location=/etc/ca.pem")
     expect(cli.client_options).to eq(mock: true, kafka: { "security.protocol" => "SSL",

@@ -153,5 +153,13 @@ RSpec.describe Prosody::Client do
       expect(stats).to include(topic:, partition: 0)
       expect(stats.keys).to include(:buffered, :max_buffered, :full, :fills, :drains, :finished)
     end
+
+    it "reports the fair scheduler's queue and rejections" do
+      client = mock_consumer(topic)
+      expect(client.qos_stats).to eq(waiting: 0, waiting_retries: 0, max_waiting: 0, waited: 0, tracked_keys: 0,
+                                     rejections: 0)
+      client.subscribe(handler { |_context, _message| nil })
+      expect(client.qos_stats.keys).to eq(%i[waiting waiting_retries max_waiting waited tracked_keys rejections])
+    end
   end
 end

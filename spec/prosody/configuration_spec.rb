@@ -69,6 +69,16 @@ RSpec.describe Prosody::Configuration do
     expect(described_class.new(idempotence_version: :v3)[:idempotence_version]).to eq("v3")
   end
 
+  it "accepts the scheduler and monopolization options, shares as Float from above 0 to 1" do
+    config = described_class.new(scheduler_decay: "30s", scheduler_failure_share: 0.5, scheduler_max_wait: 10,
+                                 monopolization_window: "1m", monopolization_threshold: 1)
+    expect(config.to_native).to eq(
+      "scheduler_decay" => "30s", "scheduler_failure_share" => 0.5, "scheduler_max_wait" => 10.0,
+      "monopolization_window" => "1m", "monopolization_threshold" => 1.0
+    )
+    expect(Prosody::Client.new(mock: true, group_id: "g", scheduler_failure_share: 0.25)).to be_a(Prosody::Client)
+  end
+
   it "accepts allowed event prefixes as a list" do
     expect(described_class.new(allowed_events: %i[invoice. payment.])[:allowed_events]).to eq(%w[invoice. payment.])
   end
@@ -97,7 +107,11 @@ RSpec.describe Prosody::Configuration do
     { timeout: [1] } => "timeout",
     { idempotence_cache_size: -1 } => "idempotence_cache_size",
     { idempotence_version: "" } => "idempotence_version",
-    { idempotence_ttl: -5 } => "idempotence_ttl"
+    { idempotence_ttl: -5 } => "idempotence_ttl",
+    { scheduler_failure_share: 0 } => "scheduler_failure_share",
+    { scheduler_failure_share: "0.3" } => "scheduler_failure_share",
+    { monopolization_threshold: 1.5 } => "monopolization_threshold",
+    { scheduler_max_wait: -1 } => "scheduler_max_wait"
   }.each do |options, name|
     it "names `#{name}` when given #{options.inspect}" do
       expect(error_for(**options).message).to start_with("invalid option `#{name}`")

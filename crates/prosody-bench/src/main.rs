@@ -33,6 +33,7 @@ use std::time::Duration;
 mod cluster;
 mod consume;
 mod data;
+mod hot_key;
 mod latency;
 mod memory;
 mod producer;
@@ -71,6 +72,7 @@ const USAGE: &str = "usage: prosody-bench [--only LETTERS (default acdef)] \
 [--memory-seconds N (f; 12)] \
 [--bootstrap HOST:PORT (default: $PROSODY_BENCH_BOOTSTRAP, else the mock)] [--json out.json]
        prosody-bench timers --help
+       prosody-bench hot-key --help
        prosody-bench loopback [COMMAND ARGS…]   (default COMMAND: this program)
        prosody-bench create-topics TOPIC:PARTITIONS…";
 
@@ -138,6 +140,7 @@ fn main() -> ExitCode {
     };
     let result = match command {
         "timers" => return timers::main(rest.iter().cloned()),
+        "hot-key" => return hot_key::main(rest),
         "loopback" => return cluster::loopback(rest.to_vec()),
         "create-topics" => return cluster::create_topics_command(rest),
         // Internal: the consumer process of scenario (f).

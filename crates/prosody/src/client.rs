@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::runtime::Handle;
 
 use crate::config::Config;
-use crate::consumer::{ConsumerState, PartitionStats, SkipCounts, Subscription};
+use crate::consumer::{ConsumerState, PartitionStats, QosStats, SkipCounts, Subscription};
 use crate::error::{Error, Result};
 use crate::events::Observer;
 use crate::handler::EventHandler;
@@ -196,6 +196,14 @@ impl Client {
         lock(&self.subscription)
             .as_ref()
             .map_or_else(Vec::new, Subscription::stats)
+    }
+
+    /// The fair scheduler's queue and monopolization rejections since the
+    /// last `subscribe` (all partitions of the subscription share one scheduler).
+    pub fn qos_stats(&self) -> QosStats {
+        lock(&self.subscription)
+            .as_ref()
+            .map_or_else(QosStats::default, Subscription::qos_stats)
     }
 }
 

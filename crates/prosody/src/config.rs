@@ -172,7 +172,7 @@ macro_rules! options {
         pub const OPTION_NAMES: &[&str] = &[$(stringify!($name)),*];
 
         /// Every option with the kind of value it takes (`name`, `list`, `flag`, `count`,
-        /// `whole`, `duration`, `choice`, `port`, `settings`, `version`).
+        /// `whole`, `duration`, `fraction`, `choice`, `port`, `settings`, `version`).
         pub const OPTION_KINDS: &[(&str, &str)] = &[$((stringify!($name), stringify!($kind))),*];
 
         /// Validated client configuration. Build one with [`Config::builder`].
@@ -265,6 +265,19 @@ options! {
     max_retry_delay: Duration = duration(Duration::from_secs(300)) -> Duration, check above_zero;
     /// Dead-letter topic.
     failure_topic: Option<String> = name(None) -> Option<&str>;
+    /// Half-life of a key's virtual time (its decaying handler run time), by
+    /// which the scheduler picks the next key when every slot is busy.
+    scheduler_decay: Duration = duration(Duration::from_secs(120)) -> Duration, check above_zero;
+    /// The most of the handler time retries get while fresh messages wait for a slot.
+    scheduler_failure_share: f64 = fraction(0.3) -> f64;
+    /// How long a call waits for a slot at most before it ranks ahead of every later arrival.
+    scheduler_max_wait: Duration = duration(Duration::from_secs(120)) -> Duration, check above_zero;
+    /// The rolling window over which a key's handler time is measured (`pipeline`).
+    monopolization_window: Duration = duration(Duration::from_secs(300)) -> Duration,
+        check above_zero;
+    /// The share of the window (one handler slot's capacity) a key's handlers may
+    /// run before its calls are refused as transient failures (`pipeline`).
+    monopolization_threshold: f64 = fraction(0.9) -> f64;
     /// A partition with work and no progress for this long is stalled.
     stall_threshold: Duration = duration(Duration::from_secs(300)) -> Duration, check above_zero;
     /// Handler deadline; a handler past it is cancelled and the attempt counts as transient.
@@ -845,6 +858,35 @@ impl Options {
             .map_err(|_| Error::config(name, format!("must not be negative, got {number}")))
     }
 
+    /// A number greater than 0 and at most 1 (a share); text only from the environment.
+    fn fraction(&mut self, name: &str) -> Result<Option<f64>> {
+        let number = match self.take(name) {
+            None => return Ok(None),
+            Some(OptionValue::Float(number)) => number,
+            #[allow(clippy::cast_precision_loss)] // only 0 and 1 are valid integers
+            Some(OptionValue::Int(number)) => number as f64,
+            Some(OptionValue::Str(text)) if self.from_env.contains(name) => {
+                text.trim().parse::<f64>().map_err(|_| {
+                    Error::config(name, format!("expected a number from 0 to 1, got `{text}`"))
+                })?
+            }
+            Some(other) => {
+                return Err(Error::config(
+                    name,
+                    format!("expected a number from 0 to 1, got {}", describe(&other)),
+                ))
+            }
+        };
+        if number.is_finite() && number > 0.0 && number <= 1.0 {
+            Ok(Some(number))
+        } else {
+            Err(Error::config(
+                name,
+                format!("must be greater than 0 and at most 1, got {number}"),
+            ))
+        }
+    }
+
     /// An integer; text is accepted from the environment (where every value is text)
     /// but not from code, where a String for an Integer option is a mistake
     /// (e.g. `max_concurrency: "10"`).
@@ -1202,8 +1244,8 @@ mod tests {
     #[test]
     fn every_option_has_a_kind_a_getter_and_a_readme_row() {
         let kinds = [
-            "name", "list", "flag", "count", "whole", "duration", "choice", "port", "settings",
-            "version",
+            "name", "list", "flag", "count", "whole", "duration", "fraction", "choice", "port",
+            "settings", "version",
         ];
         assert_eq!(OPTION_KINDS.len(), OPTION_NAMES.len());
         for (name, kind) in OPTION_KINDS {

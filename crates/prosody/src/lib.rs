@@ -47,7 +47,7 @@ pub mod traces;
 
 pub use client::Client;
 pub use config::{Config, ConfigBuilder, Mode, OptionValue, StateStore};
-pub use consumer::{ConsumerState, PartitionStats, SkipCounts};
+pub use consumer::{ConsumerState, PartitionStats, QosStats, SkipCounts};
 pub use error::{Error, Result};
 pub use events::{Event, EventKind, Observer};
 pub use handler::{ClassifyError, Context, EventHandler, FailureKind};

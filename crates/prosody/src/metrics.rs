@@ -85,6 +85,8 @@ pub(crate) struct Metrics {
     commit_failures: Counter,
     rebalances: Family<RebalanceLabels, Counter>,
     assigned: Gauge,
+    scheduler_waiting: Gauge,
+    monopolization_rejections: Counter,
     sent: Family<TopicLabels, Counter>,
     send_failures: Family<TopicLabels, Counter>,
     send_seconds: Family<TopicLabels, Histogram, fn() -> Histogram>,
@@ -120,6 +122,8 @@ impl Metrics {
             commit_failures: Counter::default(),
             rebalances: Family::default(),
             assigned: Gauge::default(),
+            scheduler_waiting: Gauge::default(),
+            monopolization_rejections: Counter::default(),
             sent: Family::default(),
             send_failures: Family::default(),
             send_seconds: Family::new_with_constructor(seconds_histogram),
@@ -202,6 +206,16 @@ impl Metrics {
             "assigned_partitions",
             "Partitions this consumer owns",
             self.assigned.clone(),
+        );
+        registry.register(
+            "scheduler_waiting_calls",
+            "Handler calls waiting for a slot (the fair scheduler's queue)",
+            self.scheduler_waiting.clone(),
+        );
+        registry.register(
+            "monopolization_rejections",
+            "Handler calls refused because their key monopolized handler time",
+            self.monopolization_rejections.clone(),
         );
         registry.register(
             "messages_sent",
@@ -327,6 +341,15 @@ impl Metrics {
     pub(crate) fn partition_released(&self, labels: &PartitionLabels) {
         self.buffered.remove(labels);
         self.lag.remove(labels);
+    }
+
+    pub(crate) fn set_scheduler_waiting(&self, waiting: usize) {
+        self.scheduler_waiting
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn monopolization_rejected(&self) {
+        self.monopolization_rejections.inc();
     }
 
     pub(crate) fn committed(&self, succeeded: bool) {

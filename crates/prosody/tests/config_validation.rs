@@ -193,6 +193,56 @@ fn integer_options_take_numbers_from_code_and_text_only_from_the_environment() {
 }
 
 #[test]
+fn scheduler_and_monopolization_options_default_parse_and_validate() {
+    let config = mock().build_with_env(Vec::new()).expect("defaults");
+    assert_eq!(config.scheduler_decay(), Duration::from_secs(120));
+    assert!((config.scheduler_failure_share() - 0.3).abs() < f64::EPSILON);
+    assert_eq!(config.scheduler_max_wait(), Duration::from_secs(120));
+    assert_eq!(config.monopolization_window(), Duration::from_secs(300));
+    assert!((config.monopolization_threshold() - 0.9).abs() < f64::EPSILON);
+    let config = mock()
+        .set("scheduler_failure_share", OptionValue::Float(0.5))
+        .and_then(|b| b.set("monopolization_threshold", OptionValue::Int(1)))
+        .and_then(|b| b.set("scheduler_max_wait", "5s".into()))
+        .and_then(|b| {
+            b.build_with_env(vec![(
+                "PROSODY_SCHEDULER_DECAY".to_owned(),
+                "30s".to_owned(),
+            )])
+        })
+        .expect("valid options");
+    assert!((config.scheduler_failure_share() - 0.5).abs() < f64::EPSILON);
+    assert!((config.monopolization_threshold() - 1.0).abs() < f64::EPSILON);
+    assert_eq!(config.scheduler_max_wait(), Duration::from_secs(5));
+    assert_eq!(config.scheduler_decay(), Duration::from_secs(30));
+    let env = vec![(
+        "PROSODY_MONOPOLIZATION_THRESHOLD".to_owned(),
+        "0.75".to_owned(),
+    )];
+    let config = mock().build_with_env(env).expect("env");
+    assert!((config.monopolization_threshold() - 0.75).abs() < f64::EPSILON);
+    for (option, value) in [
+        ("scheduler_failure_share", OptionValue::Float(0.0)),
+        ("scheduler_failure_share", OptionValue::Float(1.5)),
+        ("scheduler_failure_share", OptionValue::Str("0.3".into())),
+        ("monopolization_threshold", OptionValue::Float(f64::NAN)),
+        ("monopolization_threshold", OptionValue::Int(-1)),
+        ("scheduler_decay", OptionValue::Int(0)),
+        ("scheduler_max_wait", OptionValue::Str("0s".into())),
+        ("monopolization_window", OptionValue::Str("never".into())),
+    ] {
+        let (named, message) = rejected_option(set(option, value.clone()));
+        assert_eq!(named, option, "{value:?}: {message}");
+    }
+    let env = vec![(
+        "PROSODY_SCHEDULER_FAILURE_SHARE".to_owned(),
+        "most".to_owned(),
+    )];
+    let (named, _) = rejected_option(mock().build_with_env(env));
+    assert_eq!(named, "scheduler_failure_share");
+}
+
+#[test]
 fn a_malformed_database_url_is_rejected_when_the_config_is_built() {
     for url in [
         "not a url",

@@ -175,6 +175,20 @@ impl NativeClient {
         Ok(hash)
     }
 
+    /// The fair scheduler: `{waiting:, waiting_retries:, max_waiting:, waited:,
+    /// tracked_keys:, rejections:}`.
+    fn qos_stats(ruby: &Ruby, rb_self: &Self) -> Result<RHash, Error> {
+        let stats = rb_self.client(ruby)?.qos_stats();
+        let hash = ruby.hash_new();
+        hash.aset(ruby.to_symbol("waiting"), stats.waiting)?;
+        hash.aset(ruby.to_symbol("waiting_retries"), stats.waiting_retries)?;
+        hash.aset(ruby.to_symbol("max_waiting"), stats.max_waiting)?;
+        hash.aset(ruby.to_symbol("waited"), stats.waited)?;
+        hash.aset(ruby.to_symbol("tracked_keys"), stats.tracked_keys)?;
+        hash.aset(ruby.to_symbol("rejections"), stats.rejections)?;
+        Ok(hash)
+    }
+
     fn partition_stats(ruby: &Ruby, rb_self: &Self) -> Result<RArray, Error> {
         let stats = rb_self.client(ruby)?.partition_stats();
         let list = ruby.ary_new_capa(stats.len());
@@ -237,6 +251,7 @@ pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     class.define_method("probe_port", method!(NativeClient::probe_port, 0))?;
     class.define_method("partition_stats", method!(NativeClient::partition_stats, 0))?;
     class.define_method("skip_counts", method!(NativeClient::skip_counts, 0))?;
+    class.define_method("qos_stats", method!(NativeClient::qos_stats, 0))?;
     class.define_method("processor_died", method!(NativeClient::processor_died, 0))?;
     native.define_singleton_method("option_names", function!(option_names, 0))?;
     native.define_singleton_method("option_kinds", function!(option_kinds, 0))?;

@@ -13,8 +13,10 @@ mod dispatch;
 mod failure;
 mod filter;
 mod hooks;
+mod monopoly;
 mod offsets;
 mod partition;
+mod scheduler;
 mod settings;
 mod shared;
 mod timer_queue;
@@ -32,6 +34,7 @@ use tracing::{debug, error, info, warn};
 
 pub use filter::SkipCounts;
 pub use partition::PartitionStats;
+pub use scheduler::QosStats;
 
 use crate::config::Config;
 use crate::error::Result;
@@ -164,6 +167,10 @@ impl Subscription {
             .collect();
         stats.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
         stats
+    }
+
+    pub(crate) fn qos_stats(&self) -> QosStats {
+        self.shared.scheduler.stats()
     }
 
     /// Graceful stop: see [`PollLoop::shut_down`]. Blocks; call from a blocking context.

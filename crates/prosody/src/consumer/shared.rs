@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use crossbeam_channel::{Receiver, Sender};
 use rdkafka::consumer::BaseConsumer;
 use tokio::runtime::Handle;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::dispatch::DynHandler;
 use super::filter::SkipCounters;
 use super::hooks::Hooks;
 use super::partition::PartitionManager;
+use super::scheduler::{QosSettings, Scheduler};
 use crate::config::Config;
 use crate::dedup::Deduplicator;
 use crate::metrics::{Format, Metrics};
@@ -37,8 +37,9 @@ pub(crate) struct Shared {
     pub(crate) dedup: Option<Deduplicator>,
     /// The client's metrics.
     pub(crate) metrics: Arc<Metrics>,
-    /// Bounds running handlers across all partitions to `max_concurrency`.
-    pub(crate) permits: Arc<Semaphore>,
+    /// Bounds running handlers across all partitions to `max_concurrency`,
+    /// deciding who runs next when they are all busy.
+    pub(crate) scheduler: Scheduler,
     pub(crate) runtime: Handle,
     /// Parent of every partition's cancellation token.
     pub(crate) cancellation: CancellationToken,
@@ -69,7 +70,7 @@ impl Shared {
         Arc::new(Self {
             waker,
             wakeups,
-            permits: Arc::new(Semaphore::new(config.max_concurrency)),
+            scheduler: Scheduler::new(QosSettings::new(&config)),
             config,
             handler,
             dead_letters,
@@ -138,6 +139,8 @@ impl Shared {
     pub(crate) fn refresh_metrics(&self) {
         let managers = self.managers();
         self.metrics.set_assigned(managers.len());
+        self.metrics
+            .set_scheduler_waiting(self.scheduler.stats().waiting);
         for manager in managers {
             self.metrics
                 .set_buffered(manager.labels(), manager.stats().buffered);

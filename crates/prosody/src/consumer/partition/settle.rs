@@ -19,6 +19,7 @@ use super::{Fetched, PartitionManager};
 use crate::consumer::dispatch::{Failure, FailureKind, Outcome};
 use crate::consumer::failure::{backoff, dead_letter_headers, decide, Decision};
 use crate::consumer::filter::{is_own, is_unwanted_type, Skip};
+use crate::consumer::scheduler::{Pool, Rejected};
 use crate::dedup::message_id;
 use crate::events::{Event, EventKind};
 use crate::handler::{from_millis, Context, KeyTimers};
@@ -204,10 +205,18 @@ impl PartitionManager {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let pool = if attempt == 1 {
+                Pool::Fresh
+            } else {
+                Pool::Retry
+            };
             let span = traces::attempt_span(call.handler(), attempt);
-            let attempted =
-                traces::within(span.clone(), self.attempt_with_permit(key, call.clone())).await;
-            let Some(outcome) = attempted else {
+            let attempted = traces::within(
+                span.clone(),
+                self.attempt_with_permit(key, call.clone(), pool),
+            )
+            .await;
+            let Some((outcome, rejected)) = attempted else {
                 return Settled::Cancelled;
             };
             if let Some(span) = &span {
@@ -234,6 +243,13 @@ impl PartitionManager {
                 .metrics
                 .failed(self.labels(), failure.kind.as_str());
             match decide(&self.shared.config, failure.kind, attempt) {
+                Decision::Retry(delay) if rejected => {
+                    // Logged at WARN once per window by `attempt_with_permit`.
+                    debug!(topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), attempt, "{}; retrying in {delay:?}", failure.message);
+                    if !self.wait_to_retry(delay).await {
+                        return Settled::Cancelled;
+                    }
+                }
                 Decision::Retry(delay) => {
                     self.shared.metrics.retried(self.labels());
                     if let Some(offset) = call.offset() {
@@ -315,17 +331,51 @@ impl PartitionManager {
         true
     }
 
-    /// One attempt holding a concurrency permit only while the handler runs;
-    /// `None` when the partition stops before a permit is free.
-    async fn attempt_with_permit(&self, key: &Arc<str>, call: Call) -> Option<Outcome> {
+    /// One attempt holding a handler slot of the scheduler only while the
+    /// handler runs; `None` when the partition stops before a slot is free.
+    /// A key monopolizing handler time is refused with a transient failure
+    /// (true beside the outcome) without running the handler.
+    async fn attempt_with_permit(
+        &self,
+        key: &Arc<str>,
+        call: Call,
+        pool: Pool,
+    ) -> Option<(Outcome, bool)> {
         let permit = tokio::select! {
             biased;
             () = self.draining.cancelled() => return None,
-            permit = Arc::clone(&self.shared.permits).acquire_owned() => permit.ok()?,
+            permit = self.shared.scheduler.acquire(key, pool) => permit,
+        };
+        let permit = match permit {
+            Ok(permit) => permit,
+            Err(rejected) => return Some((Outcome::Failed(self.rejected(key, &rejected)), true)),
         };
         let outcome = self.attempt(key, call).await;
         drop(permit);
-        Some(outcome)
+        Some((outcome, false))
+    }
+
+    /// The transient failure of a call refused for monopolizing handler time,
+    /// logged at WARN the first time per window.
+    fn rejected(&self, key: &str, rejected: &Rejected) -> Failure {
+        self.shared.metrics.monopolization_rejected();
+        let window = rejected.window;
+        let used = Duration::from_secs_f64(rejected.used);
+        if rejected.warn {
+            warn!(
+                topic = %self.topic, partition = self.partition, key, ?used, ?window,
+                "key monopolizes handler time: its handlers ran {used:.1?} of the last {window:?}, \
+                 over monopolization_threshold; its calls are refused as transient failures \
+                 until its share falls (logged once per window)"
+            );
+        }
+        Failure {
+            kind: FailureKind::Transient,
+            class: self.shared.handler.failure_class(FailureKind::Transient),
+            message: format!(
+                "key monopolizes handler time ({used:.1?} of the last {window:?}); refused for now"
+            ),
+        }
     }
 
     /// Sleeps before a retry; false when the partition stops meanwhile.
