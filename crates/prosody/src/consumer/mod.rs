@@ -9,6 +9,7 @@
 //! on it (see [`hooks`]). Runners live on the tokio runtime.
 
 mod commit;
+pub(crate) mod defer;
 mod dispatch;
 mod failure;
 mod filter;
@@ -87,6 +88,7 @@ impl Subscription {
             Arc::new(handler),
             dead_letters,
             runtime,
+            bootstrap_servers,
         );
         let waker = Arc::clone(&shared);
         consumer.set_nonempty_callback(move || waker.wake());

@@ -10,6 +10,8 @@ use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::defer::reload::Reloader;
+use super::defer::{DeferSettings, DeferStore};
 use super::dispatch::DynHandler;
 use super::filter::SkipCounters;
 use super::hooks::Hooks;
@@ -34,6 +36,11 @@ pub(crate) struct Shared {
     pub(crate) store: Option<Arc<dyn TimerStore>>,
     /// Message-id deduplication, unless `idempotence_cache_size` is 0.
     pub(crate) dedup: Option<Deduplicator>,
+    /// Where deferred messages live, when deferral is on (`consumer/defer/`).
+    pub(crate) deferred: Option<Arc<dyn DeferStore>>,
+    pub(crate) defer_settings: DeferSettings,
+    /// Reads deferred messages back by offset.
+    pub(crate) reloader: Reloader,
     /// Bounds running handlers across all partitions to `max_concurrency`.
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) runtime: Handle,
@@ -55,13 +62,20 @@ impl Shared {
         handler: Arc<dyn DynHandler>,
         dead_letters: Option<Arc<Producer>>,
         runtime: Handle,
+        bootstrap_servers: &str,
     ) -> Arc<Self> {
         // One pending wake-up is enough: the poll thread looks at everything when it wakes.
         let (waker, wakeups) = crossbeam_channel::bounded(1);
         let stores = crate::state::stores(&config);
         let dedup = Deduplicator::new(&config, stores.dedup);
         let store = stores.timers;
+        let defer_settings = DeferSettings::from_config(&config);
+        let deferred = stores.deferred.filter(|_| defer_settings.enabled);
+        let reloader = Reloader::new(&config, bootstrap_servers);
         Arc::new(Self {
+            deferred,
+            defer_settings,
+            reloader,
             waker,
             wakeups,
             permits: Arc::new(Semaphore::new(config.max_concurrency)),

@@ -7,6 +7,10 @@
 //! giving up on a timer logs it. Side effects that must not be lost (writing a
 //! dead letter, deleting a fired timer) are retried until they succeed or the
 //! partition is cancelled ([`PartitionManager::retry_until_cancelled`]).
+//! A message failing transiently may be deferred instead of retried in place
+//! (`defer.rs`).
+
+mod defer;
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -16,6 +20,7 @@ use std::time::Duration;
 use tracing::{debug, error, info, warn};
 
 use super::{Fetched, PartitionManager};
+use defer::Behind;
 use crate::consumer::dispatch::{Failure, FailureKind, Outcome};
 use crate::consumer::failure::{backoff, dead_letter_headers, decide, Decision};
 use crate::consumer::filter::{is_own, is_unwanted_type, Skip};
@@ -74,6 +79,8 @@ enum Settled {
     },
     /// The partition stopped first: the work runs again under the next owner.
     Cancelled,
+    /// Deferred (stored for a later retry): the message counts as finished.
+    Deferred,
 }
 
 impl PartitionManager {
@@ -110,7 +117,13 @@ impl PartitionManager {
                 () = self.draining.cancelled() => return false,
             }
         }
+        match self.defer_behind(key, offset).await {
+            Behind::Run => {}
+            Behind::Deferred => return true,
+            Behind::Cancelled => return false,
+        }
         match self.retry(key, Call::Message(message)).await {
+            Settled::Deferred => true,
             Settled::Succeeded => {
                 if let (Some(dedup), Some(id)) = (&self.shared.dedup, &id) {
                     dedup.record(&self.topic, key, id).await;
@@ -146,7 +159,7 @@ impl PartitionManager {
             time: from_millis(at),
         };
         match self.retry(key, Call::Timer(timer, at)).await {
-            Settled::Succeeded => {}
+            Settled::Succeeded | Settled::Deferred => {}
             Settled::GaveUp {
                 failure, attempts, ..
             } => error!(
@@ -171,6 +184,9 @@ impl PartitionManager {
             let Some(outcome) = self.attempt_with_permit(key, call.clone()).await else {
                 return Settled::Cancelled;
             };
+            if let (Some(defer), Some(_)) = (&self.defer, call.offset()) {
+                defer.record(!matches!(outcome, Outcome::Succeeded));
+            }
             let failure = match outcome {
                 Outcome::Succeeded => return Settled::Succeeded,
                 Outcome::Failed(_) if self.cancellation.is_cancelled() => {
@@ -181,6 +197,11 @@ impl PartitionManager {
             };
             match decide(&self.shared.config, failure.kind, attempt) {
                 Decision::Retry(delay) => {
+                    if let Some(offset) = call.offset() {
+                        if self.defer_failed(key, offset, attempt, delay).await {
+                            return Settled::Deferred;
+                        }
+                    }
                     warn!(
                         topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), attempt, kind = failure.kind.as_str(),
                         "{} failed ({}): {}; retrying in {delay:?}", call.handler(), failure.class, failure.message

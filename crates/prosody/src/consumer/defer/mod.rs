@@ -1,0 +1,387 @@
+//! Deferred retry (`:pipeline` mode): a message whose handler fails
+//! transiently is set aside instead of blocking its partition.
+//!
+//! ```text
+//! handler fails transiently ──► gate open? ──no──► blocking retry (backpressure), as before
+//!                                   │yes
+//!                                   ▼
+//!             DeferStore::put (key, offset, attempt, retry_at) ──► offset finished (commit moves on)
+//!                                   │
+//!   later messages of the key ──► deferred behind it (attempt 0), offsets finished
+//!                                   │
+//!   DeferQueue::run: retry_at due ──► Work::Deferred into the key's queue ──► reload by offset
+//!                                     (reload.rs) ──► handler ──► ok: next deferred message
+//!                                                              └► transient: back off again
+//! ```
+//!
+//! - `store.rs`: [`DeferStore`] and the memory store; `postgres.rs`: the
+//!   `prosody_deferred` table. The new owner of a partition loads its deferred
+//!   messages ([`DeferQueue::run`]) before any message of the partition runs.
+//! - the gate: a sliding window of the partition's recent outcomes; while more
+//!   than `defer_failure_threshold` of them failed, nothing new is deferred,
+//!   because then the downstream is down for everyone and blocking (with
+//!   backpressure) is the better answer.
+//! - permanent failures are never deferred: they take the dead-letter path.
+//!
+//! The glue with the partition's key queues is `partition/defer.rs`.
+
+pub(crate) mod postgres;
+pub(crate) mod reload;
+pub(crate) mod store;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::partition::PartitionManager;
+use crate::config::{Config, Mode};
+use crate::handler::to_millis;
+use crate::store::StoreError;
+use crate::timers::PartitionScope;
+pub(crate) use store::{DeferStore, DeferredRecord, MemoryDeferred};
+
+/// Outcomes the gate looks at (the partition's most recent ones).
+const WINDOW: usize = 100;
+
+/// Outcomes the gate needs before it may close: a handful of early failures
+/// must not turn deferral off.
+const MIN_OUTCOMES: usize = 20;
+
+/// Pause after a failed load before trying again.
+const LOAD_RETRY: Duration = Duration::from_secs(1);
+
+/// Deferral's settings, read from the configuration in one place.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct DeferSettings {
+    /// Whether failing messages are deferred at all (`defer`; pipeline mode only).
+    pub(crate) enabled: bool,
+    /// Failure rate of the recent outcomes above which nothing new is deferred
+    /// (`defer_failure_threshold`).
+    pub(crate) failure_threshold: f64,
+}
+
+impl Default for DeferSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failure_threshold: 0.9,
+        }
+    }
+}
+
+impl DeferSettings {
+    /// The settings `config` asks for; deferral applies in `:pipeline` mode only
+    /// (the other modes give up after `max_retries` instead of blocking).
+    pub(crate) fn from_config(config: &Config) -> Self {
+        let defaults = Self::default();
+        Self {
+            enabled: defaults.enabled && config.mode == Mode::Pipeline,
+            ..defaults
+        }
+    }
+}
+
+/// The partition's recent outcomes: true for a failure.
+#[derive(Debug, Default)]
+struct Gate {
+    outcomes: VecDeque<bool>,
+    failures: usize,
+    /// Whether the last look found the gate closed (logged on change).
+    closed: bool,
+}
+
+impl Gate {
+    fn record(&mut self, failed: bool) {
+        if self.outcomes.len() == WINDOW && self.outcomes.pop_front() == Some(true) {
+            self.failures -= 1;
+        }
+        self.outcomes.push_back(failed);
+        self.failures += usize::from(failed);
+    }
+
+    /// Whether deferring is allowed now.
+    fn is_open(&self, threshold: f64) -> bool {
+        let seen = self.outcomes.len();
+        #[allow(clippy::cast_precision_loss)] // at most WINDOW
+        let rate = self.failures as f64 / seen.max(1) as f64;
+        seen < MIN_OUTCOMES || rate <= threshold
+    }
+}
+
+/// One key's deferred messages: offset → attempts so far (0 for those not
+/// tried since they were deferred behind the first).
+#[derive(Debug, Default)]
+struct DeferredKey {
+    offsets: BTreeMap<i64, u32>,
+    /// When the first one is retried (ms since the epoch).
+    due_ms: i64,
+    /// Handed to the key's queue and not settled yet.
+    queued: bool,
+}
+
+#[derive(Default)]
+struct State {
+    keys: HashMap<Arc<str>, DeferredKey>,
+    messages: usize,
+    gate: Gate,
+}
+
+/// One partition's deferred messages, mirrored from the [`DeferStore`], and
+/// the task that hands each key's first one to the key's queue when it is due.
+pub(crate) struct DeferQueue {
+    store: Arc<dyn DeferStore>,
+    scope: PartitionScope,
+    settings: DeferSettings,
+    state: Mutex<State>,
+    /// True once the partition's stored deferred messages are loaded.
+    loaded: watch::Sender<bool>,
+    changed: Notify,
+}
+
+impl DeferQueue {
+    pub(crate) fn new(
+        store: Arc<dyn DeferStore>,
+        scope: PartitionScope,
+        settings: DeferSettings,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            scope,
+            settings,
+            state: Mutex::new(State::default()),
+            loaded: watch::Sender::new(false),
+            changed: Notify::new(),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits until the stored deferred messages are loaded: until then nobody
+    /// knows which keys are deferred. False when `stop` fires first.
+    pub(crate) async fn wait_loaded(&self, stop: &CancellationToken) -> bool {
+        let mut loaded = self.loaded.subscribe();
+        tokio::select! {
+            biased;
+            result = loaded.wait_for(|loaded| *loaded) => result.is_ok(),
+            () = stop.cancelled() => false,
+        }
+    }
+
+    /// Records whether a message's attempt failed, for the gate.
+    pub(crate) fn record(&self, failed: bool) {
+        self.state().gate.record(failed);
+    }
+
+    /// Whether a failing message may be deferred now (logs when that changes).
+    pub(crate) fn gate_is_open(&self) -> bool {
+        let mut state = self.state();
+        let open = state.gate.is_open(self.settings.failure_threshold);
+        if open == state.gate.closed {
+            state.gate.closed = !open;
+            let (scope, threshold) = (&self.scope, self.settings.failure_threshold);
+            if open {
+                info!(%scope, "failure rate back under defer_failure_threshold ({threshold}); deferring failing messages again");
+            } else {
+                warn!(%scope, "more than defer_failure_threshold ({threshold}) of the partition's recent messages failed: retrying in place (blocking) instead of deferring");
+            }
+        }
+        open
+    }
+
+    /// Whether `key` has deferred messages.
+    pub(crate) fn is_deferred(&self, key: &str) -> bool {
+        self.state().keys.contains_key(key)
+    }
+
+    /// Whether the message at `offset` of `key` is deferred already (it came
+    /// again after a rebalance that happened before its offset was committed).
+    pub(crate) fn contains(&self, key: &str, offset: i64) -> bool {
+        self.state()
+            .keys
+            .get(key)
+            .is_some_and(|deferred| deferred.offsets.contains_key(&offset))
+    }
+
+    /// The first deferred message of `key` and its attempts so far.
+    pub(crate) fn head(&self, key: &str) -> Option<(i64, u32)> {
+        let state = self.state();
+        let (offset, attempt) = state.keys.get(key)?.offsets.first_key_value()?;
+        Some((*offset, *attempt))
+    }
+
+    /// Defers a message: stored first, so a committed offset implies a stored
+    /// deferral. `retry_at_ms` matters only when it is the key's first.
+    pub(crate) async fn defer(
+        &self,
+        key: &Arc<str>,
+        offset: i64,
+        attempt: u32,
+        retry_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let record = DeferredRecord {
+            key: key.to_string(),
+            offset,
+            attempt,
+            retry_at_ms,
+        };
+        self.store.put(&self.scope, &record).await?;
+        let mut state = self.state();
+        let deferred = state.keys.entry(Arc::clone(key)).or_insert_with(|| DeferredKey {
+            due_ms: retry_at_ms,
+            ..DeferredKey::default()
+        });
+        if deferred.offsets.insert(offset, attempt).is_none() {
+            state.messages += 1;
+        }
+        drop(state);
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// The first deferred message of `key` ran (or was given up on): forget it
+    /// and make the next one due now.
+    pub(crate) async fn done(&self, key: &str, offset: i64) -> Result<(), StoreError> {
+        self.store.remove(&self.scope, offset).await?;
+        let mut state = self.state();
+        let Some(deferred) = state.keys.get_mut(key) else {
+            return Ok(());
+        };
+        let removed = deferred.offsets.remove(&offset).is_some();
+        deferred.due_ms = i64::MIN;
+        let empty = deferred.offsets.is_empty();
+        if empty {
+            state.keys.remove(key);
+        }
+        state.messages -= usize::from(removed);
+        Ok(())
+    }
+
+    /// The first deferred message of `key` failed again: store its attempts and
+    /// next retry, then wait for it.
+    pub(crate) async fn failed(
+        &self,
+        key: &Arc<str>,
+        offset: i64,
+        attempt: u32,
+        retry_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let record = DeferredRecord {
+            key: key.to_string(),
+            offset,
+            attempt,
+            retry_at_ms,
+        };
+        self.store.put(&self.scope, &record).await?;
+        let mut state = self.state();
+        if let Some(deferred) = state.keys.get_mut(&**key) {
+            deferred.offsets.insert(offset, attempt);
+            deferred.due_ms = retry_at_ms;
+        }
+        Ok(())
+    }
+
+    /// The key's queued retry is over (whatever its outcome): it may be handed
+    /// to the key's queue again when due.
+    pub(crate) fn settled(&self, key: &str) {
+        if let Some(deferred) = self.state().keys.get_mut(key) {
+            deferred.queued = false;
+        }
+        self.changed.notify_one();
+    }
+
+    /// Deferred keys and messages, for [`super::PartitionStats`].
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let state = self.state();
+        (state.keys.len(), state.messages)
+    }
+
+    /// Loads the partition's deferred messages, then hands each key's first one
+    /// to its queue when due, until cancelled.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        manager: Weak<PartitionManager>,
+        cancellation: CancellationToken,
+    ) {
+        loop {
+            match self.store.load(&self.scope).await {
+                Ok(records) => {
+                    self.restore(records);
+                    break;
+                }
+                Err(error) => {
+                    warn!(scope = %self.scope, "cannot load deferred messages; the partition waits; retrying in {LOAD_RETRY:?}: {error}");
+                    tokio::select! {
+                        () = cancellation.cancelled() => return,
+                        () = tokio::time::sleep(LOAD_RETRY) => {}
+                    }
+                }
+            }
+        }
+        loop {
+            let Some(manager) = manager.upgrade() else {
+                return;
+            };
+            let (due, next) = self.take_due(to_millis(SystemTime::now()));
+            for key in due {
+                manager.accept_deferred(key);
+            }
+            drop(manager);
+            let delay = next.map_or(Duration::from_secs(3600), |next| {
+                Duration::from_millis(
+                    u64::try_from(next.saturating_sub(to_millis(SystemTime::now()))).unwrap_or(0),
+                )
+            });
+            tokio::select! {
+                () = cancellation.cancelled() => return,
+                () = self.changed.notified() => {}
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    fn restore(&self, records: Vec<DeferredRecord>) {
+        let mut state = self.state();
+        let count = records.len();
+        for record in records {
+            let key: Arc<str> = Arc::from(record.key);
+            let deferred = state.keys.entry(key).or_insert_with(|| DeferredKey {
+                due_ms: record.retry_at_ms,
+                ..DeferredKey::default()
+            });
+            deferred.offsets.insert(record.offset, record.attempt);
+        }
+        state.messages = count;
+        if count > 0 {
+            info!(scope = %self.scope, messages = count, keys = state.keys.len(), "loaded deferred messages");
+        }
+        drop(state);
+        self.loaded.send_replace(true);
+    }
+
+    /// Marks due keys as queued; returns them and the next due time, if any.
+    fn take_due(&self, now: i64) -> (Vec<Arc<str>>, Option<i64>) {
+        let mut state = self.state();
+        let mut due = Vec::new();
+        let mut next: Option<i64> = None;
+        for (key, deferred) in &mut state.keys {
+            if deferred.queued {
+                continue;
+            }
+            if deferred.due_ms <= now {
+                deferred.queued = true;
+                due.push(Arc::clone(key));
+            } else {
+                next = Some(next.map_or(deferred.due_ms, |next| next.min(deferred.due_ms)));
+            }
+        }
+        (due, next)
+    }
+}
