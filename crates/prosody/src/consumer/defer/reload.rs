@@ -1,9 +1,10 @@
 //! Reading a deferred message back from Kafka by its offset.
 //!
 //! The subscription's own consumer is never seeked for this (that would move
-//! the partition's fetch position under the poll thread). A second consumer,
-//! without a group, is assigned the message's partition at its offset and
-//! polled until the message arrives. It lives on a thread of its own
+//! the partition's fetch position under the poll thread). A second consumer
+//! is assigned the message's partition at its offset and
+//! polled until the message arrives (it never joins its group id, which
+//! librdkafka requires for `assign`). It lives on a thread of its own
 //! (`prosody-reload`), created on the first reload and ended when the
 //! subscription is dropped; reloads are served one at a time, and a reload of a
 //! later offset of the partition just read continues reading instead of
@@ -75,8 +76,14 @@ impl Reloader {
             .set("auto.offset.reset", "error")
             .set("fetch.wait.max.ms", "10")
             .set("queued.min.messages", "1000");
-        client.remove("group.id");
-        client.remove("group.instance.id");
+        // librdkafka refuses `assign` without a group id. The group is never
+        // joined (no subscribe) and nothing is committed to it.
+        client
+            .set(
+                "group.id",
+                format!("{}.prosody-reload", config.group_id.as_deref().unwrap_or_default()),
+            )
+            .remove("group.instance.id");
         Self {
             client,
             requests: OnceLock::new(),
