@@ -16,6 +16,7 @@ use crate::consumer::defer::reload::ReloadError;
 use crate::consumer::defer::DeferQueue;
 use crate::consumer::dispatch::Outcome;
 use crate::consumer::failure::{backoff, decide, Decision};
+use crate::consumer::filter::Skip;
 use crate::dedup::message_id;
 use crate::handler::to_millis;
 
@@ -152,6 +153,16 @@ impl PartitionManager {
                 .dedup
                 .as_ref()
                 .and_then(|_| message_id(message.payload()));
+            if let (Some(dedup), Some(id)) = (&self.shared.dedup, &id) {
+                // Deferred behind an earlier copy that has run since.
+                if dedup.seen(&self.topic, key, id).await {
+                    self.skip(key, offset, Skip::Duplicate);
+                    if !self.forget_deferred(defer, key, offset).await {
+                        return false;
+                    }
+                    continue;
+                }
+            }
             let Some(outcome) = self.attempt_with_permit(key, Call::Message(message)).await else {
                 return false;
             };
