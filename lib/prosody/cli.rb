@@ -25,7 +25,7 @@ module Prosody
     # Help text for the kinds of client option.
     KIND_HINTS = {
       list: "comma separated", duration: "seconds, or e.g. 250ms, 30s, 5m", count: "at least 1",
-      whole: "0 or more", mode: Configuration::MODES.join(" | "), port: "port, 0 (any free port) or none"
+      whole: "0 or more", port: "port, 0 (any free port) or none"
     }.freeze
     private_constant :KIND_HINTS
 
@@ -141,11 +141,16 @@ module Prosody
           # Whole-number options are Integers for Configuration (which refuses Strings).
           type = %i[count whole].include?(kind) ? [Integer] : []
           flag = "--#{name.to_s.tr("_", "-")} VALUE"
-          opts.on(flag, *type, *alias_switches(name), KIND_HINTS.fetch(kind, "")) do |value|
+          opts.on(flag, *type, *alias_switches(name), hint(name, kind)) do |value|
             set(name, value)
           end
         end
       end
+    end
+
+    # A choice lists its names (from the native options table); other kinds say what they take.
+    def hint(name, kind)
+      kind == :choice ? Native.option_choices(name.to_s).join(" | ") : KIND_HINTS.fetch(kind, "")
     end
 
     def alias_switches(name)

@@ -25,8 +25,9 @@ module Prosody
   #     timeout: 30, probe_port: 9100
   #   )
   class Configuration
-    # Option name => kind of value it takes, checked by {#convert}. The same
-    # names as the native core (a spec compares them with Native.option_names).
+    # Option name => kind of value it takes, checked by {#convert}. The native
+    # core's options table is the source: a spec compares this with
+    # Native.option_kinds, so a new option is added there first.
     OPTIONS = {
       bootstrap_servers: :list,
       group_id: :name,
@@ -40,7 +41,7 @@ module Prosody
       poll_interval: :duration,
       send_timeout: :duration,
       shutdown_timeout: :duration,
-      mode: :mode,
+      mode: :choice,
       max_retries: :whole,
       retry_base: :duration,
       max_retry_delay: :duration,
@@ -52,20 +53,20 @@ module Prosody
       idempotence_version: :version,
       idempotence_ttl: :duration,
       database_url: :name,
-      state_store: :name,
+      state_store: :choice,
       kafka: :settings
     }.freeze
 
     # Kind of option => the private method that checks and converts its value.
     CONVERTERS = {
       name: :name_value, list: :list_value, flag: :flag_value, count: :positive_value, whole: :whole_value,
-      duration: :duration_value, mode: :mode_value, port: :port_value, settings: :settings_value,
+      duration: :duration_value, choice: :choice_value, port: :port_value, settings: :settings_value,
       version: :version_value
     }.freeze
     private_constant :CONVERTERS
 
-    # Failure-handling modes (see the options table).
-    MODES = %i[pipeline low_latency best_effort].freeze
+    # Failure-handling modes (see the options table), as the native core names them.
+    MODES = Native.option_choices("mode").map(&:to_sym).freeze
 
     # Values of probe_port that turn the probe server off, besides false.
     PROBE_OFF = %w[none false off].freeze
@@ -217,13 +218,11 @@ module Prosody
       end
     end
 
-    # A Symbol from {MODES}; Strings may be spelled "low-latency" or ":best_effort".
-    def mode_value(name, value)
+    # One of the names the native core lists for this option (e.g. {MODES}), as a
+    # Symbol; the core also reads "low-latency" or ":best_effort" and aliases.
+    def choice_value(name, value)
       text = textual(value) or raise invalid(name, "expected a Symbol or String, got #{value.class}")
-      mode = text.strip.delete_prefix(":").downcase.tr("-", "_").to_sym
-      return mode if MODES.include?(mode)
-
-      raise invalid(name, "expected one of #{MODES.map(&:inspect).join(", ")}, got #{value.inspect}")
+      Native.option_choice(name.to_s, text).to_sym
     end
 
     # A port (0 picks a free one), or false / "none" for no probe server.

@@ -9,8 +9,18 @@ RSpec.describe Prosody::Configuration do
     raise "expected Prosody::ConfigurationError for #{options.inspect}"
   end
 
-  it "knows exactly the options the native core accepts" do
+  it "knows exactly the options the native core accepts, each with the kind of value the core's table gives it" do
     expect(described_class::OPTIONS.keys.map(&:to_s)).to match_array(Prosody::Native.option_names)
+    expect(described_class::OPTIONS.to_h { |name, kind| [name.to_s, kind.to_s] }).to eq(Prosody::Native.option_kinds)
+    expect(described_class::OPTIONS.values.uniq).to match_array(described_class.const_get(:CONVERTERS).keys)
+  end
+
+  it "checks choices by the native core's names and spellings" do
+    expect(described_class::MODES).to eq(%i[pipeline low_latency best_effort])
+    expect(described_class.new(state_store: "PostgreSQL")[:state_store]).to eq(:postgres)
+    expect(described_class.new(mode: ":Low-Latency")[:mode]).to eq(:low_latency)
+    expect(error_for(state_store: :disk).message)
+      .to eq("invalid option `state_store`: expected one of auto, postgres, memory, got `disk`")
   end
 
   it "keeps only the options that were set, with String keys, for the native client" do
@@ -45,7 +55,7 @@ RSpec.describe Prosody::Configuration do
 
   it "accepts a probe port, or false / none to turn probes off" do
     config = described_class.new(state_store: :memory, probe_port: false, max_retries: 0)
-    expect(config.to_native).to eq("state_store" => "memory", "probe_port" => false, "max_retries" => 0)
+    expect(config.to_native).to eq("state_store" => :memory, "probe_port" => false, "max_retries" => 0)
     expect(described_class.new(probe_port: :none)[:probe_port]).to be(false)
     expect(described_class.new(probe_port: "9000")[:probe_port]).to eq(9000)
     expect(described_class.new(probe_port: 0)[:probe_port]).to eq(0)

@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::consumer::{ConsumerState, PartitionStats, SkipCounts, Subscription};
 use crate::error::{Error, Result};
 use crate::handler::EventHandler;
+use crate::metrics::{Format as MetricsFormat, Metrics};
 use crate::mock;
 use crate::producer::Producer;
 
@@ -28,6 +29,7 @@ pub struct Client {
     runtime: Handle,
     producer: Arc<Producer>,
     subscription: Mutex<Option<Subscription>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Client {
@@ -42,14 +44,29 @@ impl Client {
         // Created now, not on first send: an idempotent producer needs a connection
         // and a producer id before its first delivery (about half a second), and
         // that should overlap with start-up rather than eat the first send_timeout.
-        let producer = Arc::new(Producer::new(&config, &bootstrap_servers)?);
+        let metrics = Arc::new(Metrics::new());
+        let producer = Arc::new(Producer::new(
+            &config,
+            &bootstrap_servers,
+            Arc::clone(&metrics),
+        )?);
         Ok(Self {
+            metrics,
             config: Arc::new(config),
             bootstrap_servers,
             runtime,
             producer,
             subscription: Mutex::new(None),
         })
+    }
+
+    /// This client's metrics, what the probe server serves at `/metrics` (for
+    /// serving them elsewhere, or when `probe_port` is off).
+    pub fn metrics_text(&self, format: MetricsFormat) -> String {
+        if let Some(subscription) = lock(&self.subscription).as_ref() {
+            subscription.refresh_metrics();
+        }
+        self.metrics.render(format)
     }
 
     /// The configuration this client was built with.
@@ -106,6 +123,7 @@ impl Client {
             &self.bootstrap_servers,
             handler,
             dead_letters,
+            Arc::clone(&self.metrics),
             self.runtime.clone(),
         )?;
         *subscription = Some(started);

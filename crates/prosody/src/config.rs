@@ -3,42 +3,18 @@
 //! Every option can be set three ways, strongest first: a builder call, a raw
 //! [`OptionValue`] through [`ConfigBuilder::set`] (what the Ruby bridge uses), or
 //! the environment variable `PROSODY_<UPPER_NAME>`. Validation errors name the option.
+//!
+//! Each option is described once, as a row of the table in [`options!`]: its name,
+//! field type, the kind of value it takes (which picks its parser, and which the
+//! Ruby `Configuration` checks against [`OPTION_KINDS`]), its default, the getter's
+//! type and any extra checks. Rules that relate two options live in
+//! [`Config::check_combinations`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::duration::{parse_duration, seconds_to_duration};
 use crate::error::{Error, Result};
-
-/// Names of every option [`ConfigBuilder::set`] accepts, in options-table order.
-pub const OPTION_NAMES: &[&str] = &[
-    "bootstrap_servers",
-    "group_id",
-    "subscribed_topics",
-    "allowed_events",
-    "source_system",
-    "mock",
-    "max_concurrency",
-    "max_uncommitted",
-    "commit_interval",
-    "poll_interval",
-    "send_timeout",
-    "shutdown_timeout",
-    "mode",
-    "max_retries",
-    "retry_base",
-    "max_retry_delay",
-    "failure_topic",
-    "timeout",
-    "stall_threshold",
-    "probe_port",
-    "idempotence_cache_size",
-    "idempotence_version",
-    "idempotence_ttl",
-    "database_url",
-    "state_store",
-    "kafka",
-];
 
 /// Where timers and deduplication records live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,20 +39,80 @@ pub enum Mode {
     BestEffort,
 }
 
-impl Mode {
-    fn parse(text: &str) -> Option<Self> {
-        match text
-            .trim()
-            .trim_start_matches(':')
-            .to_ascii_lowercase()
-            .replace('-', "_")
-            .as_str()
-        {
-            "pipeline" => Some(Self::Pipeline),
-            "low_latency" => Some(Self::LowLatency),
-            "best_effort" => Some(Self::BestEffort),
-            _ => None,
-        }
+/// An option that takes one of a few names (kind `choice`).
+trait Choice: Sized + Copy + 'static {
+    /// Every accepted spelling after [`normalize_choice`], with the value it means;
+    /// the first entry for a value is its canonical name.
+    const NAMES: &'static [(&'static str, Self)];
+}
+
+impl Choice for Mode {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("pipeline", Self::Pipeline),
+        ("low_latency", Self::LowLatency),
+        ("best_effort", Self::BestEffort),
+    ];
+}
+
+impl Choice for StateStore {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("auto", Self::Auto),
+        ("postgres", Self::Postgres),
+        ("postgresql", Self::Postgres),
+        ("memory", Self::Memory),
+    ];
+}
+
+/// `":low-latency"` → `"low_latency"`: how Ruby symbols and environment text are written.
+fn normalize_choice(text: &str) -> String {
+    text.trim()
+        .trim_start_matches(':')
+        .to_ascii_lowercase()
+        .replace('-', "_")
+}
+
+fn pick<C: Choice + PartialEq>(text: &str) -> std::result::Result<(&'static str, C), String> {
+    let wanted = normalize_choice(text);
+    let (spelling, value) = C::NAMES
+        .iter()
+        .find(|(name, _)| *name == wanted)
+        .ok_or_else(|| {
+            let names: Vec<&str> = canonical_names::<C>().collect();
+            format!("expected one of {}, got `{text}`", names.join(", "))
+        })?;
+    let canonical = C::NAMES
+        .iter()
+        .find(|(_, other)| other == value)
+        .map_or(*spelling, |(name, _)| name);
+    Ok((canonical, *value))
+}
+
+/// The first spelling of each value: the one Ruby and the docs use.
+fn canonical_names<C: Choice + PartialEq>() -> impl Iterator<Item = &'static str> {
+    C::NAMES
+        .iter()
+        .enumerate()
+        .filter(|(index, (_, value))| !C::NAMES[..*index].iter().any(|(_, seen)| seen == value))
+        .map(|(_, (name, _))| *name)
+}
+
+/// The canonical name of a `choice` option's value (`"low-latency"` → `"low_latency"`),
+/// so the Ruby configuration checks choices without repeating the rules.
+pub fn choice(option: &str, text: &str) -> Result<&'static str> {
+    let picked = match option {
+        "mode" => pick::<Mode>(text).map(|(name, _)| name),
+        "state_store" => pick::<StateStore>(text).map(|(name, _)| name),
+        _ => Err("not an option that takes one of a few names".to_owned()),
+    };
+    picked.map_err(|reason| Error::config(option, reason))
+}
+
+/// The canonical names a `choice` option accepts, or `None` for other options.
+pub fn choices(option: &str) -> Option<Vec<&'static str>> {
+    match option {
+        "mode" => Some(canonical_names::<Mode>().collect()),
+        "state_store" => Some(canonical_names::<StateStore>().collect()),
+        _ => None,
     }
 }
 
@@ -118,70 +154,139 @@ impl From<Duration> for OptionValue {
     }
 }
 
-/// Validated client configuration. Build one with [`Config::builder`].
-#[derive(Clone)]
-pub struct Config {
-    pub(crate) bootstrap_servers: Vec<String>,
-    pub(crate) group_id: Option<String>,
-    pub(crate) subscribed_topics: Vec<String>,
-    pub(crate) allowed_events: Option<Vec<String>>,
-    pub(crate) source_system: String,
-    pub(crate) mock: bool,
-    pub(crate) max_concurrency: usize,
-    pub(crate) max_uncommitted: usize,
-    pub(crate) commit_interval: Duration,
-    pub(crate) poll_interval: Duration,
-    pub(crate) send_timeout: Duration,
-    pub(crate) shutdown_timeout: Duration,
-    pub(crate) mode: Mode,
-    pub(crate) max_retries: u32,
-    pub(crate) retry_base: Duration,
-    pub(crate) max_retry_delay: Duration,
-    pub(crate) failure_topic: Option<String>,
-    pub(crate) timeout: Duration,
-    pub(crate) stall_threshold: Duration,
-    pub(crate) probe_port: Option<u16>,
-    pub(crate) idempotence_cache_size: usize,
-    pub(crate) idempotence_version: String,
-    pub(crate) idempotence_ttl: Duration,
-    pub(crate) database_url: Option<String>,
-    pub(crate) state_store: StateStore,
-    pub(crate) kafka: BTreeMap<String, String>,
+/// Generates, from one row per option: [`OPTION_NAMES`], [`OPTION_KINDS`], the
+/// [`Config`] struct, its getters and `Debug`, and the parse of each option.
+///
+/// A row reads `name: FieldType = kind(default) -> GetterType, check f, shown g;`:
+/// `kind` names the `Options` method that parses the raw value (`None` when unset,
+/// then `default` applies; a default may use options of earlier rows and may
+/// `return Err(..)`); each `check` runs on the parsed value; `shown` replaces the
+/// value in `Debug` output (secrets).
+macro_rules! options {
+    ($(
+        $(#[doc = $doc:literal])*
+        $name:ident: $ty:ty = $kind:ident($default:expr) -> $view:ty
+            $(, check $check:path)* $(, shown $shown:path)?;
+    )*) => {
+        /// Names of every option [`ConfigBuilder::set`] accepts, in table order.
+        pub const OPTION_NAMES: &[&str] = &[$(stringify!($name)),*];
+
+        /// Every option with the kind of value it takes (`name`, `list`, `flag`, `count`,
+        /// `whole`, `duration`, `choice`, `port`, `settings`, `version`).
+        pub const OPTION_KINDS: &[(&str, &str)] = &[$((stringify!($name), stringify!($kind))),*];
+
+        /// Validated client configuration. Build one with [`Config::builder`].
+        #[derive(Clone)]
+        pub struct Config {
+            $(pub(crate) $name: $ty,)*
+        }
+
+        impl Config {
+            $(
+                $(#[doc = $doc])*
+                pub fn $name(&self) -> $view {
+                    View::view(&self.$name)
+                }
+            )*
+        }
+
+        impl std::fmt::Debug for Config {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct("Config")
+                    $(.field(stringify!($name), &options!(@shown self.$name $(, $shown)?)))*
+                    .finish()
+            }
+        }
+
+        impl Options {
+            /// Parses every row in table order, then checks the rules between options.
+            fn parse(mut self) -> Result<Config> {
+                $(
+                    let $name: $ty = match self.$kind(stringify!($name))? {
+                        Some(value) => Parsed::into_field(value)
+                            .map_err(|reason| Error::config(stringify!($name), reason))?,
+                        None => $default,
+                    };
+                    $(
+                        $check(&$name).map_err(|reason| Error::config(stringify!($name), reason))?;
+                    )*
+                )*
+                let config = Config { $($name),* };
+                config.check_combinations()?;
+                Ok(config)
+            }
+        }
+    };
+    (@shown $value:expr) => { &$value };
+    (@shown $value:expr, $shown:path) => { &$shown(&$value) };
 }
 
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The kafka passthrough may hold credentials; show only its keys.
-        f.debug_struct("Config")
-            .field("bootstrap_servers", &self.bootstrap_servers)
-            .field("group_id", &self.group_id)
-            .field("subscribed_topics", &self.subscribed_topics)
-            .field("allowed_events", &self.allowed_events)
-            .field("source_system", &self.source_system)
-            .field("mock", &self.mock)
-            .field("max_concurrency", &self.max_concurrency)
-            .field("max_uncommitted", &self.max_uncommitted)
-            .field("commit_interval", &self.commit_interval)
-            .field("poll_interval", &self.poll_interval)
-            .field("send_timeout", &self.send_timeout)
-            .field("shutdown_timeout", &self.shutdown_timeout)
-            .field("mode", &self.mode)
-            .field("max_retries", &self.max_retries)
-            .field("retry_base", &self.retry_base)
-            .field("max_retry_delay", &self.max_retry_delay)
-            .field("failure_topic", &self.failure_topic)
-            .field("timeout", &self.timeout)
-            .field("stall_threshold", &self.stall_threshold)
-            .field("probe_port", &self.probe_port)
-            .field("idempotence_cache_size", &self.idempotence_cache_size)
-            .field("idempotence_version", &self.idempotence_version)
-            .field("idempotence_ttl", &self.idempotence_ttl)
-            // The URL may carry a password.
-            .field("database_url", &self.database_url.as_ref().map(|_| "<set>"))
-            .field("state_store", &self.state_store)
-            .field("kafka", &self.kafka.keys().collect::<Vec<_>>())
-            .finish()
-    }
+options! {
+    /// Kafka brokers (the mock cluster's address in mock mode is filled in by the client).
+    bootstrap_servers: Vec<String> = list(Vec::new()) -> &[String];
+    /// The consumer group, if this client consumes.
+    group_id: Option<String> = name(None) -> Option<&str>;
+    /// Topics the consumer subscribes to.
+    subscribed_topics: Vec<String> = list(Vec::new()) -> &[String];
+    /// Prefixes of the payload `type` field this consumer processes; `None` means all.
+    allowed_events: Option<Vec<String>> = list(None) -> Option<&[String]>;
+    /// Written as the `source-system` header on every sent message.
+    source_system: String = name(match &group_id {
+        Some(group) => group.clone(),
+        None => {
+            return Err(Error::config(
+                "source_system",
+                "required when group_id is not set (it names this client in the source-system header)",
+            ))
+        }
+    }) -> &str;
+    /// Whether the client runs against the in-process mock cluster.
+    mock: bool = flag(false) -> bool;
+    /// Handlers running at once across all partitions.
+    max_concurrency: usize = count(32) -> usize;
+    /// Buffered, unfinished messages per partition before it stops being read (until a quarter drains).
+    max_uncommitted: usize = count(64) -> usize;
+    /// How often progress is committed.
+    commit_interval: Duration = duration(Duration::from_secs(1)) -> Duration, check above_zero;
+    /// How long one poll waits for a message.
+    poll_interval: Duration = duration(Duration::from_millis(100)) -> Duration, check above_zero;
+    /// How long `send` waits for the broker's acknowledgement.
+    send_timeout: Duration = duration(Duration::from_secs(1)) -> Duration,
+        check above_zero, check within_message_timeout;
+    /// Budget for `unsubscribe` and for a revoked partition's handlers to stop.
+    shutdown_timeout: Duration = duration(Duration::from_secs(30)) -> Duration;
+    /// What happens to messages whose handler keeps failing.
+    mode: Mode = choice(Mode::Pipeline) -> Mode;
+    /// Retries before giving up (`low_latency`, `best_effort`).
+    max_retries: u32 = whole(3) -> u32;
+    /// First retry delay; doubles per attempt, with jitter.
+    retry_base: Duration = duration(Duration::from_millis(20)) -> Duration, check above_zero;
+    /// Longest delay between retries.
+    max_retry_delay: Duration = duration(Duration::from_secs(300)) -> Duration, check above_zero;
+    /// Dead-letter topic.
+    failure_topic: Option<String> = name(None) -> Option<&str>;
+    /// A partition with work and no progress for this long is stalled.
+    stall_threshold: Duration = duration(Duration::from_secs(300)) -> Duration, check above_zero;
+    /// Handler deadline; a handler past it is cancelled and the attempt counts as transient.
+    timeout: Duration = duration(stall_threshold.mul_f64(0.8)) -> Duration, check above_zero;
+    /// Port of the `/readyz` and `/livez` probe server, if enabled.
+    probe_port: Option<u16> = port(Some(8000)) -> Option<u16>;
+    /// How many recently handled message ids each consumer remembers in memory;
+    /// 0 turns message-id deduplication off.
+    idempotence_cache_size: usize = whole(8192) -> usize;
+    /// Part of every deduplication record: changing it forgets earlier records.
+    idempotence_version: String = version("1".to_owned()) -> &str;
+    /// How long a handled message id is remembered.
+    idempotence_ttl: Duration = duration(Duration::from_secs(7 * 86_400)) -> Duration,
+        check above_zero;
+    /// PostgreSQL connection URL for timers and deduplication records.
+    database_url: Option<String> = name(None) -> Option<&str>,
+        check check_database_url, shown hide_url;
+    /// Where timers and deduplication records live.
+    state_store: StateStore = choice(StateStore::Auto) -> StateStore;
+    /// Extra librdkafka settings passed through unchanged.
+    kafka: BTreeMap<String, String> = settings(BTreeMap::new()) -> &BTreeMap<String, String>,
+        check check_kafka_settings, shown setting_names;
 }
 
 impl Config {
@@ -190,135 +295,33 @@ impl Config {
         ConfigBuilder::default()
     }
 
-    /// Kafka brokers (the mock cluster's address in mock mode is filled in by the client).
-    pub fn bootstrap_servers(&self) -> &[String] {
-        &self.bootstrap_servers
-    }
-
-    /// The consumer group, if this client consumes.
-    pub fn group_id(&self) -> Option<&str> {
-        self.group_id.as_deref()
-    }
-
-    /// Topics the consumer subscribes to.
-    pub fn subscribed_topics(&self) -> &[String] {
-        &self.subscribed_topics
-    }
-
-    /// Prefixes of the payload `type` field this consumer processes; `None` means all.
-    pub fn allowed_events(&self) -> Option<&[String]> {
-        self.allowed_events.as_deref()
-    }
-
-    /// Written as the `source-system` header on every sent message.
-    pub fn source_system(&self) -> &str {
-        &self.source_system
-    }
-
-    /// Whether the client runs against the in-process mock cluster.
-    pub fn mock(&self) -> bool {
-        self.mock
-    }
-
-    /// Handlers running at once across all partitions.
-    pub fn max_concurrency(&self) -> usize {
-        self.max_concurrency
-    }
-
-    /// Buffered, unfinished messages per partition before it stops being read (until a quarter drains).
-    pub fn max_uncommitted(&self) -> usize {
-        self.max_uncommitted
-    }
-
-    /// How often progress is committed.
-    pub fn commit_interval(&self) -> Duration {
-        self.commit_interval
-    }
-
-    /// How long one poll waits for a message.
-    pub fn poll_interval(&self) -> Duration {
-        self.poll_interval
-    }
-
-    /// How long `send` waits for the broker's acknowledgement.
-    pub fn send_timeout(&self) -> Duration {
-        self.send_timeout
-    }
-
-    /// Budget for `unsubscribe` and for a revoked partition's handlers to stop.
-    pub fn shutdown_timeout(&self) -> Duration {
-        self.shutdown_timeout
-    }
-
-    /// What happens to messages whose handler keeps failing.
-    pub fn mode(&self) -> Mode {
-        self.mode
-    }
-
-    /// Retries before giving up (`low_latency`, `best_effort`).
-    pub fn max_retries(&self) -> u32 {
-        self.max_retries
-    }
-
-    /// First retry delay; doubles per attempt, with jitter.
-    pub fn retry_base(&self) -> Duration {
-        self.retry_base
-    }
-
-    /// Longest delay between retries.
-    pub fn max_retry_delay(&self) -> Duration {
-        self.max_retry_delay
-    }
-
-    /// Dead-letter topic.
-    pub fn failure_topic(&self) -> Option<&str> {
-        self.failure_topic.as_deref()
-    }
-
-    /// Handler deadline; a handler past it is cancelled and the attempt counts as transient.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
-    /// A partition with work and no progress for this long is stalled.
-    pub fn stall_threshold(&self) -> Duration {
-        self.stall_threshold
-    }
-
-    /// Port of the `/readyz` and `/livez` probe server, if enabled.
-    pub fn probe_port(&self) -> Option<u16> {
-        self.probe_port
-    }
-
-    /// PostgreSQL connection URL for timers and deduplication records.
-    pub fn database_url(&self) -> Option<&str> {
-        self.database_url.as_deref()
-    }
-
-    /// How many recently handled message ids each consumer remembers in memory;
-    /// 0 turns message-id deduplication off.
-    pub fn idempotence_cache_size(&self) -> usize {
-        self.idempotence_cache_size
-    }
-
-    /// Part of every deduplication record: changing it forgets earlier records.
-    pub fn idempotence_version(&self) -> &str {
-        &self.idempotence_version
-    }
-
-    /// How long a handled message id is remembered.
-    pub fn idempotence_ttl(&self) -> Duration {
-        self.idempotence_ttl
-    }
-
-    /// Where timers and deduplication records live.
-    pub fn state_store(&self) -> StateStore {
-        self.state_store
-    }
-
-    /// Extra librdkafka settings passed through unchanged.
-    pub fn kafka(&self) -> &BTreeMap<String, String> {
-        &self.kafka
+    /// The rules that relate two options (each option's own rules are in its row).
+    fn check_combinations(&self) -> Result<()> {
+        if self.bootstrap_servers.is_empty() && !self.mock {
+            return Err(Error::config(
+                "bootstrap_servers",
+                "required unless mock is true (or set PROSODY_BOOTSTRAP_SERVERS)",
+            ));
+        }
+        if self.mode == Mode::LowLatency && self.failure_topic.is_none() {
+            return Err(Error::config(
+                "failure_topic",
+                "required in low_latency mode (failed messages go there)",
+            ));
+        }
+        if self.max_retry_delay < self.retry_base {
+            return Err(Error::config(
+                "max_retry_delay",
+                "must not be shorter than retry_base",
+            ));
+        }
+        if self.state_store == StateStore::Postgres && self.database_url.is_none() {
+            return Err(Error::config(
+                "database_url",
+                "required when state_store is postgres",
+            ));
+        }
+        Ok(())
     }
 
     /// A librdkafka client configuration carrying the passthrough settings that
@@ -346,6 +349,116 @@ impl Config {
         }
         client
     }
+}
+
+/// How a getter shows its field: copies of small values, borrows of the rest.
+trait View<'a, Out> {
+    fn view(&'a self) -> Out;
+}
+
+impl<T: Copy> View<'_, T> for T {
+    fn view(&self) -> T {
+        *self
+    }
+}
+
+impl<'a> View<'a, &'a str> for String {
+    fn view(&'a self) -> &'a str {
+        self
+    }
+}
+
+impl<'a> View<'a, Option<&'a str>> for Option<String> {
+    fn view(&'a self) -> Option<&'a str> {
+        self.as_deref()
+    }
+}
+
+impl<'a> View<'a, &'a [String]> for Vec<String> {
+    fn view(&'a self) -> &'a [String] {
+        self
+    }
+}
+
+impl<'a> View<'a, Option<&'a [String]>> for Option<Vec<String>> {
+    fn view(&'a self) -> Option<&'a [String]> {
+        self.as_deref()
+    }
+}
+
+impl<'a> View<'a, &'a BTreeMap<String, String>> for BTreeMap<String, String> {
+    fn view(&'a self) -> &'a BTreeMap<String, String> {
+        self
+    }
+}
+
+/// Turns what a kind's parser returns into the field's type: the same type, the
+/// value of an optional field, a narrower number, or a `choice` name's meaning.
+trait Parsed<Field> {
+    fn into_field(self) -> std::result::Result<Field, String>;
+}
+
+impl<T> Parsed<T> for T {
+    fn into_field(self) -> std::result::Result<T, String> {
+        Ok(self)
+    }
+}
+
+impl<T> Parsed<Option<T>> for T {
+    fn into_field(self) -> std::result::Result<Option<T>, String> {
+        Ok(Some(self))
+    }
+}
+
+impl Parsed<u32> for u64 {
+    fn into_field(self) -> std::result::Result<u32, String> {
+        u32::try_from(self).map_err(|_| format!("must be at most {}, got {self}", u32::MAX))
+    }
+}
+
+impl Parsed<usize> for u64 {
+    fn into_field(self) -> std::result::Result<usize, String> {
+        usize::try_from(self).map_err(|_| format!("too large, got {self}"))
+    }
+}
+
+impl Parsed<Mode> for String {
+    fn into_field(self) -> std::result::Result<Mode, String> {
+        pick::<Mode>(&self).map(|(_, mode)| mode)
+    }
+}
+
+impl Parsed<StateStore> for String {
+    fn into_field(self) -> std::result::Result<StateStore, String> {
+        pick::<StateStore>(&self).map(|(_, store)| store)
+    }
+}
+
+fn above_zero(duration: &Duration) -> std::result::Result<(), String> {
+    if duration.is_zero() {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(())
+}
+
+/// `send_timeout` becomes librdkafka's `message.timeout.ms`, a 32-bit number of milliseconds.
+fn within_message_timeout(timeout: &Duration) -> std::result::Result<(), String> {
+    if timeout.as_millis() > MAX_SEND_TIMEOUT_MS {
+        return Err(format!(
+            "must be at most {MAX_SEND_TIMEOUT_MS} ms (about 24.8 days; librdkafka's message.timeout.ms limit), got {timeout:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The URL may carry a password.
+fn hide_url(url: &Option<String>) -> Option<&'static str> {
+    url.as_ref().map(|_| "<set>")
+}
+
+/// The kafka passthrough may hold credentials; show only its keys.
+fn setting_names(kafka: &BTreeMap<String, String>) -> Vec<&String> {
+    kafka.keys().collect()
 }
 
 /// Which librdkafka client a configuration is for.
@@ -384,7 +497,6 @@ const CONSUMER_ONLY: &[&str] = &[
     "enable.partition.eof",
     "check.crcs",
 ];
-
 /// librdkafka properties only producers read (marked `P` in its CONFIGURATION.md).
 const PRODUCER_ONLY: &[&str] = &[
     "transactional.id",
@@ -550,7 +662,12 @@ impl ConfigBuilder {
             .collect();
         let mut values = options_from_env;
         values.extend(self.values);
-        Options { values, from_env }.validate(kafka_from_env)
+        Options {
+            values,
+            from_env,
+            kafka_from_env,
+        }
+        .parse()
     }
 }
 
@@ -565,12 +682,12 @@ const MAX_SEND_TIMEOUT_MS: u128 = 2_147_483_647;
 /// (`rd_kafka_conf_set`) without creating a client, so a misspelt key or an
 /// impossible value is reported as a configuration error naming the key.
 /// The value is never part of the message: it may be a credential.
-fn check_kafka_settings(kafka: &BTreeMap<String, String>) -> Result<()> {
+fn check_kafka_settings(kafka: &BTreeMap<String, String>) -> std::result::Result<(), String> {
     for (key, value) in kafka {
         let mut probe = rdkafka::ClientConfig::new();
         probe.set(key, value);
         if let Err(error) = probe.create_native_config() {
-            let reason = match error {
+            return Err(match error {
                 rdkafka::error::KafkaError::ClientConfig(
                     rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN,
                     ..,
@@ -586,8 +703,7 @@ fn check_kafka_settings(kafka: &BTreeMap<String, String>) -> Result<()> {
                     format!("invalid value for librdkafka setting `{key}`: {description}")
                 }
                 other => format!("librdkafka setting `{key}`: {other}"),
-            };
-            return Err(Error::config("kafka", reason));
+            });
         }
     }
     Ok(())
@@ -596,14 +712,15 @@ fn check_kafka_settings(kafka: &BTreeMap<String, String>) -> Result<()> {
 /// Parses `database_url` the way the store will (no connection is made), so a
 /// malformed URL fails at `Client.new` rather than at every store call. The
 /// message never repeats the URL, which may carry a password.
-fn check_database_url(url: &str) -> Result<()> {
+fn check_database_url(url: &Option<String>) -> std::result::Result<(), String> {
+    let Some(url) = url else { return Ok(()) };
     let looks_like_url = url.contains("://");
     let looks_like_pairs = url.contains('=');
     if !looks_like_url && !looks_like_pairs {
-        return Err(Error::config(
-            "database_url",
-            "expected a postgres:// URL or key=value pairs (e.g. \"host=db dbname=app\")",
-        ));
+        return Err(
+            "expected a postgres:// URL or key=value pairs (e.g. \"host=db dbname=app\")"
+                .to_owned(),
+        );
     }
     url.parse::<tokio_postgres::Config>()
         .map(drop)
@@ -611,7 +728,7 @@ fn check_database_url(url: &str) -> Result<()> {
             let cause = std::error::Error::source(&error)
                 .map(|cause| format!(": {cause}"))
                 .unwrap_or_default();
-            Error::config("database_url", format!("{error}{cause}"))
+            format!("{error}{cause}")
         })
 }
 
@@ -619,220 +736,24 @@ fn clamp_i64(value: usize) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-/// Options merged from every source, read out one by one with their types checked.
+/// Options merged from every source, read out one by one by the parser of their kind.
 struct Options {
     values: BTreeMap<String, OptionValue>,
     /// Options whose value came from a `PROSODY_*` variable: text that may hold a number.
     from_env: BTreeSet<String>,
+    /// `PROSODY_KAFKA_*` settings, under the `kafka` option's own.
+    kafka_from_env: BTreeMap<String, String>,
 }
 
+/// One parser per kind of option (the kinds in [`OPTION_KINDS`]): `None` when the
+/// option was not set, an error naming it when its value does not fit.
 impl Options {
-    fn validate(mut self, kafka_from_env: BTreeMap<String, String>) -> Result<Config> {
-        let mock = self.flag("mock")?.unwrap_or(false);
-        let bootstrap_servers = self.list("bootstrap_servers")?.unwrap_or_default();
-        if bootstrap_servers.is_empty() && !mock {
-            return Err(Error::config(
-                "bootstrap_servers",
-                "required unless mock is true (or set PROSODY_BOOTSTRAP_SERVERS)",
-            ));
-        }
-        let group_id = self.string("group_id")?;
-        let subscribed_topics = self.list("subscribed_topics")?.unwrap_or_default();
-        let allowed_events = self.list("allowed_events")?;
-        let source_system = match (self.string("source_system")?, &group_id) {
-            (Some(source), _) => source,
-            (None, Some(group)) => group.clone(),
-            (None, None) => {
-                return Err(Error::config(
-                    "source_system",
-                    "required when group_id is not set (it names this client in the source-system header)",
-                ))
-            }
-        };
-        let mut kafka = kafka_from_env;
-        if let Some(map) = self.map("kafka")? {
-            kafka.extend(map);
-        }
-        check_kafka_settings(&kafka)?;
-        let mode = match self.take("mode") {
-            None => Mode::Pipeline,
-            Some(OptionValue::Str(text)) => Mode::parse(&text).ok_or_else(|| {
-                Error::config(
-                    "mode",
-                    format!("expected pipeline, low_latency or best_effort, got `{text}`"),
-                )
-            })?,
-            Some(other) => {
-                return Err(Error::config(
-                    "mode",
-                    format!("expected a mode name, got {}", describe(&other)),
-                ))
-            }
-        };
-        let failure_topic = self.string("failure_topic")?;
-        if mode == Mode::LowLatency && failure_topic.is_none() {
-            return Err(Error::config(
-                "failure_topic",
-                "required in low_latency mode (failed messages go there)",
-            ));
-        }
-        let stall_threshold = self
-            .nonzero_duration("stall_threshold")?
-            .unwrap_or(Duration::from_secs(300));
-        let timeout = self
-            .nonzero_duration("timeout")?
-            .unwrap_or(stall_threshold.mul_f64(0.8));
-        let retry_base = self
-            .nonzero_duration("retry_base")?
-            .unwrap_or(Duration::from_millis(20));
-        let max_retry_delay = self
-            .nonzero_duration("max_retry_delay")?
-            .unwrap_or(Duration::from_secs(300));
-        if max_retry_delay < retry_base {
-            return Err(Error::config(
-                "max_retry_delay",
-                "must not be shorter than retry_base",
-            ));
-        }
-        let max_retries = match self.take("max_retries") {
-            None => 3,
-            Some(value) => {
-                let mut single = self.single("max_retries", value);
-                u32::try_from(single.count("max_retries")?)
-                    .map_err(|_| Error::config("max_retries", "too large"))?
-            }
-        };
-        let probe_port = self.port("probe_port")?;
-        let idempotence_cache_size = match self.take("idempotence_cache_size") {
-            None => 8192,
-            Some(value) => {
-                let mut single = self.single("idempotence_cache_size", value);
-                usize::try_from(single.count("idempotence_cache_size")?)
-                    .map_err(|_| Error::config("idempotence_cache_size", "too large"))?
-            }
-        };
-        let idempotence_version = self
-            .string("idempotence_version")?
-            .unwrap_or_else(|| "1".to_owned());
-        let idempotence_ttl = self
-            .nonzero_duration("idempotence_ttl")?
-            .unwrap_or(Duration::from_secs(7 * 86_400));
-        let database_url = self.string("database_url")?;
-        if let Some(url) = &database_url {
-            check_database_url(url)?;
-        }
-        let state_store = match self.take("state_store") {
-            None => StateStore::Auto,
-            Some(OptionValue::Str(text)) => match text
-                .trim()
-                .trim_start_matches(':')
-                .to_ascii_lowercase()
-                .as_str()
-            {
-                "auto" => StateStore::Auto,
-                "postgres" | "postgresql" => StateStore::Postgres,
-                "memory" => StateStore::Memory,
-                _ => {
-                    return Err(Error::config(
-                        "state_store",
-                        format!("expected auto, postgres or memory, got `{text}`"),
-                    ))
-                }
-            },
-            Some(other) => {
-                return Err(Error::config(
-                    "state_store",
-                    format!("expected a store name, got {}", describe(&other)),
-                ))
-            }
-        };
-        if state_store == StateStore::Postgres && database_url.is_none() {
-            return Err(Error::config(
-                "database_url",
-                "required when state_store is postgres",
-            ));
-        }
-        let config = Config {
-            database_url,
-            state_store,
-            mode,
-            max_retries,
-            retry_base,
-            max_retry_delay,
-            failure_topic,
-            timeout,
-            stall_threshold,
-            probe_port,
-            idempotence_cache_size,
-            idempotence_version,
-            idempotence_ttl,
-            bootstrap_servers,
-            group_id,
-            subscribed_topics,
-            allowed_events,
-            source_system,
-            mock,
-            max_concurrency: self.positive("max_concurrency")?.unwrap_or(32),
-            max_uncommitted: self.positive("max_uncommitted")?.unwrap_or(64),
-            commit_interval: self
-                .nonzero_duration("commit_interval")?
-                .unwrap_or(Duration::from_secs(1)),
-            poll_interval: self
-                .nonzero_duration("poll_interval")?
-                .unwrap_or(Duration::from_millis(100)),
-            send_timeout: match self.nonzero_duration("send_timeout")? {
-                // It becomes librdkafka's message.timeout.ms, a 32-bit number of milliseconds.
-                Some(timeout) if timeout.as_millis() > MAX_SEND_TIMEOUT_MS => {
-                    return Err(Error::config(
-                        "send_timeout",
-                        format!(
-                            "must be at most {MAX_SEND_TIMEOUT_MS} ms (about 24.8 days; librdkafka's message.timeout.ms limit), got {timeout:?}"
-                        ),
-                    ))
-                }
-                timeout => timeout.unwrap_or(Duration::from_secs(1)),
-            },
-            shutdown_timeout: self
-                .duration("shutdown_timeout")?
-                .unwrap_or(Duration::from_secs(30)),
-            kafka,
-        };
-        Ok(config)
-    }
-
     fn take(&mut self, name: &str) -> Option<OptionValue> {
         self.values.remove(name)
     }
 
-    /// `value` alone under `name`, keeping where it came from.
-    fn single(&self, name: &str, value: OptionValue) -> Self {
-        Options {
-            values: BTreeMap::from([(name.to_owned(), value)]),
-            from_env: self
-                .from_env
-                .iter()
-                .filter(|n| *n == name)
-                .cloned()
-                .collect(),
-        }
-    }
-
-    /// Parses a whole number given as text: accepted from the environment (where
-    /// every value is text) but not from code, where a String for an Integer
-    /// option is a mistake (e.g. `max_concurrency: "10"`).
-    fn whole_text(&self, name: &str, text: &str) -> Result<i64> {
-        if !self.from_env.contains(name) {
-            return Err(Error::config(
-                name,
-                format!("expected a whole number (Integer), got the string `{text}`"),
-            ));
-        }
-        text.trim()
-            .parse::<i64>()
-            .map_err(|_| Error::config(name, format!("expected a whole number, got `{text}`")))
-    }
-
-    fn string(&mut self, name: &str) -> Result<Option<String>> {
+    /// Non-empty text, trimmed.
+    fn name(&mut self, name: &str) -> Result<Option<String>> {
         match self.take(name) {
             None => Ok(None),
             Some(OptionValue::Str(text)) if text.trim().is_empty() => {
@@ -846,6 +767,19 @@ impl Options {
         }
     }
 
+    /// A label: text, or an integer taken as its digits.
+    fn version(&mut self, name: &str) -> Result<Option<String>> {
+        match self.take(name) {
+            Some(OptionValue::Int(number)) => Ok(Some(number.to_string())),
+            Some(other) => {
+                self.values.insert(name.to_owned(), other);
+                self.name(name)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// A list of non-empty strings, or one comma-separated string.
     fn list(&mut self, name: &str) -> Result<Option<Vec<String>>> {
         let items = match self.take(name) {
             None => return Ok(None),
@@ -887,66 +821,10 @@ impl Options {
         }
     }
 
-    /// A whole number that may be zero.
-    fn count(&mut self, name: &str) -> Result<u64> {
-        let number = match self.take(name) {
-            Some(OptionValue::Int(number)) => number,
-            Some(OptionValue::Str(text)) => self.whole_text(name, &text)?,
-            Some(other) => {
-                return Err(Error::config(
-                    name,
-                    format!("expected a whole number, got {}", describe(&other)),
-                ))
-            }
-            None => 0,
-        };
-        u64::try_from(number)
-            .map_err(|_| Error::config(name, format!("must not be negative, got {number}")))
-    }
-
-    /// A TCP port; `false`, `"false"` or `"none"` disable it (`None`). Default 8000.
-    fn port(&mut self, name: &str) -> Result<Option<u16>> {
-        let number = match self.take(name) {
-            None => return Ok(Some(8000)),
-            Some(OptionValue::Bool(false)) => return Ok(None),
-            Some(OptionValue::Str(text))
-                if matches!(
-                    text.trim().to_ascii_lowercase().as_str(),
-                    "none" | "false" | "off"
-                ) =>
-            {
-                return Ok(None)
-            }
-            Some(OptionValue::Str(text)) => text.trim().parse::<i64>().map_err(|_| {
-                Error::config(
-                    name,
-                    format!("expected a port number or none, got `{text}`"),
-                )
-            })?,
-            Some(OptionValue::Int(number)) => number,
-            Some(other) => {
-                return Err(Error::config(
-                    name,
-                    format!("expected a port number or false, got {}", describe(&other)),
-                ))
-            }
-        };
-        u16::try_from(number)
-            .map(Some)
-            .map_err(|_| Error::config(name, format!("{number} is not a port number (0-65535)")))
-    }
-
-    fn positive(&mut self, name: &str) -> Result<Option<usize>> {
-        let number = match self.take(name) {
-            None => return Ok(None),
-            Some(OptionValue::Int(number)) => number,
-            Some(OptionValue::Str(text)) => self.whole_text(name, &text)?,
-            Some(other) => {
-                return Err(Error::config(
-                    name,
-                    format!("expected a whole number, got {}", describe(&other)),
-                ))
-            }
+    /// A whole number of at least 1.
+    fn count(&mut self, name: &str) -> Result<Option<usize>> {
+        let Some(number) = self.integer(name)? else {
+            return Ok(None);
         };
         match usize::try_from(number) {
             Ok(value) if value > 0 => Ok(Some(value)),
@@ -957,6 +835,40 @@ impl Options {
         }
     }
 
+    /// A whole number that may be zero.
+    fn whole(&mut self, name: &str) -> Result<Option<u64>> {
+        let Some(number) = self.integer(name)? else {
+            return Ok(None);
+        };
+        u64::try_from(number)
+            .map(Some)
+            .map_err(|_| Error::config(name, format!("must not be negative, got {number}")))
+    }
+
+    /// An integer; text is accepted from the environment (where every value is text)
+    /// but not from code, where a String for an Integer option is a mistake
+    /// (e.g. `max_concurrency: "10"`).
+    fn integer(&mut self, name: &str) -> Result<Option<i64>> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(OptionValue::Int(number)) => Ok(Some(number)),
+            Some(OptionValue::Str(text)) if !self.from_env.contains(name) => Err(Error::config(
+                name,
+                format!("expected a whole number (Integer), got the string `{text}`"),
+            )),
+            Some(OptionValue::Str(text)) => {
+                text.trim().parse::<i64>().map(Some).map_err(|_| {
+                    Error::config(name, format!("expected a whole number, got `{text}`"))
+                })
+            }
+            Some(other) => Err(Error::config(
+                name,
+                format!("expected a whole number, got {}", describe(&other)),
+            )),
+        }
+    }
+
+    /// Seconds (a number) or text with a unit, at most [`MAX_DURATION`].
     fn duration(&mut self, name: &str) -> Result<Option<Duration>> {
         let parsed = match self.take(name) {
             None => return Ok(None),
@@ -979,24 +891,64 @@ impl Options {
         }
     }
 
-    fn nonzero_duration(&mut self, name: &str) -> Result<Option<Duration>> {
-        match self.duration(name)? {
-            Some(duration) if duration.is_zero() => {
-                Err(Error::config(name, "must be greater than zero"))
-            }
-            other => Ok(other),
+    /// One of a few names, as text; the field's type decides which names (see [`Choice`]).
+    fn choice(&mut self, name: &str) -> Result<Option<String>> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(OptionValue::Str(text)) => Ok(Some(text)),
+            Some(other) => Err(Error::config(
+                name,
+                format!("expected a name, got {}", describe(&other)),
+            )),
         }
     }
 
-    fn map(&mut self, name: &str) -> Result<Option<BTreeMap<String, String>>> {
+    /// A TCP port; `false`, `"false"`, `"off"` or `"none"` disable it (`Some(None)`).
+    fn port(&mut self, name: &str) -> Result<Option<Option<u16>>> {
+        let number = match self.take(name) {
+            None => return Ok(None),
+            Some(OptionValue::Bool(false)) => return Ok(Some(None)),
+            Some(OptionValue::Str(text))
+                if matches!(
+                    text.trim().to_ascii_lowercase().as_str(),
+                    "none" | "false" | "off"
+                ) =>
+            {
+                return Ok(Some(None))
+            }
+            Some(OptionValue::Str(text)) => text.trim().parse::<i64>().map_err(|_| {
+                Error::config(
+                    name,
+                    format!("expected a port number or none, got `{text}`"),
+                )
+            })?,
+            Some(OptionValue::Int(number)) => number,
+            Some(other) => {
+                return Err(Error::config(
+                    name,
+                    format!("expected a port number or false, got {}", describe(&other)),
+                ))
+            }
+        };
+        u16::try_from(number)
+            .map(|port| Some(Some(port)))
+            .map_err(|_| Error::config(name, format!("{number} is not a port number (0-65535)")))
+    }
+
+    /// Key/value settings laid over the `PROSODY_KAFKA_*` ones.
+    fn settings(&mut self, name: &str) -> Result<Option<BTreeMap<String, String>>> {
+        let mut settings = std::mem::take(&mut self.kafka_from_env);
         match self.take(name) {
-            None => Ok(None),
-            Some(OptionValue::Map(map)) => Ok(Some(map)),
-            Some(other) => Err(Error::config(
-                name,
-                format!("expected a map of settings, got {}", describe(&other)),
-            )),
+            None => {}
+            Some(OptionValue::Map(map)) => settings.extend(map),
+            Some(other) => {
+                return Err(Error::config(
+                    name,
+                    format!("expected a map of settings, got {}", describe(&other)),
+                ))
+            }
         }
+        Ok((!settings.is_empty()).then_some(settings))
     }
 }
 
@@ -1220,6 +1172,74 @@ mod tests {
             ),
             "send_timeout"
         );
+    }
+
+    #[test]
+    fn choices_accept_ruby_and_environment_spellings() {
+        assert_eq!(choice("mode", ":Low-Latency").unwrap(), "low_latency");
+        assert_eq!(choice("state_store", "postgresql").unwrap(), "postgres");
+        assert_eq!(
+            choices("state_store").unwrap(),
+            vec!["auto", "postgres", "memory"]
+        );
+        assert_eq!(choices("group_id"), None);
+        let wrong = choice("mode", "fast").unwrap_err().to_string();
+        assert_eq!(
+            wrong,
+            "invalid option `mode`: expected one of pipeline, low_latency, best_effort, got `fast`"
+        );
+        let config = Config::builder()
+            .mock(true)
+            .group_id("g")
+            .build_with_env(vec![(
+                "PROSODY_STATE_STORE".to_owned(),
+                "Memory".to_owned(),
+            )])
+            .unwrap();
+        assert_eq!(config.state_store(), StateStore::Memory);
+    }
+
+    #[test]
+    fn every_option_has_a_kind_a_getter_and_a_readme_row() {
+        let kinds = [
+            "name", "list", "flag", "count", "whole", "duration", "choice", "port", "settings",
+            "version",
+        ];
+        assert_eq!(OPTION_KINDS.len(), OPTION_NAMES.len());
+        for (name, kind) in OPTION_KINDS {
+            assert!(kinds.contains(kind), "{name} has the unknown kind {kind}");
+            assert_eq!(choices(name).is_some(), *kind == "choice", "{name}");
+        }
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+                .expect("README.md next to the workspace");
+        for name in OPTION_NAMES {
+            assert!(
+                readme.contains(&format!("\n| `{name}` |")),
+                "README's options table has no row for `{name}`"
+            );
+        }
+    }
+
+    #[test]
+    fn shutdown_timeout_may_be_zero_but_other_durations_not() {
+        let base = || Config::builder().mock(true).group_id("g");
+        let config = base()
+            .set("shutdown_timeout", OptionValue::Int(0))
+            .and_then(|b| b.build_with_env(no_env()))
+            .unwrap();
+        assert_eq!(config.shutdown_timeout(), Duration::ZERO);
+        for option in ["commit_interval", "poll_interval", "retry_base", "timeout"] {
+            let result = base()
+                .set(option, OptionValue::Int(0))
+                .and_then(|b| b.build_with_env(no_env()));
+            assert_eq!(error_option(result), option);
+        }
+        let version = base()
+            .set("idempotence_version", OptionValue::Int(7))
+            .and_then(|b| b.build_with_env(no_env()))
+            .unwrap();
+        assert_eq!(version.idempotence_version(), "7");
     }
 
     #[test]

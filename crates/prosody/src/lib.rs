@@ -35,6 +35,7 @@ mod duration;
 mod error;
 mod handler;
 mod message;
+mod metrics;
 pub mod mock;
 mod probe;
 mod producer;
@@ -48,6 +49,7 @@ pub use consumer::{ConsumerState, PartitionStats, SkipCounts};
 pub use error::{Error, Result};
 pub use handler::{ClassifyError, Context, EventHandler, FailureKind};
 pub use message::{Header, Message, Timer};
+pub use metrics::Format as MetricsFormat;
 pub use producer::{Producer, SOURCE_SYSTEM_HEADER};
 pub use store::StoreError;
 // Not part of the documented API: a `Client` cannot take a store (it picks one from the

@@ -2,7 +2,8 @@
 //!
 //! `/readyz` answers 200 once the consumer owns partitions (503 before), so a
 //! rolling deploy waits for the group to settle; `/livez` answers 503 while a
-//! partition is stalled, so an orchestrator restarts a wedged process.
+//! partition is stalled, so an orchestrator restarts a wedged process;
+//! `/metrics` serves the client's Prometheus metrics (OpenMetrics text).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,10 +15,14 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::metrics::Format;
+
 /// What the probes report.
 pub(crate) trait Health: Send + Sync + 'static {
     fn ready(&self) -> bool;
     fn live(&self) -> bool;
+    /// The page for `/metrics`.
+    fn metrics(&self, format: Format) -> String;
 }
 
 /// A running probe server; stops when dropped.
@@ -130,18 +135,41 @@ async fn answer(mut stream: TcpStream, health: &dyn Health) -> std::io::Result<(
         parts.next().unwrap_or_default(),
         parts.next().unwrap_or_default(),
     );
-    let (status, body) = match (method, path.split('?').next().unwrap_or_default()) {
-        ("GET" | "HEAD", "/readyz") if health.ready() => ("200 OK", "ready\n"),
-        ("GET" | "HEAD", "/readyz") => ("503 Service Unavailable", "no partitions assigned\n"),
-        ("GET" | "HEAD", "/livez") if health.live() => ("200 OK", "live\n"),
-        ("GET" | "HEAD", "/livez") => ("503 Service Unavailable", "stalled\n"),
-        _ => ("404 Not Found", "try /readyz or /livez\n"),
+    const PLAIN: &str = "text/plain";
+    let format = Format::for_accept(&accept_header(&line));
+    let metrics;
+    let (status, content_type, body) = match (method, path.split('?').next().unwrap_or_default()) {
+        ("GET" | "HEAD", "/readyz") if health.ready() => ("200 OK", PLAIN, "ready\n"),
+        ("GET" | "HEAD", "/readyz") => {
+            ("503 Service Unavailable", PLAIN, "no partitions assigned\n")
+        }
+        ("GET" | "HEAD", "/livez") if health.live() => ("200 OK", PLAIN, "live\n"),
+        ("GET" | "HEAD", "/livez") => ("503 Service Unavailable", PLAIN, "stalled\n"),
+        ("GET" | "HEAD", "/metrics") => {
+            metrics = health.metrics(format);
+            ("200 OK", format.content_type(), metrics.as_str())
+        }
+        _ => ("404 Not Found", PLAIN, "try /readyz, /livez or /metrics\n"),
     };
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
         body.len(),
         if method == "HEAD" { "" } else { body }
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// The value of the request's `Accept` header (empty when absent).
+fn accept_header(request: &str) -> String {
+    request
+        .lines()
+        .skip(1)
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("accept")
+                .then(|| value.trim().to_owned())
+        })
+        .unwrap_or_default()
 }

@@ -1,5 +1,6 @@
 //! Sending JSON messages with a key, headers and the `source-system` header.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
@@ -10,6 +11,7 @@ use rdkafka::util::Timeout;
 
 use crate::config::{Config, Role};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::mock;
 
 /// Header naming the system that produced a message; consumers skip their own.
@@ -21,10 +23,15 @@ pub struct Producer {
     source_system: String,
     send_timeout: Duration,
     mock: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl Producer {
-    pub(crate) fn new(config: &Config, bootstrap_servers: &str) -> Result<Self> {
+    pub(crate) fn new(
+        config: &Config,
+        bootstrap_servers: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
         let mut client = config.client_config(Role::Producer);
         client
             .set("bootstrap.servers", bootstrap_servers)
@@ -55,6 +62,7 @@ impl Producer {
             source_system: config.source_system().to_owned(),
             send_timeout: config.send_timeout(),
             mock: config.mock(),
+            metrics,
         })
     }
 
@@ -116,11 +124,15 @@ impl Producer {
             topic: topic.to_owned(),
             timeout: self.send_timeout,
         };
+        let started = std::time::Instant::now();
         let delivery = tokio::time::timeout(
             self.send_timeout,
             self.inner.send(record, Timeout::After(self.send_timeout)),
-        );
-        match delivery.await {
+        )
+        .await;
+        self.metrics
+            .sent(topic, started.elapsed(), matches!(delivery, Ok(Ok(_))));
+        match delivery {
             Err(_) => Err(timed_out()),
             Ok(Ok(_)) => Ok(()),
             Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {

@@ -202,6 +202,21 @@ fn option_names() -> Vec<&'static str> {
     prosody::config::OPTION_NAMES.to_vec()
 }
 
+/// Every option with the kind of value it takes (the core's options table).
+fn option_kinds() -> std::collections::HashMap<&'static str, &'static str> {
+    prosody::config::OPTION_KINDS.iter().copied().collect()
+}
+
+/// The names a `choice` option accepts (empty for other options).
+fn option_choices(option: String) -> Vec<&'static str> {
+    prosody::config::choices(&option).unwrap_or_default()
+}
+
+/// The canonical spelling of a `choice` option's value, or `ConfigurationError`.
+fn option_choice(ruby: &Ruby, option: String, text: String) -> Result<&'static str, Error> {
+    prosody::config::choice(&option, &text).map_err(|error| from_core(ruby, &error))
+}
+
 pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     let class = native.define_class("Client", ruby.class_object())?;
     class.undef_default_alloc_func();
@@ -221,5 +236,8 @@ pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     class.define_method("skip_counts", method!(NativeClient::skip_counts, 0))?;
     class.define_method("processor_died", method!(NativeClient::processor_died, 0))?;
     native.define_singleton_method("option_names", function!(option_names, 0))?;
+    native.define_singleton_method("option_kinds", function!(option_kinds, 0))?;
+    native.define_singleton_method("option_choices", function!(option_choices, 1))?;
+    native.define_singleton_method("option_choice", function!(option_choice, 2))?;
     Ok(())
 }

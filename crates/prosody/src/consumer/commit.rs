@@ -85,7 +85,9 @@ impl PeriodicCommit {
         if list.count() == 0 {
             return;
         }
-        if let Err(error) = consumer.commit(&list, CommitMode::Async) {
+        let sent = consumer.commit(&list, CommitMode::Async);
+        shared.metrics.committed(sent.is_ok());
+        if let Err(error) = sent {
             warn!("commit failed; the next full commit sends it again: {error}");
         }
     }
@@ -134,6 +136,7 @@ pub(crate) fn commit_finally(
     let mut pause = Duration::from_millis(50);
     let mut result = commit_by(consumer, managers, true, deadline);
     loop {
+        shared.metrics.committed(result.is_ok());
         match result {
             Ok(()) => {
                 debug!("final commit done");

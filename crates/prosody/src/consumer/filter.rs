@@ -27,6 +27,15 @@ impl Skip {
             Self::Duplicate => "message id handled already",
         }
     }
+
+    /// The `reason` label in metrics.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::OwnMessage => "own_message",
+            Self::EventType => "event_type",
+            Self::Duplicate => "duplicate",
+        }
+    }
 }
 
 /// True when the `source-system` header names `group_id`.

@@ -55,6 +55,26 @@ impl Hooks {
 }
 
 impl ClientContext for Hooks {
+    /// librdkafka's statistics (every `statistics.interval.ms`): each owned
+    /// partition's lag becomes a gauge.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(shared) = self.shared.get() else {
+            return;
+        };
+        let owned = shared.partitions();
+        for (topic, stats) in &statistics.topics {
+            for (partition, stats) in &stats.partitions {
+                // librdkafka reports -1 until it knows both ends.
+                if stats.consumer_lag < 0 {
+                    continue;
+                }
+                if let Some(manager) = owned.get(&(Arc::from(topic.as_str()), *partition)) {
+                    shared.metrics.set_lag(manager.labels(), stats.consumer_lag);
+                }
+            }
+        }
+    }
+
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         self.serve();
         match level {
@@ -122,7 +142,12 @@ impl Hooks {
                 manager.wait_idle(handlers_until).await;
             }
         });
-        match commit_by(consumer, &revoked, true, deadline) {
+        let committed = commit_by(consumer, &revoked, true, deadline);
+        shared.metrics.committed(committed.is_ok());
+        for manager in &revoked {
+            shared.metrics.partition_released(manager.labels());
+        }
+        match committed {
             Ok(()) => {}
             Err(CommitError::Unconfirmed) => warn!("commit of the revoked partitions not confirmed within shutdown_timeout; their new owner may repeat what finished since the last commit"),
             Err(error) => warn!("commit of the revoked partitions failed; their new owner repeats what finished since the last commit: {error}"),
@@ -150,6 +175,9 @@ impl ConsumerContext for Hooks {
         );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Some(shared) = self.shared.get() {
+                    shared.metrics.rebalanced("assign");
+                }
                 let Some(shared) = self.shared.get().filter(|shared| !shared.is_stopping()) else {
                     assign(consumer, list, cooperative);
                     return;
@@ -167,6 +195,9 @@ impl ConsumerContext for Hooks {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if let Some(shared) = self.shared.get() {
+                    shared.metrics.rebalanced("revoke");
+                }
                 self.revoke(consumer, list);
                 unassign(consumer, list, cooperative);
             }
@@ -183,6 +214,9 @@ impl ConsumerContext for Hooks {
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         self.serve();
         if let Err(error) = result {
+            if let Some(shared) = self.shared.get() {
+                shared.metrics.committed(false);
+            }
             warn!("commit failed; the next full commit sends it again: {error}");
         }
     }

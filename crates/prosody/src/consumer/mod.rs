@@ -38,6 +38,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::handler::EventHandler;
 use crate::message::Header;
+use crate::metrics::Metrics;
 use crate::probe::{Health, ProbeServer};
 use crate::producer::Producer;
 use commit::{commit_finally, commit_reserve, PeriodicCommit};
@@ -76,6 +77,7 @@ impl Subscription {
         bootstrap_servers: &str,
         handler: H,
         dead_letters: Option<Arc<Producer>>,
+        metrics: Arc<Metrics>,
         runtime: Handle,
     ) -> Result<Self> {
         let group_id = config.group_id.clone().unwrap_or_default();
@@ -87,6 +89,7 @@ impl Subscription {
             Arc::clone(&config),
             Arc::new(handler),
             dead_letters,
+            metrics,
             runtime,
             bootstrap_servers,
         );
@@ -148,6 +151,10 @@ impl Subscription {
 
     pub(crate) fn probe_address(&self) -> Option<std::net::SocketAddr> {
         self.probe.as_ref().map(ProbeServer::address)
+    }
+
+    pub(crate) fn refresh_metrics(&self) {
+        self.shared.refresh_metrics();
     }
 
     pub(crate) fn stats(&self) -> Vec<PartitionStats> {

@@ -28,6 +28,8 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("partition.assignment.strategy", "cooperative-sticky"),
     ("fetch.queue.backoff.ms", "10"),
     ("fetch.wait.max.ms", "50"),
+    // Partition lag for the metrics comes from librdkafka's statistics.
+    ("statistics.interval.ms", "5000"),
 ];
 
 /// The session timeout in mock mode, unless the passthrough sets one. The mock

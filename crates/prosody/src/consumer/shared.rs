@@ -18,6 +18,7 @@ use super::hooks::Hooks;
 use super::partition::PartitionManager;
 use crate::config::Config;
 use crate::dedup::Deduplicator;
+use crate::metrics::{Format, Metrics};
 use crate::probe::Health;
 use crate::producer::Producer;
 use crate::timers::TimerStore;
@@ -41,6 +42,8 @@ pub(crate) struct Shared {
     pub(crate) defer_settings: DeferSettings,
     /// Reads deferred messages back by offset.
     pub(crate) reloader: Reloader,
+    /// The client's metrics.
+    pub(crate) metrics: Arc<Metrics>,
     /// Bounds running handlers across all partitions to `max_concurrency`.
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) runtime: Handle,
@@ -61,13 +64,15 @@ impl Shared {
         config: Arc<Config>,
         handler: Arc<dyn DynHandler>,
         dead_letters: Option<Arc<Producer>>,
+        metrics: Arc<Metrics>,
         runtime: Handle,
         bootstrap_servers: &str,
     ) -> Arc<Self> {
         // One pending wake-up is enough: the poll thread looks at everything when it wakes.
         let (waker, wakeups) = crossbeam_channel::bounded(1);
         let stores = crate::state::stores(&config);
-        let dedup = Deduplicator::new(&config, stores.dedup);
+        let dedup = Deduplicator::new(&config, stores.dedup)
+            .map(|dedup| dedup.with_metrics(Arc::clone(&metrics)));
         let store = stores.timers;
         let defer_settings = DeferSettings::from_config(&config);
         let deferred = stores.deferred.filter(|_| defer_settings.enabled);
@@ -82,6 +87,7 @@ impl Shared {
             config,
             handler,
             dead_letters,
+            metrics,
             store,
             dedup,
             skips: SkipCounters::default(),
@@ -141,6 +147,18 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Sets the gauges that mirror partition state (buffered messages, assignment).
+    pub(crate) fn refresh_metrics(&self) {
+        let managers = self.managers();
+        self.metrics.set_assigned(managers.len());
+        for manager in managers {
+            self.metrics
+                .set_buffered(manager.labels(), manager.stats().buffered);
+        }
+    }
+}
+
 impl Health for Shared {
     fn ready(&self) -> bool {
         !self.partitions().is_empty()
@@ -148,5 +166,10 @@ impl Health for Shared {
 
     fn live(&self) -> bool {
         !self.is_stalled()
+    }
+
+    fn metrics(&self, format: Format) -> String {
+        self.refresh_metrics();
+        self.metrics.render(format)
     }
 }

@@ -17,6 +17,7 @@ use tracing::warn;
 use super::partition::PartitionManager;
 use crate::error::Result;
 use crate::handler::{to_millis, KeyTimers, TimersFuture};
+use crate::metrics::Metrics;
 use crate::timers::{PartitionScope, TimerStore};
 
 /// How far ahead timers are loaded.
@@ -45,11 +46,17 @@ pub(crate) struct TimerQueue {
     scope: PartitionScope,
     state: Mutex<State>,
     changed: Notify,
+    metrics: Arc<Metrics>,
 }
 
 impl TimerQueue {
-    pub(crate) fn new(store: Arc<dyn TimerStore>, scope: PartitionScope) -> Arc<Self> {
+    pub(crate) fn new(
+        store: Arc<dyn TimerStore>,
+        scope: PartitionScope,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            metrics,
             store,
             scope,
             state: Mutex::new(State {
@@ -83,13 +90,21 @@ impl TimerQueue {
     }
 
     /// False when the timer was unscheduled after it was handed to its key's queue.
+    /// Counts a failed store operation in the metrics, passing the result on.
+    fn counted<T, E>(&self, result: std::result::Result<T, E>) -> std::result::Result<T, E> {
+        if result.is_err() {
+            self.metrics.store_error();
+        }
+        result
+    }
+
     pub(crate) fn is_queued(&self, key: &Arc<str>, at: i64) -> bool {
         self.state().queued.contains(&(at, Arc::clone(key)))
     }
 
     /// Deletes a timer that has run (or was given up on).
     pub(crate) async fn finished(&self, key: &Arc<str>, at: i64) -> Result<()> {
-        self.store.unschedule(&self.scope, key, at).await?;
+        self.counted(self.store.unschedule(&self.scope, key, at).await)?;
         self.state().queued.remove(&(at, Arc::clone(key)));
         Ok(())
     }
@@ -104,7 +119,7 @@ impl TimerQueue {
             let now = to_millis(SystemTime::now());
             let reload_at = self.state().horizon.saturating_sub(millis(WINDOW) / 2);
             if now >= reload_at {
-                if let Err(error) = self.load(now).await {
+                if let Err(error) = self.counted(self.load(now).await) {
                     warn!(scope = %self.scope, "cannot load timers; retrying in {RETRY:?}: {error}");
                     tokio::select! {
                         () = cancellation.cancelled() => return,
@@ -179,7 +194,8 @@ fn millis(duration: Duration) -> i64 {
 impl KeyTimers for TimerQueue {
     fn schedule<'a>(&'a self, key: &'a Arc<str>, at: i64) -> TimersFuture<'a, ()> {
         Box::pin(async move {
-            self.store.schedule(&self.scope, key, at).await?;
+            self.counted(self.store.schedule(&self.scope, key, at).await)?;
+            self.metrics.timer_scheduled();
             self.remember(key, at);
             Ok(())
         })
@@ -187,7 +203,7 @@ impl KeyTimers for TimerQueue {
 
     fn unschedule<'a>(&'a self, key: &'a Arc<str>, at: i64) -> TimersFuture<'a, ()> {
         Box::pin(async move {
-            self.store.unschedule(&self.scope, key, at).await?;
+            self.counted(self.store.unschedule(&self.scope, key, at).await)?;
             let entry = (at, Arc::clone(key));
             let mut state = self.state();
             state.waiting.remove(&entry);
@@ -198,7 +214,7 @@ impl KeyTimers for TimerQueue {
 
     fn clear<'a>(&'a self, key: &'a Arc<str>) -> TimersFuture<'a, ()> {
         Box::pin(async move {
-            self.store.clear(&self.scope, key).await?;
+            self.counted(self.store.clear(&self.scope, key).await)?;
             self.forget_key(key);
             Ok(())
         })
@@ -206,7 +222,8 @@ impl KeyTimers for TimerQueue {
 
     fn clear_and_schedule<'a>(&'a self, key: &'a Arc<str>, at: i64) -> TimersFuture<'a, ()> {
         Box::pin(async move {
-            self.store.clear_and_schedule(&self.scope, key, at).await?;
+            self.counted(self.store.clear_and_schedule(&self.scope, key, at).await)?;
+            self.metrics.timer_scheduled();
             self.forget_key(key);
             self.remember(key, at);
             Ok(())
@@ -214,6 +231,6 @@ impl KeyTimers for TimerQueue {
     }
 
     fn scheduled<'a>(&'a self, key: &'a Arc<str>) -> TimersFuture<'a, Vec<i64>> {
-        Box::pin(async move { Ok(self.store.scheduled(&self.scope, key).await?) })
+        Box::pin(async move { Ok(self.counted(self.store.scheduled(&self.scope, key).await)?) })
     }
 }

@@ -28,6 +28,7 @@ use tracing::warn;
 pub(crate) use memory::MemoryDedup;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::store::{StoreError, StoreFuture};
 
 /// One handled message as the stores remember it.
@@ -69,6 +70,8 @@ pub(crate) struct Deduplicator {
     /// Recently handled ids and when each stops counting.
     recent: Mutex<LruCache<CacheKey, Instant>>,
     store: Option<Arc<dyn DedupStore>>,
+    /// Where failed store calls are counted, once the consumer attaches its metrics.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Deduplicator {
@@ -81,7 +84,20 @@ impl Deduplicator {
             ttl: config.idempotence_ttl,
             recent: Mutex::new(LruCache::new(capacity)),
             store,
+            metrics: None,
         })
+    }
+
+    /// Counts failed store calls in `metrics`.
+    pub(crate) fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn store_failed(&self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.store_error();
+        }
     }
 
     fn handled_id(&self, topic: &Arc<str>, key: &Arc<str>, id: &str) -> HandledId {
@@ -118,6 +134,7 @@ impl Deduplicator {
         match store.contains(&handled, now_ms()).await {
             Ok(found) => found,
             Err(error) => {
+                self.store_failed();
                 warn!(topic = %topic, key = %key, id, "cannot look up the message id; handling the message (it may have been handled before): {}", describe(&error));
                 false
             }
@@ -135,6 +152,7 @@ impl Deduplicator {
         let expires_at_ms =
             now_ms().saturating_add(i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX));
         if let Err(error) = store.record(&handled, expires_at_ms).await {
+            self.store_failed();
             warn!(topic = %topic, key = %key, id, "cannot record the handled message id; a redelivery after a restart will run again: {}", describe(&error));
         }
     }

@@ -30,6 +30,7 @@ use super::offsets::{Admission, OffsetTracker};
 use super::shared::Shared;
 use super::timer_queue::TimerQueue;
 use crate::message::Header;
+use crate::metrics::{PartitionLabels, PartitionMetrics};
 use crate::timers::PartitionScope;
 use backpressure::Backpressure;
 
@@ -140,6 +141,8 @@ pub(crate) struct PartitionManager {
     defer: Option<Arc<DeferQueue>>,
     /// Set by the partition's first own-message skip, which is explained at INFO.
     own_skip_explained: AtomicBool,
+    /// This partition's series in the client's metrics.
+    metrics: PartitionMetrics,
 }
 
 impl PartitionManager {
@@ -156,7 +159,7 @@ impl PartitionManager {
                 Arc::clone(&topic),
                 partition,
             );
-            TimerQueue::new(Arc::clone(store), scope)
+            TimerQueue::new(Arc::clone(store), scope, Arc::clone(&shared.metrics))
         });
         let defer = shared.deferred.as_ref().map(|store| {
             let scope = PartitionScope::new(
@@ -167,6 +170,7 @@ impl PartitionManager {
             DeferQueue::new(Arc::clone(store), scope, shared.defer_settings)
         });
         let manager = Arc::new(Self {
+            metrics: shared.metrics.partition(&topic, partition),
             topic,
             partition,
             timers,
@@ -231,6 +235,7 @@ impl PartitionManager {
         let buffered = state.offsets.pending();
         self.enqueue(&mut state, key, Work::Message(fetched));
         state.buffer.accepted(buffered, max);
+        self.metrics.received();
         Accepted::Taken
     }
 
@@ -315,6 +320,11 @@ impl PartitionManager {
 
     pub(crate) fn partition(&self) -> i32 {
         self.partition
+    }
+
+    /// This partition's labels in the client's metrics.
+    pub(crate) fn labels(&self) -> &PartitionLabels {
+        &self.metrics.labels
     }
 
     pub(crate) fn stats(&self) -> PartitionStats {

@@ -158,8 +158,12 @@ impl PartitionManager {
             key: Arc::clone(key),
             time: from_millis(at),
         };
+        let late = std::time::SystemTime::now()
+            .duration_since(timer.time)
+            .unwrap_or_default();
         match self.retry(key, Call::Timer(timer, at)).await {
-            Settled::Succeeded | Settled::Deferred => {}
+            Settled::Succeeded => self.shared.metrics.timer_fired(self.labels(), late),
+            Settled::Deferred => {}
             Settled::GaveUp {
                 failure, attempts, ..
             } => error!(
@@ -188,13 +192,21 @@ impl PartitionManager {
                 defer.record(!matches!(outcome, Outcome::Succeeded));
             }
             let failure = match outcome {
-                Outcome::Succeeded => return Settled::Succeeded,
+                Outcome::Succeeded => {
+                    if matches!(call, Call::Message(_)) {
+                        self.metrics.handled();
+                    }
+                    return Settled::Succeeded;
+                }
                 Outcome::Failed(_) if self.cancellation.is_cancelled() => {
                     debug!(topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), "handler stopped by cancellation; the {} will run again", call.noun());
                     return Settled::Cancelled;
                 }
                 Outcome::Failed(failure) => failure,
             };
+            self.shared
+                .metrics
+                .failed(self.labels(), failure.kind.as_str());
             match decide(&self.shared.config, failure.kind, attempt) {
                 Decision::Retry(delay) => {
                     if let Some(offset) = call.offset() {
@@ -202,6 +214,7 @@ impl PartitionManager {
                             return Settled::Deferred;
                         }
                     }
+                    self.shared.metrics.retried(self.labels());
                     warn!(
                         topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), attempt, kind = failure.kind.as_str(),
                         "{} failed ({}): {}; retrying in {delay:?}", call.handler(), failure.class, failure.message
@@ -263,6 +276,7 @@ impl PartitionManager {
             debug!(topic = %self.topic, partition = self.partition, offset, key, "skipping message: {}", skip.as_str());
         }
         self.shared.skips.count(skip);
+        self.shared.metrics.skipped(self.labels(), skip.label());
         true
     }
 
@@ -295,6 +309,7 @@ impl PartitionManager {
             .as_ref()
             .map(|timers| (Arc::clone(timers) as Arc<dyn KeyTimers>, Arc::clone(key)));
         let context = Context::new(call.clone(), timers);
+        let _running = self.metrics.handler_running();
         let handler = match work {
             Call::Message(message) => self.shared.handler.on_message(context, message),
             Call::Timer(timer, _) => self.shared.handler.on_timer(context, timer),
@@ -366,6 +381,7 @@ impl PartitionManager {
                 topic = %self.topic, partition = self.partition, offset, key = fetched.shown_key(), attempts, kind = failure.kind.as_str(),
                 "skipping message after failure ({}): {}", failure.class, failure.message
             );
+            self.shared.metrics.skipped(self.labels(), "failed");
             return true;
         };
         let headers = dead_letter_headers(
@@ -384,6 +400,7 @@ impl PartitionManager {
             )
             .await;
         if written {
+            self.shared.metrics.dead_lettered(self.labels());
             warn!(
                 topic = %self.topic, partition = self.partition, offset, key = fetched.shown_key(), attempts, kind = failure.kind.as_str(),
                 failure_topic = topic, "message dead-lettered after failure ({}): {}", failure.class, failure.message
