@@ -42,6 +42,8 @@ module Prosody
       send_timeout: :duration,
       shutdown_timeout: :duration,
       mode: :choice,
+      defer: :flag,
+      defer_failure_threshold: :fraction,
       max_retries: :whole,
       retry_base: :duration,
       max_retry_delay: :duration,
@@ -60,7 +62,7 @@ module Prosody
     # Kind of option => the private method that checks and converts its value.
     CONVERTERS = {
       name: :name_value, list: :list_value, flag: :flag_value, count: :positive_value, whole: :whole_value,
-      duration: :duration_value, choice: :choice_value, port: :port_value, settings: :settings_value,
+      duration: :duration_value, fraction: :fraction_value, choice: :choice_value, port: :port_value, settings: :settings_value,
       version: :version_value
     }.freeze
     private_constant :CONVERTERS
@@ -216,6 +218,16 @@ module Prosody
         seconds
       else raise invalid(name, "expected seconds (Numeric) or a String like \"250ms\", got #{value.class}")
       end
+    end
+
+    # A share: a Numeric above 0 and at most 1, as a Float (text only from `PROSODY_*`).
+    def fraction_value(name, value)
+      raise invalid(name, "expected a number from 0 to 1 (Numeric), got #{value.class}") unless value.is_a?(Numeric)
+
+      share = value.to_f
+      raise invalid(name, "must be greater than 0 and at most 1, got #{value}") unless share.positive? && share <= 1
+
+      share
     end
 
     # One of the names the native core lists for this option (e.g. {MODES}), as a

@@ -172,7 +172,7 @@ macro_rules! options {
         pub const OPTION_NAMES: &[&str] = &[$(stringify!($name)),*];
 
         /// Every option with the kind of value it takes (`name`, `list`, `flag`, `count`,
-        /// `whole`, `duration`, `choice`, `port`, `settings`, `version`).
+        /// `whole`, `duration`, `fraction`, `choice`, `port`, `settings`, `version`).
         pub const OPTION_KINDS: &[(&str, &str)] = &[$((stringify!($name), stringify!($kind))),*];
 
         /// Validated client configuration. Build one with [`Config::builder`].
@@ -257,6 +257,12 @@ options! {
     shutdown_timeout: Duration = duration(Duration::from_secs(30)) -> Duration;
     /// What happens to messages whose handler keeps failing.
     mode: Mode = choice(Mode::Pipeline) -> Mode;
+    /// `:pipeline`: a message failing transiently is deferred (stored and retried
+    /// later) so its partition moves on; its key's later messages wait behind it.
+    defer: bool = flag(true) -> bool;
+    /// `:pipeline`: while more than this share of a partition's recent messages
+    /// fail, nothing new is deferred (failing messages are retried in place).
+    defer_failure_threshold: f64 = fraction(0.9) -> f64;
     /// Retries before giving up (`low_latency`, `best_effort`).
     max_retries: u32 = whole(3) -> u32;
     /// First retry delay; doubles per attempt, with jitter.
@@ -845,6 +851,35 @@ impl Options {
             .map_err(|_| Error::config(name, format!("must not be negative, got {number}")))
     }
 
+    /// A number greater than 0 and at most 1 (a share); text only from the environment.
+    fn fraction(&mut self, name: &str) -> Result<Option<f64>> {
+        let number = match self.take(name) {
+            None => return Ok(None),
+            Some(OptionValue::Float(number)) => number,
+            #[allow(clippy::cast_precision_loss)] // only 0 and 1 are valid integers
+            Some(OptionValue::Int(number)) => number as f64,
+            Some(OptionValue::Str(text)) if self.from_env.contains(name) => {
+                text.trim().parse::<f64>().map_err(|_| {
+                    Error::config(name, format!("expected a number from 0 to 1, got `{text}`"))
+                })?
+            }
+            Some(other) => {
+                return Err(Error::config(
+                    name,
+                    format!("expected a number from 0 to 1, got {}", describe(&other)),
+                ))
+            }
+        };
+        if number.is_finite() && number > 0.0 && number <= 1.0 {
+            Ok(Some(number))
+        } else {
+            Err(Error::config(
+                name,
+                format!("must be greater than 0 and at most 1, got {number}"),
+            ))
+        }
+    }
+
     /// An integer; text is accepted from the environment (where every value is text)
     /// but not from code, where a String for an Integer option is a mistake
     /// (e.g. `max_concurrency: "10"`).
@@ -1202,8 +1237,8 @@ mod tests {
     #[test]
     fn every_option_has_a_kind_a_getter_and_a_readme_row() {
         let kinds = [
-            "name", "list", "flag", "count", "whole", "duration", "choice", "port", "settings",
-            "version",
+            "name", "list", "flag", "count", "whole", "duration", "fraction", "choice", "port",
+            "settings", "version",
         ];
         assert_eq!(OPTION_KINDS.len(), OPTION_NAMES.len());
         for (name, kind) in OPTION_KINDS {

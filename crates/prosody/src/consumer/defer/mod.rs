@@ -64,23 +64,13 @@ pub(crate) struct DeferSettings {
     pub(crate) failure_threshold: f64,
 }
 
-impl Default for DeferSettings {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            failure_threshold: 0.9,
-        }
-    }
-}
-
 impl DeferSettings {
     /// The settings `config` asks for; deferral applies in `:pipeline` mode only
     /// (the other modes give up after `max_retries` instead of blocking).
     pub(crate) fn from_config(config: &Config) -> Self {
-        let defaults = Self::default();
         Self {
-            enabled: defaults.enabled && config.mode == Mode::Pipeline,
-            ..defaults
+            enabled: config.defer && config.mode == Mode::Pipeline,
+            failure_threshold: config.defer_failure_threshold,
         }
     }
 }
