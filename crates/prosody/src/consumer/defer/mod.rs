@@ -37,7 +37,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::partition::PartitionManager;
+use super::partition::{Fetched, PartitionManager};
 use crate::config::{Config, Mode};
 use crate::handler::to_millis;
 use crate::store::StoreError;
@@ -50,6 +50,10 @@ const WINDOW: usize = 100;
 /// Outcomes the gate needs before it may close: a handful of early failures
 /// must not turn deferral off.
 const MIN_OUTCOMES: usize = 20;
+
+/// Deferred messages a partition keeps in memory as fetched, so that their
+/// retry need not read them back from Kafka; the rest are read back.
+const CACHED: usize = 1_000;
 
 /// Pause after a failed load before trying again.
 const LOAD_RETRY: Duration = Duration::from_secs(1);
@@ -118,6 +122,8 @@ struct State {
     keys: HashMap<Arc<str>, DeferredKey>,
     messages: usize,
     gate: Gate,
+    /// Deferred messages as fetched, by offset (at most [`CACHED`]).
+    cached: HashMap<i64, Fetched>,
 }
 
 /// One partition's deferred messages, mirrored from the [`DeferStore`], and
@@ -236,11 +242,26 @@ impl DeferQueue {
         Ok(())
     }
 
+    /// Keeps a deferred message as fetched, while there is room, so that its
+    /// retry need not read it back.
+    pub(crate) fn cache(&self, fetched: Fetched) {
+        let mut state = self.state();
+        if state.cached.len() < CACHED {
+            state.cached.insert(fetched.offset, fetched);
+        }
+    }
+
+    /// The deferred message at `offset` as fetched, if it was kept.
+    pub(crate) fn cached(&self, offset: i64) -> Option<Fetched> {
+        self.state().cached.remove(&offset)
+    }
+
     /// The first deferred message of `key` ran (or was given up on): forget it
     /// and make the next one due now.
     pub(crate) async fn done(&self, key: &str, offset: i64) -> Result<(), StoreError> {
         self.store.remove(&self.scope, offset).await?;
         let mut state = self.state();
+        state.cached.remove(&offset);
         let Some(deferred) = state.keys.get_mut(key) else {
             return Ok(());
         };

@@ -35,7 +35,7 @@ use crate::timers::PartitionScope;
 use backpressure::Backpressure;
 
 /// A fetched message, copied out of librdkafka's buffer, payload not yet decoded.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Fetched {
     pub(crate) offset: i64,
     pub(crate) key: Result<Arc<str>, UnusableKey>,
@@ -56,7 +56,7 @@ impl Fetched {
 }
 
 /// Why a record's key cannot be used (the message then fails as bad input).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct UnusableKey {
     /// E.g. "its key is not valid UTF-8".
     pub(crate) problem: &'static str,

@@ -117,13 +117,18 @@ impl PartitionManager {
                 () = self.draining.cancelled() => return false,
             }
         }
-        match self.defer_behind(key, offset).await {
+        match self.defer_behind(key, &fetched).await {
             Behind::Run => {}
             Behind::Deferred => return true,
             Behind::Cancelled => return false,
         }
         match self.retry(key, Call::Message(message)).await {
-            Settled::Deferred => true,
+            Settled::Deferred => {
+                if let Some(defer) = &self.defer {
+                    defer.cache(fetched);
+                }
+                true
+            }
             Settled::Succeeded => {
                 if let (Some(dedup), Some(id)) = (&self.shared.dedup, &id) {
                     dedup.record(&self.topic, key, id).await;

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{error, info, warn};
 
-use super::super::{PartitionManager, Work};
+use super::super::{Fetched, PartitionManager, Work};
 use super::Call;
 use crate::consumer::defer::reload::ReloadError;
 use crate::consumer::defer::DeferQueue;
@@ -42,7 +42,8 @@ impl PartitionManager {
     /// Before a fresh message runs: when its key has deferred messages, the
     /// message is deferred behind them (stored, retried until it is), so the
     /// key keeps its order while its offset is finished.
-    pub(super) async fn defer_behind(&self, key: &Arc<str>, offset: i64) -> Behind {
+    pub(super) async fn defer_behind(&self, key: &Arc<str>, fetched: &Fetched) -> Behind {
+        let offset = fetched.offset;
         let Some(defer) = self.defer.as_ref() else {
             return Behind::Run;
         };
@@ -63,6 +64,7 @@ impl PartitionManager {
             )
             .await;
         if stored {
+            defer.cache(fetched.clone());
             Behind::Deferred
         } else {
             Behind::Cancelled
@@ -113,10 +115,13 @@ impl PartitionManager {
     async fn run_deferred(&self, defer: &DeferQueue, key: &Arc<str>) -> bool {
         let config = &self.shared.config;
         while let Some((offset, tried)) = defer.head(key) {
-            let reloaded = tokio::select! {
-                biased;
-                () = self.draining.cancelled() => return false,
-                reloaded = self.shared.reloader.fetch(&self.topic, self.partition, offset) => reloaded,
+            let reloaded = match defer.cached(offset) {
+                Some(fetched) => Ok(fetched),
+                None => tokio::select! {
+                    biased;
+                    () = self.draining.cancelled() => return false,
+                    reloaded = self.shared.reloader.fetch(&self.topic, self.partition, offset) => reloaded,
+                },
             };
             let attempt = tried + 1;
             let fetched = match reloaded {
@@ -185,6 +190,7 @@ impl PartitionManager {
                         topic = %self.topic, partition = self.partition, offset, key = %key, attempt, kind = failure.kind.as_str(),
                         "deferred message failed again ({}): {}; retrying in {delay:?}", failure.class, failure.message
                     );
+                    defer.cache(fetched);
                     return self.back_off(defer, key, offset, attempt, delay).await;
                 }
                 decision => {
