@@ -25,7 +25,7 @@ module Prosody
     # Help text for the kinds of client option.
     KIND_HINTS = {
       list: "comma separated", duration: "seconds, or e.g. 250ms, 30s, 5m", count: "at least 1",
-      whole: "0 or more", port: "port, 0 (any free port) or none"
+      whole: "0 or more", port: "port, 0 (any free port) or none", fraction: "above 0, at most 1"
     }.freeze
     private_constant :KIND_HINTS
 
@@ -136,10 +136,12 @@ module Prosody
       Configuration::OPTIONS.each do |name, kind|
         case name
         when :mock then opts.on("--[no-]mock", "Use the in-process mock Kafka cluster") { |flag| set(name, flag) }
+        when :defer
+          opts.on("--[no-]defer", "Defer messages that fail transiently (:pipeline)") { |flag| set(name, flag) }
         when :kafka then opts.on("--kafka SETTING=VALUE", "A librdkafka setting; repeatable") { |pair| kafka(pair) }
         else
           # Whole-number options are Integers for Configuration (which refuses Strings).
-          type = %i[count whole].include?(kind) ? [Integer] : []
+          type = { count: [Integer], whole: [Integer], fraction: [Float] }.fetch(kind, [])
           flag = "--#{name.to_s.tr("_", "-")} VALUE"
           opts.on(flag, *type, *alias_switches(name), hint(name, kind)) do |value|
             set(name, value)

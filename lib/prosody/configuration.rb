@@ -62,8 +62,8 @@ module Prosody
     # Kind of option => the private method that checks and converts its value.
     CONVERTERS = {
       name: :name_value, list: :list_value, flag: :flag_value, count: :positive_value, whole: :whole_value,
-      duration: :duration_value, fraction: :fraction_value, choice: :choice_value, port: :port_value, settings: :settings_value,
-      version: :version_value
+      duration: :duration_value, fraction: :fraction_value, choice: :choice_value, port: :port_value,
+      settings: :settings_value, version: :version_value
     }.freeze
     private_constant :CONVERTERS
 
