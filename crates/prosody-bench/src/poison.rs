@@ -62,7 +62,11 @@ impl EventHandler for Handler {
         self.0.first.get_or_init(Instant::now);
         tokio::time::sleep(WORK).await;
         if message.key() == "key-0" {
-            return if self.0.poisoned { Err(Refused) } else { Ok(()) };
+            return if self.0.poisoned {
+                Err(Refused)
+            } else {
+                Ok(())
+            };
         }
         self.0.healthy.fetch_add(1, Ordering::AcqRel);
         *self
@@ -105,7 +109,9 @@ pub(crate) async fn poison(
     eprintln!("(p) key-0 failing forever, defer off…");
     let blocking = run(cluster, &topic, messages, healthy, true, false, single).await?;
 
-    let clean_rate = clean.rate.ok_or("(p) the run without failures did not finish")?;
+    let clean_rate = clean
+        .rate
+        .ok_or("(p) the run without failures did not finish")?;
     let deferred_rate = deferred.rate.unwrap_or(0.0);
     let share = ratio(deferred_rate, clean_rate);
     report.insert("poison_messages", messages);
@@ -141,7 +147,13 @@ pub(crate) async fn poison(
         "(p) other keys handled, key-0 failing, defer off",
         format!("{} of {healthy}", blocking.healthy),
         "blocking retry stops the partition".to_owned(),
-        format!("{:.2}", ratio(crate::report::as_f64(blocking.healthy), crate::report::as_f64(healthy))),
+        format!(
+            "{:.2}",
+            ratio(
+                crate::report::as_f64(blocking.healthy),
+                crate::report::as_f64(healthy)
+            )
+        ),
     );
     Ok(())
 }
@@ -206,7 +218,10 @@ async fn run(
     } else {
         None
     };
-    client.unsubscribe().await.map_err(|error| error.to_string())?;
+    client
+        .unsubscribe()
+        .await
+        .map_err(|error| error.to_string())?;
     Ok(Run {
         healthy: handled,
         rate,

@@ -228,7 +228,10 @@ fn defer_options_are_checked_and_fall_back_to_the_environment() {
     assert_eq!(named, "defer");
     let env = vec![
         ("PROSODY_DEFER".to_owned(), "false".to_owned()),
-        ("PROSODY_DEFER_FAILURE_THRESHOLD".to_owned(), "0.5".to_owned()),
+        (
+            "PROSODY_DEFER_FAILURE_THRESHOLD".to_owned(),
+            "0.5".to_owned(),
+        ),
     ];
     let config = mock().build_with_env(env).expect("from the environment");
     assert!(!config.defer());

@@ -14,7 +14,9 @@ use prosody::{ClassifyError, Client, ConfigBuilder, Context, EventHandler, Messa
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
-use support::{client, config, lock, log_lines_with, produce, topic, unique, wait_until, Record, Seen};
+use support::{
+    client, config, lock, log_lines_with, produce, topic, unique, wait_until, Record, Seen,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -103,7 +105,10 @@ fn deferred(consumer: &Client) -> (usize, usize) {
         .partition_stats()
         .iter()
         .fold((0, 0), |(keys, messages), stats| {
-            (keys + stats.deferred_keys, messages + stats.deferred_messages)
+            (
+                keys + stats.deferred_keys,
+                messages + stats.deferred_messages,
+            )
         })
 }
 
@@ -143,9 +148,10 @@ async fn a_poison_key_is_deferred_while_the_other_keys_flow() {
         committed(&consumer, &source) == Some(MESSAGES)
     })
     .await;
-    wait_until("the poison key's first message is retried after deferral", || {
-        handler.attempts_of(0) >= 3
-    })
+    wait_until(
+        "the poison key's first message is retried after deferral",
+        || handler.attempts_of(0) >= 3,
+    )
     .await;
     assert_eq!(deferred(&consumer), (1, poison_offsets.len()));
     assert!(
@@ -253,22 +259,43 @@ async fn permanent_failures_are_dead_lettered_not_deferred() {
 
     let letters = Seen::default();
     let reader = client(config(&unique("reader"), &dead));
-    reader.subscribe(letters.recorder()).expect("subscribe reader");
+    reader
+        .subscribe(letters.recorder())
+        .expect("subscribe reader");
     wait_until("the 10 permanent failures are dead-lettered", || {
         letters.len() == 10
     })
     .await;
-    wait_until("the 20 good messages are handled", || handler.seen.len() == 20).await;
-    assert_eq!(deferred(&consumer), (0, 0), "a permanent failure was deferred");
+    wait_until("the 20 good messages are handled", || {
+        handler.seen.len() == 20
+    })
+    .await;
+    assert_eq!(
+        deferred(&consumer),
+        (0, 0),
+        "a permanent failure was deferred"
+    );
     for offset in (0..30).filter(|i| i % 3 == 0) {
-        assert_eq!(handler.attempts_of(offset), 1, "offset {offset} was retried");
+        assert_eq!(
+            handler.attempts_of(offset),
+            1,
+            "offset {offset} was retried"
+        );
     }
     let order: Vec<String> = letters
         .messages()
         .iter()
-        .map(|letter| letter.header("prosody-original-offset").unwrap_or("?").to_owned())
+        .map(|letter| {
+            letter
+                .header("prosody-original-offset")
+                .unwrap_or("?")
+                .to_owned()
+        })
         .collect();
-    let expected: Vec<String> = (0..30).filter(|i| i % 3 == 0).map(|i: i32| i.to_string()).collect();
+    let expected: Vec<String> = (0..30)
+        .filter(|i| i % 3 == 0)
+        .map(|i: i32| i.to_string())
+        .collect();
     assert_eq!(order, expected);
     wait_until("the commit reaches the end", || {
         committed(&consumer, &source) == Some(30)

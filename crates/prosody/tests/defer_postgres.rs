@@ -85,7 +85,10 @@ fn deferred(consumer: &Client) -> (usize, usize) {
         .partition_stats()
         .iter()
         .fold((0, 0), |(keys, messages), stats| {
-            (keys + stats.deferred_keys, messages + stats.deferred_messages)
+            (
+                keys + stats.deferred_keys,
+                messages + stats.deferred_messages,
+            )
         })
 }
 
@@ -113,9 +116,10 @@ async fn deferred_messages_survive_a_restart() {
     let first = Poisoned::default();
     let a = client(durable(config(&group, &source)));
     a.subscribe(first.clone()).expect("subscribe A");
-    wait_until("A handled the healthy keys and deferred the poison key", || {
-        first.seen.len() == 20 && deferred(&a) == (1, poison.len())
-    })
+    wait_until(
+        "A handled the healthy keys and deferred the poison key",
+        || first.seen.len() == 20 && deferred(&a) == (1, poison.len()),
+    )
     .await;
     a.unsubscribe().await.expect("unsubscribe A");
 
@@ -145,9 +149,10 @@ async fn deferred_messages_move_with_their_partition_on_rebalance() {
     let first = Poisoned::default();
     let a = client(durable(config(&group, &source)));
     a.subscribe(first.clone()).expect("subscribe A");
-    wait_until("A handled the healthy keys and deferred both poison keys", || {
-        first.seen.len() == 32 && deferred(&a) == (2, 8)
-    })
+    wait_until(
+        "A handled the healthy keys and deferred both poison keys",
+        || first.seen.len() == 32 && deferred(&a) == (2, 8),
+    )
     .await;
 
     let second = Poisoned::healed();
@@ -160,9 +165,10 @@ async fn deferred_messages_move_with_their_partition_on_rebalance() {
     let moved = b.partition_stats()[0].partition;
     let stayed = 1 - moved;
     let expected: Vec<(i32, i64)> = (0..20).filter(|i| i % 5 == 2).map(|i| (moved, i)).collect();
-    wait_until("B ran the deferred messages of the partition it took", || {
-        second.handled(&format!("poison-p{moved}")).len() == expected.len()
-    })
+    wait_until(
+        "B ran the deferred messages of the partition it took",
+        || second.handled(&format!("poison-p{moved}")).len() == expected.len(),
+    )
     .await;
     assert_eq!(
         second.handled(&format!("poison-p{moved}")),

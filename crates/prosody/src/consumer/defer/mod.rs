@@ -230,10 +230,13 @@ impl DeferQueue {
         };
         self.store.put(&self.scope, &record).await?;
         let mut state = self.state();
-        let deferred = state.keys.entry(Arc::clone(key)).or_insert_with(|| DeferredKey {
-            due_ms: retry_at_ms,
-            ..DeferredKey::default()
-        });
+        let deferred = state
+            .keys
+            .entry(Arc::clone(key))
+            .or_insert_with(|| DeferredKey {
+                due_ms: retry_at_ms,
+                ..DeferredKey::default()
+            });
         if deferred.offsets.insert(offset, attempt).is_none() {
             state.messages += 1;
         }
@@ -394,5 +397,65 @@ impl DeferQueue {
             }
         }
         (due, next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_needs_enough_outcomes_and_closes_above_the_threshold() {
+        let mut gate = Gate::default();
+        for _ in 0..MIN_OUTCOMES - 1 {
+            gate.record(true);
+        }
+        assert!(gate.is_open(0.9), "too few outcomes to judge");
+        gate.record(true);
+        assert!(!gate.is_open(0.9), "everything failed");
+        for _ in 0..WINDOW {
+            gate.record(false);
+        }
+        assert!(gate.is_open(0.9), "the failures slid out of the window");
+        assert_eq!(gate.failures, 0);
+        for failed in (0..WINDOW).map(|n| n % 10 != 0) {
+            gate.record(failed);
+        }
+        assert!(gate.is_open(0.9), "exactly 90% failed");
+        gate.record(true);
+        assert!(!gate.is_open(0.9), "91% failed");
+    }
+
+    #[tokio::test]
+    async fn deferred_messages_are_stored_before_they_count_and_reload_in_order() {
+        let store: Arc<dyn DeferStore> = Arc::new(MemoryDeferred::default());
+        let scope = PartitionScope::new("g", "t", 0);
+        let settings = DeferSettings {
+            enabled: true,
+            failure_threshold: 0.9,
+        };
+        let queue = DeferQueue::new(Arc::clone(&store), scope.clone(), settings);
+        let key: Arc<str> = Arc::from("k");
+        queue.defer(&key, 7, 1, 1_000).await.unwrap();
+        queue.defer(&key, 9, 0, 0).await.unwrap();
+        assert_eq!(queue.counts(), (1, 2));
+        assert_eq!(queue.head("k"), Some((7, 1)));
+        queue.failed(&key, 7, 2, 2_000).await.unwrap();
+
+        let next_owner = DeferQueue::new(Arc::clone(&store), scope.clone(), settings);
+        next_owner.restore(store.load(&scope).await.unwrap());
+        assert_eq!(next_owner.counts(), (1, 2));
+        assert_eq!(next_owner.head("k"), Some((7, 2)));
+        let (due, next) = next_owner.take_due(1_500);
+        assert!(due.is_empty());
+        assert_eq!(next, Some(2_000));
+        next_owner.done("k", 7).await.unwrap();
+        assert_eq!(next_owner.head("k"), Some((9, 0)));
+        next_owner.settled("k");
+        let (due, _) = next_owner.take_due(1_500);
+        assert_eq!(due, vec![Arc::clone(&key)], "the next one is due at once");
+        next_owner.done("k", 9).await.unwrap();
+        assert_eq!(next_owner.counts(), (0, 0));
+        assert!(store.load(&scope).await.unwrap().is_empty());
     }
 }

@@ -81,7 +81,10 @@ impl Reloader {
         client
             .set(
                 "group.id",
-                format!("{}.prosody-reload", config.group_id.as_deref().unwrap_or_default()),
+                format!(
+                    "{}.prosody-reload",
+                    config.group_id.as_deref().unwrap_or_default()
+                ),
             )
             .remove("group.instance.id");
         Self {
@@ -202,7 +205,9 @@ fn read(
             Some(Err(KafkaError::MessageConsumption(
                 RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange,
             ))) => return Err(ReloadError::Gone { offset: *offset }),
-            Some(Err(error)) => debug!(%topic, partition, offset, "reloading a deferred message: {error}"),
+            Some(Err(error)) => {
+                debug!(%topic, partition, offset, "reloading a deferred message: {error}")
+            }
         }
     }
 }

@@ -49,7 +49,9 @@ impl MemoryDeferred {
     fn partitions(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<PartitionScope, BTreeMap<i64, DeferredRecord>>> {
-        self.partitions.lock().unwrap_or_else(PoisonError::into_inner)
+        self.partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -20,7 +20,6 @@ use std::time::Duration;
 use tracing::{debug, error, info, warn};
 
 use super::{Fetched, PartitionManager};
-use defer::Behind;
 use crate::consumer::dispatch::{Failure, FailureKind, Outcome};
 use crate::consumer::failure::{backoff, dead_letter_headers, decide, Decision};
 use crate::consumer::filter::{is_own, is_unwanted_type, Skip};
@@ -28,6 +27,7 @@ use crate::dedup::message_id;
 use crate::handler::{from_millis, Context, KeyTimers};
 use crate::message::{Message, Timer};
 use crate::producer::SOURCE_SYSTEM_HEADER;
+use defer::Behind;
 
 /// One handler invocation.
 #[derive(Clone)]
