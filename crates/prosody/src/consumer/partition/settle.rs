@@ -214,12 +214,12 @@ impl PartitionManager {
                 .failed(self.labels(), failure.kind.as_str());
             match decide(&self.shared.config, failure.kind, attempt) {
                 Decision::Retry(delay) => {
+                    self.shared.metrics.retried(self.labels());
                     if let Some(offset) = call.offset() {
                         if self.defer_failed(key, offset, attempt, delay).await {
                             return Settled::Deferred;
                         }
                     }
-                    self.shared.metrics.retried(self.labels());
                     warn!(
                         topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), attempt, kind = failure.kind.as_str(),
                         "{} failed ({}): {}; retrying in {delay:?}", call.handler(), failure.class, failure.message

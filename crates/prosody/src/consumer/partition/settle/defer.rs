@@ -173,6 +173,7 @@ impl PartitionManager {
             };
             let failure = match outcome {
                 Outcome::Succeeded => {
+                    self.metrics.handled();
                     if let (Some(dedup), Some(id)) = (&self.shared.dedup, &id) {
                         dedup.record(&self.topic, key, id).await;
                     }
@@ -184,8 +185,12 @@ impl PartitionManager {
                 Outcome::Failed(_) if self.cancellation.is_cancelled() => return false,
                 Outcome::Failed(failure) => failure,
             };
+            self.shared
+                .metrics
+                .failed(self.labels(), failure.kind.as_str());
             match decide(config, failure.kind, attempt) {
                 Decision::Retry(delay) => {
+                    self.shared.metrics.retried(self.labels());
                     warn!(
                         topic = %self.topic, partition = self.partition, offset, key = %key, attempt, kind = failure.kind.as_str(),
                         "deferred message failed again ({}): {}; retrying in {delay:?}", failure.class, failure.message
