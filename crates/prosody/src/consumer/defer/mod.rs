@@ -30,6 +30,7 @@ pub(crate) mod reload;
 pub(crate) mod store;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -135,6 +136,9 @@ pub(crate) struct DeferQueue {
     state: Mutex<State>,
     /// True once the partition's stored deferred messages are loaded.
     loaded: watch::Sender<bool>,
+    /// Whether any key is deferred right now (kept with `state.keys`), so a
+    /// partition with none checks each message without a lock.
+    any: AtomicBool,
     changed: Notify,
 }
 
@@ -150,6 +154,7 @@ impl DeferQueue {
             settings,
             state: Mutex::new(State::default()),
             loaded: watch::Sender::new(false),
+            any: AtomicBool::new(false),
             changed: Notify::new(),
         })
     }
@@ -163,6 +168,9 @@ impl DeferQueue {
     /// Waits until the stored deferred messages are loaded: until then nobody
     /// knows which keys are deferred. False when `stop` fires first.
     pub(crate) async fn wait_loaded(&self, stop: &CancellationToken) -> bool {
+        if *self.loaded.borrow() {
+            return true;
+        }
         let mut loaded = self.loaded.subscribe();
         tokio::select! {
             biased;
@@ -190,6 +198,12 @@ impl DeferQueue {
             }
         }
         open
+    }
+
+    /// False when a fresh message of `key` surely runs now: the partition's
+    /// deferred messages are loaded and none is deferred. Lock-free.
+    pub(crate) fn may_defer(&self) -> bool {
+        !*self.loaded.borrow() || self.any.load(Ordering::Acquire)
     }
 
     /// Whether `key` has deferred messages.
@@ -240,6 +254,7 @@ impl DeferQueue {
         if deferred.offsets.insert(offset, attempt).is_none() {
             state.messages += 1;
         }
+        self.any.store(true, Ordering::Release);
         drop(state);
         self.changed.notify_one();
         Ok(())
@@ -273,6 +288,7 @@ impl DeferQueue {
         let empty = deferred.offsets.is_empty();
         if empty {
             state.keys.remove(key);
+            self.any.store(!state.keys.is_empty(), Ordering::Release);
         }
         state.messages -= usize::from(removed);
         Ok(())
@@ -373,6 +389,7 @@ impl DeferQueue {
             deferred.offsets.insert(record.offset, record.attempt);
         }
         state.messages = count;
+        self.any.store(count > 0, Ordering::Release);
         if count > 0 {
             info!(scope = %self.scope, messages = count, keys = state.keys.len(), "loaded deferred messages");
         }

@@ -117,10 +117,12 @@ impl PartitionManager {
                 () = self.draining.cancelled() => return false,
             }
         }
-        match self.defer_behind(key, &fetched).await {
-            Behind::Run => {}
-            Behind::Deferred => return true,
-            Behind::Cancelled => return false,
+        if self.defer.as_ref().is_some_and(|defer| defer.may_defer()) {
+            match self.defer_behind(key, &fetched).await {
+                Behind::Run => {}
+                Behind::Deferred => return true,
+                Behind::Cancelled => return false,
+            }
         }
         match self.retry(key, Call::Message(message)).await {
             Settled::Deferred => {

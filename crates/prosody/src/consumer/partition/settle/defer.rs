@@ -44,7 +44,7 @@ impl PartitionManager {
     /// key keeps its order while its offset is finished.
     pub(super) async fn defer_behind(&self, key: &Arc<str>, fetched: &Fetched) -> Behind {
         let offset = fetched.offset;
-        let Some(defer) = self.defer.as_ref() else {
+        let Some(defer) = self.defer.as_ref().filter(|defer| defer.may_defer()) else {
             return Behind::Run;
         };
         if !defer.wait_loaded(&self.draining).await {
