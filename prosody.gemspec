@@ -27,7 +27,7 @@ Gem::Specification.new do |spec|
     ],
     base: root
   )
-  ruby_files = Dir.glob(%w[lib/**/*.rb sig/**/*.rbs exe/* ext/prosody/extconf.rb README.md ARCHITECTURE.md], base: root)
+  ruby_files = Dir.glob(%w[lib/**/*.rb sig/**/*.rbs exe/* ext/prosody/*.rb README.md ARCHITECTURE.md], base: root)
   spec.files = (ruby_files + rust_sources).reject { |path| path.split("/").include?("target") }.uniq.sort
   spec.bindir = "exe"
   spec.executables = Dir.glob("exe/*", base: root).map { |path| File.basename(path) }

@@ -21,6 +21,8 @@ RSpec.configure do |config|
   config.expect_with(:rspec) { |expectations| expectations.include_chain_clauses_in_custom_matcher_descriptions = true }
   config.mock_with(:rspec) { |mocks| mocks.verify_partial_doubles = true }
   config.order = :random
+  # spec/gem_install_spec.rb builds and installs the gem (minutes): `script/test --gem`.
+  config.filter_run_excluding(gem_install: true) unless ENV["PROSODY_TEST_GEM"]
   Kernel.srand(config.seed)
 
   # Native logs (subscribe/unsubscribe lines) would drown the progress output;

@@ -29,6 +29,8 @@ module Prosody
     # @raise [BridgeError] when used in a child process forked after Prosody started
     def initialize(config = nil, **options)
       @config = configuration(config, options)
+      Prosody.install_integrations
+      Prosody.monitor.start
       @native = Native::Client.new(@config.to_native)
       @processor = nil
       @lifecycle = Mutex.new
@@ -192,11 +194,19 @@ module Prosody
       raise InvalidMessageError, "#{name} must be a non-empty String, got #{shown}"
     end
 
+    def processor_died(cause)
+      @native.processor_died
+      Prosody.monitor.instrument(
+        "processor.died",
+        group_id: @config[:group_id], error_class: cause&.class&.name, error_message: cause&.message
+      )
+    end
+
     def start_processor(handler)
       processor = AsyncTaskProcessor.new(
         handler,
         on_exit: method(:handler_exited),
-        on_death: ->(_cause) { @native.processor_died }
+        on_death: method(:processor_died)
       ).start
       subscribed = false
       begin

@@ -108,11 +108,16 @@ module Prosody
       0
     end
 
+    # Signals are trapped before the application loads, so a TERM while it boots
+    # (a Rails app takes seconds) ends the run cleanly instead of killing it.
     def serve(cli)
-      load_application(cli)
-      handler = build_handler(cli.handler_name)
-      client = application_client(cli.client_options)
-      with_signal_pipe { run_client(client, handler) }
+      client = nil
+      with_signal_pipe do
+        load_application(cli)
+        handler = build_handler(cli.handler_name)
+        client = application_client(cli.client_options)
+        stopped_while_booting || run_client(client, handler)
+      end
     rescue ConfigurationError
       raise
     rescue StandardError, ScriptError => e
@@ -173,6 +178,17 @@ module Prosody
       end
 
       klass.new
+    end
+
+    # 0 when TERM or INT arrived before subscribing (nothing to stop), else nil.
+    def stopped_while_booting
+      while (signal = next_notice(timeout: 0))
+        next unless SHUTDOWN_SIGNALS.include?(signal)
+
+        Prosody.logger.info("prosody: SIG#{signal} while starting; exiting before subscribing")
+        return 0
+      end
+      nil
     end
 
     def run_client(client, handler)

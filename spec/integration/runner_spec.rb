@@ -99,6 +99,22 @@ RSpec.describe "the prosody runner" do
     status
   end
 
+  it "exits 0 without subscribing when SIGTERM arrives while the application boots" do
+    booting = File.join(dir, "booting")
+    slow_app = File.join(dir, "slow_boot.rb")
+    File.write(slow_app, "File.write(#{booting.inspect}, 'yes')\nsleep 3\nrequire #{app.inspect}\n")
+    arguments = runner_arguments(10).map { |argument| argument == app ? slow_app : argument }
+    pid = Process.spawn(RbConfig.ruby, "-Ilib", "exe/prosody", *arguments, chdir: root, out: log, err: log)
+    children << pid
+    wait_for(timeout: 30, description: "the application to start booting") { File.exist?(booting) }
+    Process.kill("TERM", pid)
+    status = exit_status(pid)
+    expect(status.signaled?).to be(false), "killed by SIG#{Signal.signame(status.termsig.to_i)}: #{log_text}"
+    expect(status.exitstatus).to eq(0), log_text
+    expect(log_text).to include("SIGTERM while starting; exiting before subscribing")
+    expect(log_text).not_to include("running SlowHandler")
+  end
+
   it "finishes in-flight handlers on SIGTERM, exits 0, and nothing finished is handled again" do
     pid = spawn_runner(handler_seconds: 2)
     producer = mock_client

@@ -676,7 +676,13 @@ impl Fleet {
         now: Instant,
     ) -> Result<bool> {
         if let Some(status) = worker.try_wait()? {
-            if !status.success() {
+            // A TERM that lands while Ruby itself boots, before the runner traps
+            // signals, ends the process by the signal: it had not started consuming.
+            let booting = std::os::unix::process::ExitStatusExt::signal(&status)
+                == Some(libc::SIGTERM)
+                && !std::fs::read_to_string(worker.log())
+                    .is_ok_and(|log| log.contains("prosody: running"));
+            if !status.success() && !booting {
                 self.incidents.push(format!(
                     "worker-{:03} (pid {}) exited with {status} after SIGTERM (expected 0); see {}",
                     worker.instance(),

@@ -7,6 +7,7 @@ use tokio::runtime::Handle;
 use crate::config::Config;
 use crate::consumer::{ConsumerState, PartitionStats, SkipCounts, Subscription};
 use crate::error::{Error, Result};
+use crate::events::Observer;
 use crate::handler::EventHandler;
 use crate::metrics::{Format as MetricsFormat, Metrics};
 use crate::mock;
@@ -58,6 +59,12 @@ impl Client {
             producer,
             subscription: Mutex::new(None),
         })
+    }
+
+    /// Attaches the observer that receives this client's events (see
+    /// [`crate::events`]); false when one is attached already.
+    pub fn set_observer(&self, observer: Arc<dyn Observer>) -> bool {
+        self.metrics.set_observer(observer)
     }
 
     /// This client's metrics, what the probe server serves at `/metrics` (for

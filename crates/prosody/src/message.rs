@@ -16,9 +16,19 @@ pub struct Message {
     pub(crate) timestamp: Option<SystemTime>,
     pub(crate) payload: Arc<serde_json::Value>,
     pub(crate) headers: Arc<[Header]>,
+    /// `traceparent` of the span processing this message, when tracing is on.
+    pub(crate) trace_parent: Option<Arc<str>>,
 }
 
 impl Message {
+    /// The W3C `traceparent` of the span processing this message, when traces are
+    /// exported (see README "Traces"). Sends from a Rust handler continue the trace
+    /// by themselves; code that sends another way passes this as the `traceparent`
+    /// header.
+    pub fn trace_parent(&self) -> Option<&str> {
+        self.trace_parent.as_deref()
+    }
+
     /// Topic the message came from.
     pub fn topic(&self) -> &str {
         &self.topic

@@ -11,6 +11,7 @@
 //! users and `promtool check metrics` read.
 
 use std::fmt::Write as _;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -20,6 +21,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
+
+use crate::events::{Event, EventKind, Observer};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct PartitionLabels {
@@ -89,6 +92,8 @@ pub(crate) struct Metrics {
     timers_fired: Family<PartitionLabels, Counter>,
     timer_lateness: Histogram,
     store_errors: Counter,
+    /// Where events go, once one is attached (see [`crate::events`]).
+    observer: OnceLock<Arc<dyn Observer>>,
 }
 
 impl Default for Metrics {
@@ -122,6 +127,7 @@ impl Metrics {
             timers_fired: Family::default(),
             timer_lateness: seconds_histogram(),
             store_errors: Counter::default(),
+            observer: OnceLock::new(),
         };
         metrics.register();
         metrics
@@ -234,6 +240,21 @@ impl Metrics {
             "Failed state store operations (timers, deduplication records)",
             self.store_errors.clone(),
         );
+    }
+
+    /// Attaches the observer that receives this client's events; false if one is attached already.
+    pub(crate) fn set_observer(&self, observer: Arc<dyn Observer>) -> bool {
+        self.observer.set(observer).is_ok()
+    }
+
+    /// Passes the event `build` makes to the observer, if it wants `kind`;
+    /// nothing is built otherwise.
+    pub(crate) fn emit(&self, kind: EventKind, build: impl FnOnce() -> Event) {
+        if let Some(observer) = self.observer.get() {
+            if observer.wants(kind) {
+                observer.observe(build());
+            }
+        }
     }
 
     /// The page as OpenMetrics text, or in the classic text format.
@@ -449,6 +470,13 @@ impl PartitionMetrics {
 pub(crate) struct HandlerRun<'a> {
     partition: &'a PartitionMetrics,
     started: std::time::Instant,
+}
+
+impl HandlerRun<'_> {
+    /// Ends the run now (rather than when dropped) and says how long it took.
+    pub(crate) fn finish(self) -> Duration {
+        self.started.elapsed()
+    }
 }
 
 impl Drop for HandlerRun<'_> {

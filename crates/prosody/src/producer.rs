@@ -11,8 +11,10 @@ use rdkafka::util::Timeout;
 
 use crate::config::{Config, Role};
 use crate::error::{Error, Result};
+use crate::events::{Event, EventKind};
 use crate::metrics::Metrics;
 use crate::mock;
+use crate::traces::{SendSpan, TRACEPARENT_HEADER, TRACESTATE_HEADER};
 
 /// Header naming the system that produced a message; consumers skip their own.
 pub const SOURCE_SYSTEM_HEADER: &str = "source-system";
@@ -103,13 +105,20 @@ impl Producer {
         if self.mock {
             mock::ensure_topic(topic)?;
         }
-        let mut wire_headers = OwnedHeaders::new_with_capacity(headers.len() + 1).insert(Header {
+        let span = SendSpan::start(topic, key, headers);
+        let trace_headers = span.as_ref().map_or(&[][..], |span| &span.headers[..]);
+        let mut wire_headers = OwnedHeaders::new_with_capacity(headers.len() + 3).insert(Header {
             key: SOURCE_SYSTEM_HEADER,
             value: Some(self.source_system.as_str()),
         });
+        // A traced send writes its own span's context in place of any the caller gave.
+        let replaced = |name: &str| {
+            span.is_some() && (name == TRACEPARENT_HEADER || name == TRACESTATE_HEADER)
+        };
         for (name, value) in headers
             .iter()
-            .filter(|(name, _)| name != SOURCE_SYSTEM_HEADER)
+            .filter(|(name, _)| name != SOURCE_SYSTEM_HEADER && !replaced(name))
+            .chain(trace_headers)
         {
             wire_headers = wire_headers.insert(Header {
                 key: name.as_str(),
@@ -130,8 +139,30 @@ impl Producer {
             self.inner.send(record, Timeout::After(self.send_timeout)),
         )
         .await;
-        self.metrics
-            .sent(topic, started.elapsed(), matches!(delivery, Ok(Ok(_))));
+        let took = started.elapsed();
+        let delivered = matches!(delivery, Ok(Ok(_)));
+        if let Some(span) = span {
+            span.end((!delivered).then_some("send failed"));
+        }
+        self.metrics.sent(topic, took, delivered);
+        let kind = if delivered {
+            EventKind::SendDelivered
+        } else {
+            EventKind::SendFailed
+        };
+        self.metrics.emit(kind, || {
+            let mut event = Event::new(kind, Arc::from(topic)).took(took);
+            event.key = Some(Arc::from(key));
+            match &delivery {
+                Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _)))
+                | Err(_) => event.because("timeout"),
+                Ok(Err((error, _))) => {
+                    event.error_message = Some(error.to_string());
+                    event.because("kafka")
+                }
+                Ok(Ok(_)) => event,
+            }
+        });
         match delivery {
             Err(_) => Err(timed_out()),
             Ok(Ok(_)) => Ok(()),

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use prosody::{Context, Message, MetricsFormat, OptionValue};
+use prosody::{Context, Event, EventKind, Message, MetricsFormat, Observer, OptionValue};
 use serde_json::json;
 use support::{client, config, produce, topic, unique, wait_until, FnHandler, Record, TestError};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -233,5 +233,105 @@ fn check_with_promtool(page: &str) {
     assert!(
         output.status.success() && said.trim().is_empty(),
         "promtool: {said}\n{page}"
+    );
+}
+
+/// Collects the events of the kinds it wants.
+struct Recorder {
+    wanted: Vec<EventKind>,
+    events: std::sync::Mutex<Vec<Event>>,
+}
+
+impl Observer for Recorder {
+    fn wants(&self, kind: EventKind) -> bool {
+        self.wanted.contains(&kind)
+    }
+
+    fn observe(&self, event: Event) {
+        support::lock(&self.events).push(event);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_gets_only_the_events_it_wants_with_their_details() {
+    let source = topic("events", 1);
+    let records: Vec<Record> = (0..6)
+        .map(|n| Record::json(&format!("k{n}"), &json!({ "n": n })))
+        .collect();
+    produce(&source, records);
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let handler = {
+        let failed_once = Arc::clone(&failed_once);
+        FnHandler(move |_context: Context, message: Message| {
+            let failed_once = Arc::clone(&failed_once);
+            async move {
+                if message.key() == "k2" && !failed_once.swap(true, Ordering::SeqCst) {
+                    return Err(TestError::Cancelled);
+                }
+                Ok(())
+            }
+        })
+    };
+    let recorder = Arc::new(Recorder {
+        wanted: EventKind::ALL
+            .into_iter()
+            .filter(|kind| *kind != EventKind::MessageReceived)
+            .collect(),
+        events: std::sync::Mutex::new(Vec::new()),
+    });
+    let consumer = client(
+        config(&unique("group"), &source)
+            .set("retry_base", "5ms".into())
+            .expect("options"),
+    );
+    assert!(consumer.set_observer(Arc::clone(&recorder) as Arc<dyn Observer>));
+    consumer.subscribe(handler).expect("subscribe");
+    let count = |kind: EventKind| {
+        support::lock(&recorder.events)
+            .iter()
+            .filter(|event| event.kind == kind)
+            .count()
+    };
+    wait_until("every message handled", || {
+        count(EventKind::MessageHandled) == 6
+    })
+    .await;
+    consumer
+        .send(&source, "reply", &json!({}), &[])
+        .await
+        .expect("send");
+    consumer.unsubscribe().await.expect("unsubscribe");
+
+    let events = support::lock(&recorder.events).clone();
+    let of = |kind: EventKind| {
+        events
+            .iter()
+            .filter(|event| event.kind == kind)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        of(EventKind::MessageReceived).is_empty(),
+        "not wanted, not sent"
+    );
+    let failed = of(EventKind::MessageFailed);
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].key.as_deref(), Some("k2"));
+    assert_eq!(failed[0].offset, Some(2));
+    assert_eq!(failed[0].reason, Some("transient"));
+    assert!(failed[0].error_message.is_some() && failed[0].duration.is_some());
+    let retried = of(EventKind::MessageRetried);
+    assert_eq!((retried.len(), retried[0].attempts), (1, Some(1)));
+    let handled = of(EventKind::MessageHandled);
+    assert!(handled
+        .iter()
+        .all(|event| event.topic.as_ref() == source && event.partition == Some(0)));
+    assert_eq!(of(EventKind::PartitionAssigned).len(), 1);
+    // Revocation events are for rebalances; unsubscribe releases without one.
+    assert_eq!(of(EventKind::PartitionRevoked).len(), 0);
+    let sent = of(EventKind::SendDelivered);
+    assert_eq!((sent.len(), sent[0].key.as_deref()), (1, Some("reply")));
+    assert_eq!(
+        EventKind::from_name("message.dead_lettered"),
+        Some(EventKind::MessageDeadLettered)
     );
 }

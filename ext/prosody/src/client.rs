@@ -15,6 +15,7 @@ use crate::bridge::owned::RubyOwned;
 use crate::convert;
 use crate::errors::from_core;
 use crate::handler::RubyHandler;
+use crate::monitor::RubyObserver;
 use crate::process::{check_same_process, ensure_started, generation, off_ruby_stack};
 use crate::reply::{answer_later, reply};
 use crate::runtime::runtime;
@@ -56,11 +57,13 @@ impl NativeClient {
                 .map_err(|error| from_core(ruby, &error))?;
         }
         let config = builder.build().map_err(|error| from_core(ruby, &error))?;
+        let observer = RubyObserver::new(&config);
         let client = off_ruby_stack(ruby, move || {
             let _entered = runtime().enter();
             prosody::Client::new(config)
         })?
         .map_err(|error| from_core(ruby, &error))?;
+        client.set_observer(observer);
         Ok(Self {
             inner: Some(Arc::new(client)),
             generation: generation(),

@@ -14,6 +14,7 @@
 //! - `errors`: Rust errors → `Prosody::Error` subclasses, in one place.
 //! - `logging`: native logs → `Prosody.logger`.
 //! - `mock`: mock-cluster helpers.
+//! - `monitor`: core events → `Prosody.monitor`'s queue.
 
 mod bridge;
 mod classes;
@@ -24,6 +25,7 @@ mod gvl;
 mod handler;
 mod logging;
 mod mock;
+mod monitor;
 mod process;
 mod reply;
 mod runtime;
@@ -34,7 +36,7 @@ mod runtime;
 mod entry {
     use magnus::{prelude::*, Error, Ruby};
 
-    use crate::{classes, client, handler, logging, mock, process};
+    use crate::{classes, client, handler, logging, mock, monitor, process};
 
     /// Defines `Prosody::Native` when Ruby loads the extension.
     #[magnus::init(name = "prosody_native")]
@@ -47,6 +49,7 @@ mod entry {
         client::init(ruby, native)?;
         handler::init(ruby, native)?;
         mock::init(ruby, native)?;
+        monitor::init(ruby, native)?;
         Ok(())
     }
 }

@@ -20,6 +20,7 @@ use super::offsets::OffsetTracker;
 use super::partition::PartitionManager;
 use super::shared::Shared;
 use crate::config::Config;
+use crate::events::{Event, EventKind};
 
 pub(crate) struct Hooks {
     shared: OnceLock<Arc<Shared>>,
@@ -146,6 +147,10 @@ impl Hooks {
         shared.metrics.committed(committed.is_ok());
         for manager in &revoked {
             shared.metrics.partition_released(manager.labels());
+            shared.metrics.emit(EventKind::PartitionRevoked, || {
+                let event = Event::new(EventKind::PartitionRevoked, Arc::clone(manager.topic()));
+                event.at(manager.partition(), None, None)
+            });
         }
         match committed {
             Ok(()) => {}
@@ -344,7 +349,12 @@ fn start_partitions(shared: &Arc<Shared>, committed: &TopicPartitionList) {
             queue.set_nonempty_callback(move || waker.wake());
             manager.attach_queue(queue);
         }
-        partitions.insert((topic, element.partition()), manager);
+        let partition = element.partition();
+        shared.metrics.emit(EventKind::PartitionAssigned, || {
+            let event = Event::new(EventKind::PartitionAssigned, Arc::clone(&topic));
+            event.at(partition, offset, None)
+        });
+        partitions.insert((topic, partition), manager);
     }
     info!(assigned = partitions.len(), "partitions assigned");
     drop(partitions);

@@ -29,6 +29,7 @@ use super::hooks::Hooks;
 use super::offsets::{Admission, OffsetTracker};
 use super::shared::Shared;
 use super::timer_queue::TimerQueue;
+use crate::events::{Event, EventKind};
 use crate::message::Header;
 use crate::metrics::{PartitionLabels, PartitionMetrics};
 use crate::timers::PartitionScope;
@@ -233,6 +234,14 @@ impl PartitionManager {
             .as_ref()
             .map_or_else(|_| Arc::from(""), Arc::clone);
         let buffered = state.offsets.pending();
+        let offset = fetched.offset;
+        self.shared.metrics.emit(EventKind::MessageReceived, || {
+            Event::new(EventKind::MessageReceived, Arc::clone(&self.topic)).at(
+                self.partition,
+                Some(offset),
+                Some(&key),
+            )
+        });
         self.enqueue(&mut state, key, Work::Message(fetched));
         state.buffer.accepted(buffered, max);
         self.metrics.received();

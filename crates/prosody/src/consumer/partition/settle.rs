@@ -24,9 +24,11 @@ use crate::consumer::dispatch::{Failure, FailureKind, Outcome};
 use crate::consumer::failure::{backoff, dead_letter_headers, decide, Decision};
 use crate::consumer::filter::{is_own, is_unwanted_type, Skip};
 use crate::dedup::message_id;
+use crate::events::{Event, EventKind};
 use crate::handler::{from_millis, Context, KeyTimers};
 use crate::message::{Message, Timer};
 use crate::producer::SOURCE_SYSTEM_HEADER;
+use crate::traces::{self, Position};
 use defer::Behind;
 
 /// One handler invocation.
@@ -64,6 +66,16 @@ impl Call {
         match self {
             Self::Message(_) => None,
             Self::Timer(_, at) => Some(*at),
+        }
+    }
+}
+
+impl Settled {
+    /// Why the call failed, when it gave up.
+    fn failure(&self) -> Option<&str> {
+        match self {
+            Self::GaveUp { failure, .. } => Some(&failure.message),
+            _ => None,
         }
     }
 }
@@ -124,7 +136,23 @@ impl PartitionManager {
                 Behind::Cancelled => return false,
             }
         }
-        match self.retry(key, Call::Message(message)).await {
+        let trace = traces::process_span(
+            &Position {
+                topic: &self.topic,
+                partition: self.partition,
+                offset,
+                key,
+                group: self.shared.config.group_id.as_deref().unwrap_or_default(),
+            },
+            &fetched.headers,
+        );
+        let mut message = message;
+        message.trace_parent = trace.as_ref().and_then(traces::traceparent).map(Arc::from);
+        let settled = traces::within(trace.clone(), self.retry(key, Call::Message(message))).await;
+        if let Some(trace) = &trace {
+            traces::end(trace, settled.failure());
+        }
+        match settled {
             Settled::Deferred => {
                 if let Some(defer) = &self.defer {
                     defer.cache(fetched);
@@ -168,7 +196,12 @@ impl PartitionManager {
         let late = std::time::SystemTime::now()
             .duration_since(timer.time)
             .unwrap_or_default();
-        match self.retry(key, Call::Timer(timer, at)).await {
+        let trace = traces::timer_span(&self.topic, self.partition, key);
+        let settled = traces::within(trace.clone(), self.retry(key, Call::Timer(timer, at))).await;
+        if let Some(trace) = &trace {
+            traces::end(trace, settled.failure());
+        }
+        match settled {
             Settled::Succeeded => self.shared.metrics.timer_fired(self.labels(), late),
             Settled::Deferred => {}
             Settled::GaveUp {
@@ -192,11 +225,21 @@ impl PartitionManager {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let Some(outcome) = self.attempt_with_permit(key, call.clone()).await else {
+            let span = traces::attempt_span(call.handler(), attempt);
+            let attempted =
+                traces::within(span.clone(), self.attempt_with_permit(key, call.clone())).await;
+            let Some(outcome) = attempted else {
                 return Settled::Cancelled;
             };
             if let (Some(defer), Some(_)) = (&self.defer, call.offset()) {
                 defer.record(!matches!(outcome, Outcome::Succeeded));
+            }
+            if let Some(span) = &span {
+                let failure = match &outcome {
+                    Outcome::Failed(failure) => Some(failure.message.as_str()),
+                    Outcome::Succeeded => None,
+                };
+                traces::end(span, failure);
             }
             let failure = match outcome {
                 Outcome::Succeeded => {
@@ -218,6 +261,13 @@ impl PartitionManager {
                 Decision::Retry(delay) => {
                     self.shared.metrics.retried(self.labels());
                     if let Some(offset) = call.offset() {
+                        self.shared.metrics.emit(EventKind::MessageRetried, || {
+                            Event::new(EventKind::MessageRetried, Arc::clone(&self.topic))
+                                .at(self.partition, Some(offset), Some(key))
+                                .attempts(attempt)
+                                .because(failure.kind.as_str())
+                                .error(&failure.class, &failure.message)
+                        });
                         if self.defer_failed(key, offset, attempt, delay).await {
                             return Settled::Deferred;
                         }
@@ -284,6 +334,11 @@ impl PartitionManager {
         }
         self.shared.skips.count(skip);
         self.shared.metrics.skipped(self.labels(), skip.label());
+        self.shared.metrics.emit(EventKind::MessageSkipped, || {
+            Event::new(EventKind::MessageSkipped, Arc::clone(&self.topic))
+                .at(self.partition, Some(offset), Some(&Arc::from(key)))
+                .because(skip.label())
+        });
         true
     }
 
@@ -316,7 +371,8 @@ impl PartitionManager {
             .as_ref()
             .map(|timers| (Arc::clone(timers) as Arc<dyn KeyTimers>, Arc::clone(key)));
         let context = Context::new(call.clone(), timers);
-        let _running = self.metrics.handler_running();
+        let running = self.metrics.handler_running();
+        let offset = work.offset();
         let handler = match work {
             Call::Message(message) => self.shared.handler.on_message(context, message),
             Call::Timer(timer, _) => self.shared.handler.on_timer(context, timer),
@@ -325,7 +381,7 @@ impl PartitionManager {
         let timeout = self.shared.config.timeout;
         // Handler first, and the timer built only when polled: a handler that
         // finishes on its first poll never reads the clock or arms a timer.
-        tokio::select! {
+        let outcome = tokio::select! {
             biased;
             outcome = &mut handler => outcome,
             () = async { tokio::time::sleep(timeout).await } => {
@@ -339,7 +395,31 @@ impl PartitionManager {
                     message: format!("handler ran longer than the {timeout:?} timeout"),
                 })
             }
+        };
+        let took = running.finish();
+        if let Some(offset) = offset {
+            self.observe_attempt(key, offset, &outcome, took);
         }
+        outcome
+    }
+
+    /// Reports a message's handler attempt to the observer, if it wants to know.
+    fn observe_attempt(&self, key: &Arc<str>, offset: i64, outcome: &Outcome, took: Duration) {
+        let kind = match outcome {
+            Outcome::Succeeded => EventKind::MessageHandled,
+            Outcome::Failed(_) => EventKind::MessageFailed,
+        };
+        self.shared.metrics.emit(kind, || {
+            let event = Event::new(kind, Arc::clone(&self.topic))
+                .at(self.partition, Some(offset), Some(key))
+                .took(took);
+            match outcome {
+                Outcome::Succeeded => event,
+                Outcome::Failed(failure) => event
+                    .because(failure.kind.as_str())
+                    .error(&failure.class, &failure.message),
+            }
+        });
     }
 
     fn decode(&self, key: &Arc<str>, fetched: &Fetched) -> Result<Message, Failure> {
@@ -364,6 +444,7 @@ impl PartitionManager {
             timestamp: fetched.timestamp,
             payload: Arc::new(payload),
             headers: Arc::clone(&fetched.headers),
+            trace_parent: None,
         })
     }
 
@@ -389,6 +470,7 @@ impl PartitionManager {
                 "skipping message after failure ({}): {}", failure.class, failure.message
             );
             self.shared.metrics.skipped(self.labels(), "failed");
+            self.observe_give_up(EventKind::MessageSkipped, fetched, failure, attempts);
             return true;
         };
         let headers = dead_letter_headers(
@@ -408,11 +490,38 @@ impl PartitionManager {
             .await;
         if written {
             self.shared.metrics.dead_lettered(self.labels());
+            self.observe_give_up(EventKind::MessageDeadLettered, fetched, failure, attempts);
             warn!(
                 topic = %self.topic, partition = self.partition, offset, key = fetched.shown_key(), attempts, kind = failure.kind.as_str(),
                 failure_topic = topic, "message dead-lettered after failure ({}): {}", failure.class, failure.message
             );
         }
         written
+    }
+
+    /// Reports a message whose retries ended to the observer, if it wants to know.
+    fn observe_give_up(
+        &self,
+        kind: EventKind,
+        fetched: &Fetched,
+        failure: &Failure,
+        attempts: u32,
+    ) {
+        self.shared.metrics.emit(kind, || {
+            let reason = if kind == EventKind::MessageSkipped {
+                "failed"
+            } else {
+                failure.kind.as_str()
+            };
+            Event::new(kind, Arc::clone(&self.topic))
+                .at(
+                    self.partition,
+                    Some(fetched.offset),
+                    fetched.key.as_ref().ok(),
+                )
+                .attempts(attempts)
+                .because(reason)
+                .error(&failure.class, &failure.message)
+        });
     }
 }
