@@ -136,6 +136,8 @@ module Prosody
       Configuration::OPTIONS.each do |name, kind|
         case name
         when :mock then opts.on("--[no-]mock", "Use the in-process mock Kafka cluster") { |flag| set(name, flag) }
+        when :defer
+          opts.on("--[no-]defer", "Defer messages that fail transiently (:pipeline)") { |flag| set(name, flag) }
         when :kafka then opts.on("--kafka SETTING=VALUE", "A librdkafka setting; repeatable") { |pair| kafka(pair) }
         else
           # Whole-number options are Integers for Configuration (which refuses Strings).

@@ -141,8 +141,9 @@ module Prosody
     #
     # @return [Array<Hash{Symbol=>Object}>] each with :topic, :partition, :buffered,
     #   :max_buffered, :full (the buffer is full, so the partition is not read now),
-    #   :fills (times it filled), :drains (times it drained enough to be read again)
-    #   and :finished
+    #   :fills (times it filled), :drains (times it drained enough to be read again),
+    #   :finished, and :deferred_keys and :deferred_messages (messages set aside for a
+    #   later retry, `defer` option)
     def partition_stats
       @native.partition_stats
     end

@@ -42,6 +42,8 @@ module Prosody
       send_timeout: :duration,
       shutdown_timeout: :duration,
       mode: :choice,
+      defer: :flag,
+      defer_failure_threshold: :fraction,
       max_retries: :whole,
       retry_base: :duration,
       max_retry_delay: :duration,

@@ -40,10 +40,12 @@ RSpec.describe Prosody::CLI do
 
   it "has a flag for every client option" do
     usage = parse.usage
-    (Prosody::Configuration::OPTIONS.keys - %i[mock kafka]).each do |name|
+    (Prosody::Configuration::OPTIONS.keys - %i[mock defer kafka]).each do |name|
       expect(usage).to match(/--#{name.to_s.tr("_", "-")}[ ,]/)
     end
-    expect(usage).to include("--[no-]mock", "--kafka SETTING=VALUE")
+    expect(usage).to include("--[no-]mock", "--[no-]defer", "--kafka SETTING=VALUE")
+    expect(parse("--no-defer", "--defer-failure-threshold", "0.5").client_options)
+      .to eq(defer: false, defer_failure_threshold: 0.5)
   end
 
   it "takes the scheduler's shares as Floats and its durations as given" do

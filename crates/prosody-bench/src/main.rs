@@ -9,7 +9,10 @@
 //! - (e) `Client::send` throughput vs a plain idempotent `FutureProducer`
 //!   (`producer.rs`);
 //! - (f) peak RSS of a consumer facing a 500k-message backlog vs the same process
-//!   idle, and vs the backlog's size (`memory.rs`).
+//!   idle, and vs the backlog's size (`memory.rs`);
+//! - (p) one key failing forever among 100 on one partition: the other keys'
+//!   throughput vs the same run without failures, with deferred retry
+//!   (`poison.rs`).
 //!
 //! Scenario (b) and Ruby's versions of (c), (d) and (e) live in
 //! `bench/ruby_bench.rb`, which reads this program's JSON for the baselines.
@@ -17,7 +20,7 @@
 //! rows under `table`; `bench/merge_results.rb` merges them.
 //!
 //! ```text
-//! cargo run --release -p prosody-bench -- [--only acdef] [--messages N]
+//! cargo run --release -p prosody-bench -- [--only acdefp] [--messages N]
 //!     [--producer-messages N] [--backlog N] [--memory-seconds N] [--bootstrap HOST:PORT]
 //!     [--json out.json]
 //! cargo run --release -p prosody-bench -- timers …        # the timer stores (timers.rs)
@@ -36,6 +39,7 @@ mod data;
 mod hot_key;
 mod latency;
 mod memory;
+mod poison;
 mod producer;
 mod report;
 mod timers;
@@ -50,7 +54,7 @@ const MAX_PER_PARTITION: usize = 20_000;
 /// Longest a single measurement may take.
 const DEADLINE: Duration = Duration::from_secs(300);
 /// Every scenario this program runs, by letter.
-const SCENARIOS: &str = "acdef";
+const SCENARIOS: &str = "acdefp";
 
 struct Options {
     /// Messages of scenario (a).
@@ -61,15 +65,17 @@ struct Options {
     backlog: usize,
     /// How long scenario (f) consumes.
     memory_seconds: u64,
+    /// Messages of scenario (p).
+    poison_messages: usize,
     bootstrap: Option<String>,
     json: Option<String>,
     /// Scenarios to run, by letter.
     scenarios: String,
 }
 
-const USAGE: &str = "usage: prosody-bench [--only LETTERS (default acdef)] \
+const USAGE: &str = "usage: prosody-bench [--only LETTERS (default acdefp)] \
 [--messages N (a; 100000)] [--producer-messages N (e; 50000)] [--backlog N (f; 500000)] \
-[--memory-seconds N (f; 12)] \
+[--memory-seconds N (f; 12)] [--poison-messages N (p; 20000)] \
 [--bootstrap HOST:PORT (default: $PROSODY_BENCH_BOOTSTRAP, else the mock)] [--json out.json]
        prosody-bench timers --help
        prosody-bench hot-key --help
@@ -82,6 +88,7 @@ fn parse_args(args: &[String]) -> BenchResult<Options> {
         producer_messages: 50_000,
         backlog: 500_000,
         memory_seconds: memory::CONSUME_SECS,
+        poison_messages: 20_000,
         bootstrap: None,
         json: None,
         scenarios: SCENARIOS.to_owned(),
@@ -99,6 +106,7 @@ fn parse_args(args: &[String]) -> BenchResult<Options> {
             "--messages" => options.messages = count(arg, args.next())?,
             "--producer-messages" => options.producer_messages = count(arg, args.next())?,
             "--backlog" => options.backlog = count(arg, args.next())?,
+            "--poison-messages" => options.poison_messages = count(arg, args.next())?,
             "--memory-seconds" => {
                 options.memory_seconds = u64::try_from(count(arg, args.next())?)
                     .map_err(|_| "--memory-seconds: too large".to_owned())?;
@@ -189,6 +197,9 @@ async fn run(options: &Options) -> BenchResult<()> {
             &mut report,
         )
         .await?;
+    }
+    if scenarios.contains('p') {
+        poison::poison(&cluster, options.poison_messages, &mut report).await?;
     }
     report.print(&format!("Rust core ({})", cluster.describe()));
     if let Some(path) = &options.json {

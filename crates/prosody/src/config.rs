@@ -257,6 +257,12 @@ options! {
     shutdown_timeout: Duration = duration(Duration::from_secs(30)) -> Duration;
     /// What happens to messages whose handler keeps failing.
     mode: Mode = choice(Mode::Pipeline) -> Mode;
+    /// `:pipeline`: a message failing transiently is deferred (stored and retried
+    /// later) so its partition moves on; its key's later messages wait behind it.
+    defer: bool = flag(true) -> bool;
+    /// `:pipeline`: while more than this share of a partition's recent messages
+    /// fail, nothing new is deferred (failing messages are retried in place).
+    defer_failure_threshold: f64 = fraction(0.9) -> f64;
     /// Retries before giving up (`low_latency`, `best_effort`).
     max_retries: u32 = whole(3) -> u32;
     /// First retry delay; doubles per attempt, with jitter.

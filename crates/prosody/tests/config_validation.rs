@@ -260,3 +260,30 @@ fn a_malformed_database_url_is_rejected_when_the_config_is_built() {
         set("database_url", OptionValue::Str(url.into())).expect(url);
     }
 }
+
+#[test]
+fn defer_options_are_checked_and_fall_back_to_the_environment() {
+    let defaults = mock().build_with_env(Vec::new()).expect("defaults");
+    assert!(defaults.defer());
+    assert!((defaults.defer_failure_threshold() - 0.9).abs() < f64::EPSILON);
+    for value in [
+        OptionValue::Float(0.0),
+        OptionValue::Float(1.5),
+        OptionValue::Str("0.5".into()),
+    ] {
+        let (named, _) = rejected_option(set("defer_failure_threshold", value.clone()));
+        assert_eq!(named, "defer_failure_threshold", "{value:?}");
+    }
+    let (named, _) = rejected_option(set("defer", OptionValue::Int(2)));
+    assert_eq!(named, "defer");
+    let env = vec![
+        ("PROSODY_DEFER".to_owned(), "false".to_owned()),
+        (
+            "PROSODY_DEFER_FAILURE_THRESHOLD".to_owned(),
+            "0.5".to_owned(),
+        ),
+    ];
+    let config = mock().build_with_env(env).expect("from the environment");
+    assert!(!config.defer());
+    assert!((config.defer_failure_threshold() - 0.5).abs() < f64::EPSILON);
+}

@@ -304,7 +304,11 @@ async fn a_failing_key_does_not_block_others_and_holds_the_commit() {
     let seen = handler.seen.clone();
     let healed = Arc::clone(&handler.healed);
     let handler_attempts = Arc::clone(&handler.attempts);
-    let consumer = client(fast_retries(config(&unique("group"), &source)));
+    // Retried in place, as without deferral (tests/consumer_defer.rs covers deferral).
+    let consumer = client(fast_retries(with(
+        config(&unique("group"), &source),
+        &[("defer", OptionValue::Bool(false))],
+    )));
     consumer.subscribe(handler).expect("subscribe");
 
     wait_until("all 200 messages of the 50 healthy keys handled", || {

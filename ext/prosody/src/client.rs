@@ -202,6 +202,8 @@ impl NativeClient {
             hash.aset(ruby.to_symbol("fills"), entry.fills)?;
             hash.aset(ruby.to_symbol("drains"), entry.drains)?;
             hash.aset(ruby.to_symbol("finished"), entry.finished)?;
+            hash.aset(ruby.to_symbol("deferred_keys"), entry.deferred_keys)?;
+            hash.aset(ruby.to_symbol("deferred_messages"), entry.deferred_messages)?;
             list.push(hash)?;
         }
         Ok(list)

@@ -9,6 +9,7 @@
 //! on it (see [`hooks`]). Runners live on the tokio runtime.
 
 mod commit;
+pub(crate) mod defer;
 mod dispatch;
 mod failure;
 mod filter;
@@ -93,6 +94,7 @@ impl Subscription {
             dead_letters,
             metrics,
             runtime,
+            bootstrap_servers,
         );
         let waker = Arc::clone(&shared);
         consumer.set_nonempty_callback(move || waker.wake());

@@ -9,6 +9,8 @@ use rdkafka::consumer::BaseConsumer;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
+use super::defer::reload::Reloader;
+use super::defer::{DeferSettings, DeferStore};
 use super::dispatch::DynHandler;
 use super::filter::SkipCounters;
 use super::hooks::Hooks;
@@ -35,6 +37,11 @@ pub(crate) struct Shared {
     pub(crate) store: Option<Arc<dyn TimerStore>>,
     /// Message-id deduplication, unless `idempotence_cache_size` is 0.
     pub(crate) dedup: Option<Deduplicator>,
+    /// Where deferred messages live, when deferral is on (`consumer/defer/`).
+    pub(crate) deferred: Option<Arc<dyn DeferStore>>,
+    pub(crate) defer_settings: DeferSettings,
+    /// Reads deferred messages back by offset.
+    pub(crate) reloader: Reloader,
     /// The client's metrics.
     pub(crate) metrics: Arc<Metrics>,
     /// Bounds running handlers across all partitions to `max_concurrency`,
@@ -60,6 +67,7 @@ impl Shared {
         dead_letters: Option<Arc<Producer>>,
         metrics: Arc<Metrics>,
         runtime: Handle,
+        bootstrap_servers: &str,
     ) -> Arc<Self> {
         // One pending wake-up is enough: the poll thread looks at everything when it wakes.
         let (waker, wakeups) = crossbeam_channel::bounded(1);
@@ -67,7 +75,13 @@ impl Shared {
         let dedup = Deduplicator::new(&config, stores.dedup)
             .map(|dedup| dedup.with_metrics(Arc::clone(&metrics)));
         let store = stores.timers;
+        let defer_settings = DeferSettings::from_config(&config);
+        let deferred = stores.deferred.filter(|_| defer_settings.enabled);
+        let reloader = Reloader::new(&config, bootstrap_servers);
         Arc::new(Self {
+            deferred,
+            defer_settings,
+            reloader,
             waker,
             wakeups,
             scheduler: Scheduler::new(QosSettings::new(&config)),

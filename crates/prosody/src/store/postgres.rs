@@ -22,6 +22,7 @@ use tokio_postgres::{Client, Config, NoTls};
 use super::error::{query_error, source, Reason, StoreError};
 use super::migrate::Schema;
 use super::writer::Writer;
+use crate::consumer::defer::postgres as deferred;
 use crate::dedup::postgres as dedup;
 use crate::timers::postgres as timers;
 
@@ -33,13 +34,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Every component's tables, migrated on each new connection.
-const SCHEMAS: [Schema; 2] = [timers::SCHEMA, dedup::SCHEMA];
+const SCHEMAS: [Schema; 3] = [timers::SCHEMA, dedup::SCHEMA, deferred::SCHEMA];
 
-/// Durable timers and message-id deduplication records in PostgreSQL, the
-/// store behind `database_url`.
+/// Durable timers, message-id deduplication records and deferred messages in
+/// PostgreSQL, the store behind `database_url`.
 ///
 /// The first call (or [`connect`](Self::connect)) creates or migrates the
-/// schema (tables `prosody_timers`, `prosody_dedup` and
+/// schema (tables `prosody_timers`, `prosody_dedup`, `prosody_deferred` and
 /// `prosody_schema_version`), safely when several processes start at once.
 /// The connection and the batching writer are tasks on the tokio runtime of
 /// the call that started them, which must outlive the store.
@@ -69,6 +70,7 @@ pub(crate) struct Connection {
     pub(crate) client: Client,
     pub(crate) timers: timers::Statements,
     pub(crate) dedup: dedup::Statements,
+    pub(crate) deferred: deferred::Statements,
 }
 
 impl PostgresStore {
@@ -297,10 +299,14 @@ async fn open(config: &Config) -> Result<Connection, StoreError> {
             .await
             .map_err(prepare)?;
         let dedup = dedup::Statements::prepare(&client).await.map_err(prepare)?;
+        let deferred = deferred::Statements::prepare(&client)
+            .await
+            .map_err(prepare)?;
         Ok(Connection {
             client,
             timers,
             dedup,
+            deferred,
         })
     };
     tokio::time::timeout(OPERATION_TIMEOUT, open)

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use super::defer::DeferQueue;
 use super::hooks::Hooks;
 use super::offsets::{Admission, OffsetTracker};
 use super::shared::Shared;
@@ -35,7 +36,7 @@ use crate::timers::PartitionScope;
 use backpressure::Backpressure;
 
 /// A fetched message, copied out of librdkafka's buffer, payload not yet decoded.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Fetched {
     pub(crate) offset: i64,
     pub(crate) key: Result<Arc<str>, UnusableKey>,
@@ -56,7 +57,7 @@ impl Fetched {
 }
 
 /// Why a record's key cannot be used (the message then fails as bad input).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct UnusableKey {
     /// E.g. "its key is not valid UTF-8".
     pub(crate) problem: &'static str,
@@ -64,11 +65,13 @@ pub(crate) struct UnusableKey {
     pub(crate) shown: String,
 }
 
-/// What waits in a key's queue: a fetched message or a due timer (ms since the epoch).
+/// What waits in a key's queue: a fetched message, a due timer (ms since the
+/// epoch), or the key's deferred messages, due for a retry.
 #[derive(Debug)]
 enum Work {
     Message(Fetched),
     Timer(i64),
+    Deferred,
 }
 
 /// Whether a message was taken.
@@ -101,6 +104,11 @@ pub struct PartitionStats {
     pub drains: u64,
     /// Messages whose handler finished (or which were skipped as done).
     pub finished: u64,
+    /// Keys with deferred messages (failed transiently, set aside for a retry
+    /// so that the partition moves on; `:pipeline` mode).
+    pub deferred_keys: usize,
+    /// Deferred messages, waiting for their key's retry.
+    pub deferred_messages: usize,
 }
 
 struct State {
@@ -130,6 +138,8 @@ pub(crate) struct PartitionManager {
     queue: Mutex<Option<PartitionQueue<Hooks>>>,
     /// This partition's timers, when a timer store is configured.
     timers: Option<Arc<TimerQueue>>,
+    /// This partition's deferred messages, when deferral is on.
+    defer: Option<Arc<DeferQueue>>,
     /// Set by the partition's first own-message skip, which is explained at INFO.
     own_skip_explained: AtomicBool,
     /// This partition's series in the client's metrics.
@@ -152,11 +162,20 @@ impl PartitionManager {
             );
             TimerQueue::new(Arc::clone(store), scope, Arc::clone(&shared.metrics))
         });
+        let defer = shared.deferred.as_ref().map(|store| {
+            let scope = PartitionScope::new(
+                shared.config.group_id.clone().unwrap_or_default(),
+                Arc::clone(&topic),
+                partition,
+            );
+            DeferQueue::new(Arc::clone(store), scope, shared.defer_settings)
+        });
         let manager = Arc::new(Self {
             metrics: shared.metrics.partition(&topic, partition),
             topic,
             partition,
             timers,
+            defer,
             own_skip_explained: AtomicBool::new(false),
             shared,
             state: Mutex::new(State {
@@ -176,6 +195,10 @@ impl PartitionManager {
         if let Some(timers) = &manager.timers {
             let run =
                 Arc::clone(timers).run(Arc::downgrade(&manager), manager.cancellation.clone());
+            manager.shared.runtime.spawn(run);
+        }
+        if let Some(defer) = &manager.defer {
+            let run = Arc::clone(defer).run(Arc::downgrade(&manager), manager.cancellation.clone());
             manager.shared.runtime.spawn(run);
         }
         manager
@@ -314,6 +337,8 @@ impl PartitionManager {
     }
 
     pub(crate) fn stats(&self) -> PartitionStats {
+        let (deferred_keys, deferred_messages) =
+            self.defer.as_ref().map_or((0, 0), |defer| defer.counts());
         let state = self.state();
         PartitionStats {
             topic: self.topic.to_string(),
@@ -324,6 +349,8 @@ impl PartitionManager {
             fills: state.buffer.fills,
             drains: state.buffer.drains,
             finished: state.finished,
+            deferred_keys,
+            deferred_messages,
         }
     }
 }

@@ -40,6 +40,7 @@ impl PartitionManager {
                     (self.settle_message(&key, fetched).await, Some(offset))
                 }
                 Work::Timer(at) => (self.settle_timer(&key, at).await, None),
+                Work::Deferred => (self.settle_deferred(&key).await, None),
             };
             if !settled {
                 // Cancelled: leave the rest of the key's queue to the next owner.

@@ -7,6 +7,10 @@
 //! giving up on a timer logs it. Side effects that must not be lost (writing a
 //! dead letter, deleting a fired timer) are retried until they succeed or the
 //! partition is cancelled ([`PartitionManager::retry_until_cancelled`]).
+//! A message failing transiently may be deferred instead of retried in place
+//! (`defer.rs`).
+
+mod defer;
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -26,6 +30,7 @@ use crate::handler::{from_millis, Context, KeyTimers};
 use crate::message::{Message, Timer};
 use crate::producer::SOURCE_SYSTEM_HEADER;
 use crate::traces::{self, Position};
+use defer::Behind;
 
 /// One handler invocation.
 #[derive(Clone)]
@@ -87,6 +92,8 @@ enum Settled {
     },
     /// The partition stopped first: the work runs again under the next owner.
     Cancelled,
+    /// Deferred (stored for a later retry): the message counts as finished.
+    Deferred,
 }
 
 impl PartitionManager {
@@ -123,6 +130,13 @@ impl PartitionManager {
                 () = self.draining.cancelled() => return false,
             }
         }
+        if self.defer.as_ref().is_some_and(|defer| defer.may_defer()) {
+            match self.defer_behind(key, &fetched).await {
+                Behind::Run => {}
+                Behind::Deferred => return true,
+                Behind::Cancelled => return false,
+            }
+        }
         let trace = traces::process_span(
             &Position {
                 topic: &self.topic,
@@ -140,6 +154,12 @@ impl PartitionManager {
             traces::end(trace, settled.failure());
         }
         match settled {
+            Settled::Deferred => {
+                if let Some(defer) = &self.defer {
+                    defer.cache(fetched);
+                }
+                true
+            }
             Settled::Succeeded => {
                 if let (Some(dedup), Some(id)) = (&self.shared.dedup, &id) {
                     dedup.record(&self.topic, key, id).await;
@@ -184,6 +204,7 @@ impl PartitionManager {
         }
         match settled {
             Settled::Succeeded => self.shared.metrics.timer_fired(self.labels(), late),
+            Settled::Deferred => {}
             Settled::GaveUp {
                 failure, attempts, ..
             } => error!(
@@ -219,6 +240,9 @@ impl PartitionManager {
             let Some((outcome, rejected)) = attempted else {
                 return Settled::Cancelled;
             };
+            if let (Some(defer), Some(_)) = (&self.defer, call.offset()) {
+                defer.record(!matches!(outcome, Outcome::Succeeded));
+            }
             if let Some(span) = &span {
                 let failure = match &outcome {
                     Outcome::Failed(failure) => Some(failure.message.as_str()),
@@ -260,6 +284,9 @@ impl PartitionManager {
                                 .because(failure.kind.as_str())
                                 .error(&failure.class, &failure.message)
                         });
+                        if self.defer_failed(key, offset, attempt, delay).await {
+                            return Settled::Deferred;
+                        }
                     }
                     warn!(
                         topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), attempt, kind = failure.kind.as_str(),
