@@ -1,7 +1,7 @@
 //! Core events delivered to `Prosody.monitor` (`lib/prosody/monitor.rb`).
 //!
 //! Each client has a [`RubyObserver`]. The core calls it on its own threads; an
-//! event waits in a bounded channel, and one bridge job at a time moves every
+//! event waits in a channel (at most [`CAPACITY`]), and one bridge job at a time moves every
 //! waiting event, as one Array, onto the monitor's Ruby queue, where the
 //! monitor's own thread calls the subscribers. A slow subscriber therefore
 //! delays other subscribers, never the consumer. Events beyond [`CAPACITY`]
@@ -10,7 +10,7 @@
 //! Only the kinds someone subscribed to are built at all: the monitor sends the
 //! subscribed names (`Native.monitor_wants`), kept here as one bit mask.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -38,9 +38,14 @@ pub(crate) struct RubyObserver {
     waiting: Arc<Waiting>,
 }
 
+// The channel is unbounded and counted rather than bounded: a bounded one
+// allocates all of its CAPACITY slots up front (about 10 MB per client).
+
 /// What a delivery job takes: the channel's other end and the client's labels.
 struct Waiting {
     receiver: Receiver<Event>,
+    /// Events in the channel, kept at most [`CAPACITY`].
+    count: AtomicUsize,
     /// A bridge job is queued that will take what waits in the channel.
     scheduled: AtomicBool,
     /// Added to every event's payload.
@@ -50,11 +55,12 @@ struct Waiting {
 
 impl RubyObserver {
     pub(crate) fn new(config: &prosody::Config) -> Arc<Self> {
-        let (sender, receiver) = crossbeam_channel::bounded(CAPACITY);
+        let (sender, receiver) = crossbeam_channel::unbounded();
         Arc::new(Self {
             sender,
             waiting: Arc::new(Waiting {
                 receiver,
+                count: AtomicUsize::new(0),
                 scheduled: AtomicBool::new(false),
                 group: config.group_id().map(str::to_owned),
                 mode: match config.mode() {
@@ -73,7 +79,10 @@ impl Observer for RubyObserver {
     }
 
     fn observe(&self, event: Event) {
-        if self.sender.try_send(event).is_err() {
+        if self.waiting.count.fetch_add(1, Ordering::AcqRel) >= CAPACITY
+            || self.sender.send(event).is_err()
+        {
+            self.waiting.count.fetch_sub(1, Ordering::AcqRel);
             DROPPED.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -94,6 +103,7 @@ impl Waiting {
         self.scheduled.store(false, Ordering::Release);
         let batch = ruby.ary_new();
         for event in self.receiver.try_iter() {
+            self.count.fetch_sub(1, Ordering::AcqRel);
             if let Some(entry) = self.entry(ruby, &event) {
                 let _ = batch.push(entry);
             }
