@@ -236,13 +236,7 @@ impl DeferQueue {
         attempt: u32,
         retry_at_ms: i64,
     ) -> Result<(), StoreError> {
-        let record = DeferredRecord {
-            key: key.to_string(),
-            offset,
-            attempt,
-            retry_at_ms,
-        };
-        self.store.put(&self.scope, &record).await?;
+        self.store_record(key, offset, attempt, retry_at_ms).await?;
         let mut state = self.state();
         let deferred = state
             .keys
@@ -258,6 +252,23 @@ impl DeferQueue {
         drop(state);
         self.changed.notify_one();
         Ok(())
+    }
+
+    /// Writes a deferred message's attempts and next retry to the store.
+    async fn store_record(
+        &self,
+        key: &str,
+        offset: i64,
+        attempt: u32,
+        retry_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let record = DeferredRecord {
+            key: key.to_owned(),
+            offset,
+            attempt,
+            retry_at_ms,
+        };
+        self.store.put(&self.scope, &record).await
     }
 
     /// Keeps a deferred message as fetched, while there is room, so that its
@@ -303,13 +314,7 @@ impl DeferQueue {
         attempt: u32,
         retry_at_ms: i64,
     ) -> Result<(), StoreError> {
-        let record = DeferredRecord {
-            key: key.to_string(),
-            offset,
-            attempt,
-            retry_at_ms,
-        };
-        self.store.put(&self.scope, &record).await?;
+        self.store_record(key, offset, attempt, retry_at_ms).await?;
         let mut state = self.state();
         if let Some(deferred) = state.keys.get_mut(&**key) {
             deferred.offsets.insert(offset, attempt);
