@@ -195,11 +195,11 @@ module Prosody
     end
 
     def perform(worker, native_context, completion, message)
-      context = worker.context = Context.new(native_context)
+      context = worker.context = Context.new(native_context, message)
       ReactorWatchdog.working_on(message)
       outcome = UNFINISHED
       begin
-        invoke(context, message)
+        TraceContext.within(context) { invoke(context, message) }
         outcome = nil
       rescue Async::Stop
         raise # cancellation: reported as such below, and the worker stops

@@ -40,6 +40,8 @@ module Prosody
     attr_reader :client_options
     # @return [String] one of {LOG_LEVELS}
     attr_reader :log_level
+    # @return [String, nil] `text` or `json` when given (else {Prosody.log_format}'s default)
+    attr_reader :log_format
 
     # Values of PROSODY_RAILS that mean `--rails`.
     TRUE_VALUES = %w[1 true yes].freeze
@@ -53,6 +55,7 @@ module Prosody
       @requires_given = false
       @handler_name = env["PROSODY_HANDLER"]
       @log_level = env.fetch("PROSODY_LOG_LEVEL", "info").downcase
+      @log_format = nil
       @rails = TRUE_VALUES.include?(env.fetch("PROSODY_RAILS", "").downcase)
       @client_options = {}
       @help = false
@@ -87,6 +90,9 @@ module Prosody
       rest = parser.parse(argv.map { |arg| normalize(arg) })
       raise ConfigurationError, "unexpected argument `#{rest.first}` (see prosody --help)" unless rest.empty?
       raise ConfigurationError, "unknown log level `#{@log_level}` (#{LOG_LEVELS.join(", ")})" unless level_known?
+      return if @log_format.nil? || Prosody::LOG_FORMATS.include?(@log_format.downcase.to_sym)
+
+      raise ConfigurationError, "unknown log format `#{@log_format}` (#{Prosody::LOG_FORMATS.join(", ")})"
     rescue OptionParser::ParseError => e
       raise ConfigurationError, "#{e.message} (see prosody --help)"
     end
@@ -128,6 +134,8 @@ module Prosody
         @handler_name = name
       end
       opts.on("--log-level LEVEL", "#{LOG_LEVELS.join(", ")} (default: info)") { |level| @log_level = level.downcase }
+      opts.on("--log-format FORMAT", "text or json: one JSON object per line (default: text, or " \
+                                     "PROSODY_LOG_FORMAT)") { |format| @log_format = format }
       opts.on("-h", "--help", "Show this help") { @help = true }
       opts.on("-v", "--version", "Show the version") { @version = true }
     end

@@ -45,7 +45,9 @@ module Prosody
     # @param topic [String]
     # @param key [String] messages with the same key are handled in order
     # @param payload [Object] any JSON value: Hash (String or Symbol keys), Array, String, Numeric, true, false, nil
-    # @param headers [Hash{String=>String}] extra record headers
+    # @param headers [Hash{String=>String}] extra record headers; unless they
+    #   carry a `traceparent`, the current trace context is added (inside a
+    #   handler, or under an OpenTelemetry span: see {Prosody.current_traceparent})
     # @return [nil]
     # @raise [InvalidMessageError] for a missing key or topic, a payload that is not JSON, or bad headers
     # @raise [SendTimeoutError] when the broker did not acknowledge within send_timeout
@@ -59,6 +61,7 @@ module Prosody
         raise InvalidMessageError, "headers must be a Hash of String => String, got #{headers.class}"
       end
 
+      headers = TraceContext.add_to(headers)
       NativeCall.await { |queue| @native.send_message(topic, key, payload, headers, queue) }
     end
 

@@ -20,10 +20,38 @@ module Prosody
   class Context
     # @api private
     # @param native [Native::Context] the core's context for this call
-    def initialize(native)
+    # @param subject [Message, Timer, nil] what the call handles (tags {#logger}'s lines)
+    def initialize(native, subject = nil)
       @native = native
+      @subject = subject
       @cancelled = false
       @waiters = nil
+      @logger = nil
+    end
+
+    # The W3C `traceparent` of this handler attempt's span, when tracing is on
+    # (an OTLP endpoint is configured): `00-<trace id>-<span id>-<flags>`.
+    # {Client#send_message} in the handler's fiber adds it by itself; pass it
+    # as the `traceparent` header of a send made elsewhere (another thread, a
+    # job queue) to continue the trace there.
+    #
+    # @return [String, nil] nil when tracing is off
+    def trace_context
+      return @trace_context if defined?(@trace_context)
+
+      @trace_context = @native.trace_context
+    end
+
+    # {Prosody.logger}, with each line tagged with this call's topic,
+    # partition, offset and key (for a timer: topic, partition, key and time);
+    # with `Prosody.log_format = :json` they are fields of the JSON line.
+    #
+    # @return [MessageLogger]
+    # @example
+    #   context.logger.info("charged #{amount}")
+    #   # => ... [topic=orders partition=0 offset=7 key="acct-9"] charged 12
+    def logger
+      @logger ||= MessageLogger.new(Prosody.logger, MessageLogger.tags(@subject))
     end
 
     # Cheap and thread-safe; true once the call has been cancelled for any reason.

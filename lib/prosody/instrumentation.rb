@@ -14,6 +14,16 @@ module Prosody
       @monitor || @monitor_lock.synchronize { @monitor ||= Monitor.new }
     end
 
+    # The W3C `traceparent` a send made here continues: the current
+    # OpenTelemetry span's when the `opentelemetry-api` gem is loaded and one is
+    # current, else the attempt span of the handler call this fiber runs; nil
+    # otherwise (or when tracing is off). See {TraceContext}.
+    #
+    # @return [String, nil]
+    def current_traceparent
+      TraceContext.current_traceparent
+    end
+
     # Connects the monitor to error reporting (sentry-ruby, see {SentryReporter})
     # and to ActiveSupport::Notifications (see {Monitor#forward_to_active_support})
     # when those libraries are loaded. Every {Client.new} calls it, so loading them
@@ -26,6 +36,8 @@ module Prosody
       install_integration(:active_support, defined?(::ActiveSupport::Notifications)) do
         monitor.forward_to_active_support
       end
+      # Spans still buffered at exit would be lost: export them first.
+      install_integration(:trace_flush, Native.tracing?) { at_exit { Native.flush_traces } }
     end
 
     private

@@ -84,6 +84,7 @@ module Prosody
       return print_and_succeed(cli.usage) if cli.help?
       return print_and_succeed("prosody #{VERSION}") if cli.version?
 
+      Prosody.log_format = cli.log_format if cli.log_format
       Prosody.logger.level = cli.log_level
       Prosody.logger = Prosody.logger # passes the level on to the native side
       serve(cli)

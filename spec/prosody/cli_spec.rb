@@ -77,6 +77,11 @@ RSpec.describe Prosody::CLI do
     expect(cli.log_level).to eq("debug")
   end
 
+  it "takes --log-format" do
+    expect(parse("--log-format", "json").log_format).to eq("json")
+    expect(parse.log_format).to be_nil
+  end
+
   it "knows --help and --version" do
     expect(parse("--help")).to be_help
     expect(parse("-v")).to be_version
@@ -88,6 +93,7 @@ RSpec.describe Prosody::CLI do
     %w[--group] => "--group",
     %w[stray] => "stray",
     %w[--log-level loud] => "loud",
+    %w[--log-format yaml] => "yaml",
     %w[--kafka acks] => "--kafka acks"
   }.each do |argv, named|
     it "raises a ConfigurationError naming #{named.inspect} for #{argv.join(" ")}" do

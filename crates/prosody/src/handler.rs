@@ -146,11 +146,13 @@ pub(crate) trait KeyTimers: Send + Sync {
 /// A call's key and its partition's timers.
 pub(crate) type KeyTimerHandle = (Arc<dyn KeyTimers>, Arc<str>);
 
-/// Per-call context: cancellation, and the timers of the call's key.
+/// Per-call context: cancellation, the timers of the call's key, and the
+/// attempt's trace context.
 #[derive(Clone)]
 pub struct Context {
     cancellation: CancellationToken,
     timers: Option<KeyTimerHandle>,
+    trace_parent: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -163,11 +165,22 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
+    /// Built inside the attempt's span, whose trace context it keeps for
+    /// handlers that run elsewhere (the Ruby processor thread).
     pub(crate) fn new(cancellation: CancellationToken, timers: Option<KeyTimerHandle>) -> Self {
         Self {
             cancellation,
             timers,
+            trace_parent: crate::traces::current_traceparent().map(Arc::from),
         }
+    }
+
+    /// The W3C `traceparent` of this handler attempt's span, when tracing is
+    /// on: pass it as the `traceparent` header of a send made outside this
+    /// call's task (another thread, another runtime) to continue the trace.
+    /// Sends from within the call continue it without this.
+    pub fn trace_parent(&self) -> Option<&str> {
+        self.trace_parent.as_deref()
     }
 
     fn timers(&self) -> Result<(&dyn KeyTimers, &Arc<str>)> {

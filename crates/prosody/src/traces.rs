@@ -261,6 +261,18 @@ pub(crate) fn traceparent(context: &Context) -> Option<String> {
         .map(|(_, value)| value)
 }
 
+/// The `traceparent` of the current span (a handler attempt's, while it is
+/// polled); `None` when tracing is off or no span is current.
+pub(crate) fn current_traceparent() -> Option<String> {
+    tracing()?;
+    let current = Context::current();
+    if current.has_active_span() {
+        traceparent(&current)
+    } else {
+        None
+    }
+}
+
 /// Runs `future` inside `context` when there is one.
 pub(crate) async fn within<F: std::future::Future>(
     context: Option<Context>,

@@ -89,11 +89,14 @@ async fn a_message_traces_from_its_send_through_its_handler_to_the_handlers_own_
     let replies = topic("traced-replies", 1);
     let sender = client(config(&unique("sender"), &source).source_system("sender"));
     let seen_parent = Arc::new(Mutex::new(None));
+    let context_parent = Arc::new(Mutex::new(None));
     let handler = {
+        let context_parent = Arc::clone(&context_parent);
         let sender: Arc<Client> = Arc::clone(&sender);
         let replies = replies.clone();
         let seen_parent = Arc::clone(&seen_parent);
-        FnHandler(move |_context: Context, message: Message| {
+        FnHandler(move |context: Context, message: Message| {
+            *support::lock(&context_parent) = context.trace_parent().map(str::to_owned);
             let sender = Arc::clone(&sender);
             let replies = replies.clone();
             let seen_parent = Arc::clone(&seen_parent);
@@ -174,6 +177,13 @@ async fn a_message_traces_from_its_send_through_its_handler_to_the_handlers_own_
     assert!(
         parent.contains(&hex(&process.span_id)) && parent.contains(&hex(&send.trace_id)),
         "Message::trace_parent names the consumer span: {parent}"
+    );
+    let parent = support::lock(&context_parent)
+        .clone()
+        .expect("context traceparent");
+    assert!(
+        parent.contains(&hex(&attempt.span_id)) && parent.contains(&hex(&send.trace_id)),
+        "Context::trace_parent names the attempt's span: {parent}"
     );
 }
 

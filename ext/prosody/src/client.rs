@@ -236,6 +236,20 @@ fn option_choice(ruby: &Ruby, option: String, text: String) -> Result<&'static s
     prosody::config::choice(&option, &text).map_err(|error| from_core(ruby, &error))
 }
 
+/// Whether spans are exported (an OTLP endpoint is set in the environment).
+fn tracing_enabled() -> bool {
+    prosody::traces::enabled()
+}
+
+/// Exports the spans ended so far, off the caller's (possibly fiber) stack and
+/// with the GVL released; at most the exporter's timeout.
+fn flush_traces(ruby: &Ruby) -> Result<(), Error> {
+    if prosody::traces::enabled() {
+        off_ruby_stack(ruby, prosody::traces::flush)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     let class = native.define_class("Client", ruby.class_object())?;
     class.undef_default_alloc_func();
@@ -259,5 +273,7 @@ pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     native.define_singleton_method("option_kinds", function!(option_kinds, 0))?;
     native.define_singleton_method("option_choices", function!(option_choices, 1))?;
     native.define_singleton_method("option_choice", function!(option_choice, 2))?;
+    native.define_singleton_method("tracing?", function!(tracing_enabled, 0))?;
+    native.define_singleton_method("flush_traces", function!(flush_traces, 0))?;
     Ok(())
 }

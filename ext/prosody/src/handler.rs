@@ -325,6 +325,11 @@ impl NativeContext {
         self.context.should_cancel()
     }
 
+    /// The attempt span's `traceparent`; `nil` when tracing is off.
+    fn trace_context(&self) -> Option<String> {
+        self.context.trace_parent().map(str::to_owned)
+    }
+
     /// `nil` for success, an exception for failure; returns false if already
     /// completed. Deferred on a thread that called `defer_completions`.
     fn complete(ruby: &Ruby, rb_self: &Self, error: Value) -> Result<bool, Error> {
@@ -435,6 +440,7 @@ pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     let context = native.define_class("Context", ruby.class_object())?;
     context.undef_default_alloc_func();
     context.define_method("should_cancel?", method!(NativeContext::should_cancel, 0))?;
+    context.define_method("trace_context", method!(NativeContext::trace_context, 0))?;
     context.define_method("schedule", method!(NativeContext::schedule, 2))?;
     context.define_method(
         "clear_and_schedule",

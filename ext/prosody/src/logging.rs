@@ -1,7 +1,8 @@
 //! Native logs (tracing events, librdkafka logs) delivered to `Prosody.logger`.
 //!
 //! Events can fire on any thread, so they are formatted where they happen and
-//! delivered by a bridge job that calls `Prosody.logger.add(severity, text, "prosody")`.
+//! delivered by a bridge job that calls `Prosody.log_native(severity, message, fields)`,
+//! which passes them to `Prosody.logger` with progname `prosody`.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -42,26 +43,26 @@ impl<S: Subscriber> Layer<S> for RubyLogger {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         let mut line = Line::default();
         event.record(&mut line);
-        let mut text = line.message;
-        if !line.fields.is_empty() {
-            text.push_str(" (");
-            text.push_str(&line.fields);
-            text.push(')');
-        }
         let severity = severity(event.metadata().level());
-        bridge::run(move |ruby| deliver(ruby, severity, &text));
+        bridge::run(move |ruby| deliver(ruby, severity, line));
     }
 }
 
-fn deliver(ruby: &Ruby, severity: u8, text: &str) {
-    let logger = crate::classes::prosody(ruby).funcall::<_, _, Value>("logger", ());
-    let delivered =
-        logger.and_then(|logger| logger.funcall::<_, _, Value>("add", (severity, text, "prosody")));
+/// `Prosody.log_native(severity, message, fields)`: the Ruby side tags the line
+/// with its fields (see `Prosody::LogLine`) and hands it to `Prosody.logger`.
+fn deliver(ruby: &Ruby, severity: u8, line: Line) {
+    let Line { message, fields } = line;
+    let delivered = crate::classes::prosody(ruby)
+        .funcall::<_, _, Value>("log_native", (severity, message.as_str(), fields.clone()));
     if let Err(error) = delivered {
         // Interrupted (the process is exiting): let the bridge thread end.
         if bridge::recoverable(ruby, error).is_some() {
             // The logger itself failed; stderr is the last place left to say anything.
-            eprintln!("prosody: {text}");
+            let fields: Vec<String> = fields
+                .iter()
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect();
+            eprintln!("prosody: {message} ({})", fields.join(", "));
         }
     }
 }
@@ -69,7 +70,8 @@ fn deliver(ruby: &Ruby, severity: u8, text: &str) {
 #[derive(Default)]
 struct Line {
     message: String,
-    fields: String,
+    /// Each field's name and value, in the order the event gave them.
+    fields: Vec<(&'static str, String)>,
 }
 
 impl Visit for Line {
@@ -77,7 +79,7 @@ impl Visit for Line {
         if field.name() == "message" {
             self.message.push_str(value);
         } else {
-            self.field(field, format_args!("{value}"));
+            self.fields.push((field.name(), value.to_owned()));
         }
     }
 
@@ -85,17 +87,8 @@ impl Visit for Line {
         if field.name() == "message" {
             let _ = write!(self.message, "{value:?}");
         } else {
-            self.field(field, format_args!("{value:?}"));
+            self.fields.push((field.name(), format!("{value:?}")));
         }
-    }
-}
-
-impl Line {
-    fn field(&mut self, field: &Field, value: std::fmt::Arguments<'_>) {
-        if !self.fields.is_empty() {
-            self.fields.push_str(", ");
-        }
-        let _ = write!(self.fields, "{}={value}", field.name());
     }
 }
 

@@ -23,6 +23,13 @@ module Prosody
         @cancelled
       end
 
+      # No spans are opened outside a consumer.
+      #
+      # @return [nil]
+      def trace_context
+        nil
+      end
+
       # Makes {#should_cancel?} true (the {Prosody::Context} also needs its own `cancel!`).
       #
       # @return [void]
