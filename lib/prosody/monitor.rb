@@ -25,7 +25,7 @@ module Prosody
     # unless told otherwise: the ones that are not per message.
     ACTIVE_SUPPORT_EVENTS = %w[
       message.failed message.retried message.dead_lettered message.skipped
-      partition.assigned partition.revoked send.failed processor.died
+      partition.assigned partition.revoked send.failed processor.died consumer.stalled
     ].freeze
 
     def initialize

@@ -6,13 +6,13 @@ module Prosody
   # sentry-ruby is loaded, and active once `Sentry.init` has run.
   #
   # Captured as Sentry events: a message dead-lettered, a message skipped after
-  # failing, the handler thread dying. Each carries the tags `prosody.topic`,
+  # failing, the handler thread dying, a partition stalling. Each carries the tags `prosody.topic`,
   # `prosody.partition`, `prosody.offset`, `prosody.key`, `prosody.group_id`,
   # `prosody.mode` and `prosody.error_class`. Failed attempts that will be
   # retried become breadcrumbs, so a captured event shows the attempts before it.
   class SentryReporter
     # Events that become Sentry events.
-    CAPTURED = %w[message.dead_lettered message.skipped processor.died].freeze
+    CAPTURED = %w[message.dead_lettered message.skipped processor.died consumer.stalled].freeze
     # Events that become breadcrumbs.
     BREADCRUMBS = %w[message.failed].freeze
     # Payload fields that become tags.
@@ -56,6 +56,8 @@ module Prosody
 
     def summary(event)
       where = [event[:topic], event[:partition], event[:offset]].compact.join("/")
+      return "#{event.name} #{where}" unless event[:error_class]
+
       "#{event.name} #{where}: #{event[:error_class]}: #{event[:error_message]}".strip
     end
   end

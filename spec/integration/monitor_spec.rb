@@ -82,6 +82,26 @@ RSpec.describe "Prosody.monitor" do
     end
   end
 
+  it "reports a partition whose handler is stuck as consumer.stalled, once" do
+    stalled = Queue.new
+    subscribe("consumer.stalled") { |event| stalled << event }
+    client = mock_consumer(topic, group_id: unique_name("group"), stall_threshold: 0.3, timeout: 30,
+                                  shutdown_timeout: 0.5)
+    release = Queue.new
+    capture_logs(level: Logger::FATAL) do
+      client.subscribe(handler { |_context, _message| release.pop })
+      client.send_message(topic, "stuck", { "n" => 1 })
+      event = next_item(stalled, description: "consumer.stalled")
+      expect(event.payload).to include(topic:, partition: 0, duration: 0.3, group_id: client.config[:group_id])
+      expect(client).to be_stalled
+      sleep 1 # three more checks of the stall: none may report it again
+      expect(stalled).to be_empty
+    ensure
+      release << true
+      client.unsubscribe
+    end
+  end
+
   it "forwards the events that are not per message to ActiveSupport::Notifications" do
     require "active_support/notifications"
     notifications = Queue.new

@@ -33,11 +33,14 @@ pub enum EventKind {
     SendDelivered,
     /// A send failed or timed out.
     SendFailed,
+    /// A partition has had work pending and finished nothing for `stall_threshold`
+    /// (once per stall; `duration` is the threshold).
+    ConsumerStalled,
 }
 
 impl EventKind {
     /// Every kind, in a stable order (its index is its bit in observer masks).
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::MessageReceived,
         Self::MessageHandled,
         Self::MessageFailed,
@@ -48,6 +51,7 @@ impl EventKind {
         Self::PartitionRevoked,
         Self::SendDelivered,
         Self::SendFailed,
+        Self::ConsumerStalled,
     ];
 
     /// The event's name, e.g. `message.handled`.
@@ -63,6 +67,7 @@ impl EventKind {
             Self::PartitionRevoked => "partition.revoked",
             Self::SendDelivered => "send.delivered",
             Self::SendFailed => "send.failed",
+            Self::ConsumerStalled => "consumer.stalled",
         }
     }
 

@@ -20,6 +20,7 @@ mod partition;
 mod scheduler;
 mod settings;
 mod shared;
+mod stall_watch;
 mod timer_queue;
 
 use std::sync::{Arc, OnceLock};
@@ -117,6 +118,7 @@ impl Subscription {
             )
         });
 
+        stall_watch::start(&shared);
         let (stop, stopped) = oneshot::channel();
         let (done, finished) = crossbeam_channel::bounded::<()>(0);
         let poll_shared = Arc::clone(&shared);
