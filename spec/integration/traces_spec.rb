@@ -42,10 +42,16 @@ RSpec.describe "traces from Ruby" do
 
   # Waits until the receiver has the spans named `names`; returns them by name.
   def exported(receiver, names)
-    spans = {}
+    spans = exported_all(receiver, names)
+    spans.transform_values(&:first)
+  end
+
+  # Waits until the receiver has `names` (a name twice: two such spans); returns each name's spans.
+  def exported_all(receiver, names)
+    spans = Hash.new { |hash, name| hash[name] = [] }
     wait_for(timeout: 20, description: "spans #{names.join(", ")}") do
-      drain(receiver.spans).each { |span| spans[span.name] = span }
-      names.all? { |name| spans.key?(name) }
+      drain(receiver.spans).each { |span| spans[span.name] << span }
+      names.tally.all? { |name, count| spans[name].size >= count }
     end
     spans
   end
@@ -81,5 +87,26 @@ RSpec.describe "traces from Ruby" do
     expect(reply.parent_span_id).to eq(user_span)
     expect(reply.trace_id).to eq(attempt.trace_id)
     expect(source).not_to eq(replies)
+  end
+
+  it "links a retried attempt's span to the first attempt's" do
+    source, _replies, = run_traced(receiver, "FAIL_FIRST" => "1")
+    spans = exported_all(receiver, ["#{source} process", "handler", "handler"])
+    first, retried = spans["handler"].sort_by { |span| span.links.size }
+
+    expect(retried.links).to eq([first.span_id])
+    expect([first.parent_span_id, retried.parent_span_id]).to all(eq(spans["#{source} process"].first.span_id))
+  end
+
+  it "traces a deferred retry as a new consumer span of the same trace" do
+    source, _replies, seen = run_traced(receiver, "FAIL_FIRST" => "1", "DEFER" => "1")
+    spans = exported_all(receiver, ["#{source} publish", "#{source} process", "#{source} process", "handler",
+                                    "handler"])
+    send = spans["#{source} publish"].first
+    processes = spans["#{source} process"]
+
+    expect(processes.map(&:parent_span_id)).to all(eq(send.span_id))
+    expect(spans["handler"].map(&:parent_span_id)).to match_array(processes.map(&:span_id))
+    expect(seen["trace_context"][traceparent, :trace]).to eq(send.trace_id)
   end
 end

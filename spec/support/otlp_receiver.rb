@@ -8,7 +8,7 @@ module ProsodySpec
   # and kinds with a small reader of the protobuf wire format.
   class OtlpReceiver
     # What the specs look at of a span.
-    Span = Struct.new(:trace_id, :span_id, :parent_span_id, :name, :kind, keyword_init: true)
+    Span = Struct.new(:trace_id, :span_id, :parent_span_id, :name, :kind, :links, keyword_init: true)
 
     # Span kinds of the OTLP protocol.
     KINDS = { 1 => :internal, 2 => :server, 3 => :client, 4 => :producer, 5 => :consumer }.freeze
@@ -63,13 +63,14 @@ module ProsodySpec
       end
     end
 
-    # Span: 1 trace_id, 2 span_id, 4 parent_span_id, 5 name, 6 kind.
+    # Span: 1 trace_id, 2 span_id, 4 parent_span_id, 5 name, 6 kind, 13 links
+    # (Link: 2 span_id).
     def span(bytes)
       values = Hash.new { |hash, key| hash[key] = [] }
       each_field(bytes) { |number, value| values[number] << value }
       Span.new(trace_id: hex(values[1].first), span_id: hex(values[2].first),
                parent_span_id: hex(values[4].first), name: values[5].first&.force_encoding("UTF-8"),
-               kind: KINDS[values[6].first])
+               kind: KINDS[values[6].first], links: values[13].map { |link| hex(fields(link, 2).first) })
     end
 
     def hex(bytes)

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
 use opentelemetry::trace::{
-    FutureExt as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
+    FutureExt as _, Link, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -229,18 +229,27 @@ pub(crate) fn timer_span(topic: &str, partition: i32, key: &str) -> Option<Conte
 }
 
 /// One handler attempt's span, a child of the current (message or timer) span.
-pub(crate) fn attempt_span(handler: &str, attempt: u32) -> Option<Context> {
+/// A retry links to `first`, the span of the message's first attempt.
+pub(crate) fn attempt_span(
+    handler: &str,
+    attempt: u32,
+    first: Option<&Context>,
+) -> Option<Context> {
     let tracing = tracing()?;
     let parent = Context::current();
     if !parent.has_active_span() {
         return None;
     }
-    let span = tracing
+    let mut builder = tracing
         .tracer
         .span_builder(handler.to_owned())
         .with_kind(SpanKind::Internal)
-        .with_attributes([KeyValue::new("prosody.attempt", i64::from(attempt))])
-        .start_with_context(&tracing.tracer, &parent);
+        .with_attributes([KeyValue::new("prosody.attempt", i64::from(attempt))]);
+    if let Some(first) = first.filter(|first| first.has_active_span()) {
+        let first = first.span().span_context().clone();
+        builder = builder.with_links(vec![Link::with_context(first)]);
+    }
+    let span = builder.start_with_context(&tracing.tracer, &parent);
     Some(parent.with_span(span))
 }
 

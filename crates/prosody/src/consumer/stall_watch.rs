@@ -33,7 +33,11 @@ pub(crate) fn start(shared: &Arc<Shared>) {
 }
 
 /// One look at every partition; false once the subscription is gone.
-fn check(watched: &Weak<Shared>, threshold: Duration, stalled: &mut HashSet<(Arc<str>, i32)>) -> bool {
+fn check(
+    watched: &Weak<Shared>,
+    threshold: Duration,
+    stalled: &mut HashSet<(Arc<str>, i32)>,
+) -> bool {
     let Some(shared) = watched.upgrade() else {
         return false;
     };
@@ -49,8 +53,8 @@ fn check(watched: &Weak<Shared>, threshold: Duration, stalled: &mut HashSet<(Arc
                 "partition stalled: messages are waiting and none finished within stall_threshold (a handler is stuck or every attempt fails); /livez reports 503"
             );
             shared.metrics.emit(EventKind::ConsumerStalled, || {
-                let mut event = Event::new(EventKind::ConsumerStalled, Arc::clone(&at.0))
-                    .at(at.1, None, None);
+                let mut event =
+                    Event::new(EventKind::ConsumerStalled, Arc::clone(&at.0)).at(at.1, None, None);
                 event.duration = Some(threshold);
                 event
             });

@@ -224,6 +224,8 @@ impl PartitionManager {
     /// partition stops. Waiting to retry holds no permit.
     async fn retry(&self, key: &Arc<str>, call: Call) -> Settled {
         let mut attempt = 0;
+        // A retry's span links to the first attempt's.
+        let mut first_span = None;
         loop {
             attempt += 1;
             let pool = if attempt == 1 {
@@ -231,7 +233,10 @@ impl PartitionManager {
             } else {
                 Pool::Retry
             };
-            let span = traces::attempt_span(call.handler(), attempt);
+            let span = traces::attempt_span(call.handler(), attempt, first_span.as_ref());
+            if attempt == 1 {
+                first_span.clone_from(&span);
+            }
             let attempted = traces::within(
                 span.clone(),
                 self.attempt_with_permit(key, call.clone(), pool),

@@ -19,7 +19,10 @@ use crate::consumer::failure::{backoff, decide, Decision};
 use crate::consumer::filter::Skip;
 use crate::consumer::scheduler::Pool;
 use crate::dedup::message_id;
+use crate::events::{Event, EventKind};
 use crate::handler::to_millis;
+use crate::message::Message;
+use crate::traces::{self, Position};
 
 /// What to do with a fresh message of a key that may be deferred.
 pub(super) enum Behind {
@@ -172,9 +175,7 @@ impl PartitionManager {
             // A deferred retry is a retry: it takes its share of handler time from the
             // scheduler's retry pool. A refusal for monopolizing handler time is an
             // ordinary transient failure here, which backs off again.
-            let attempted = self
-                .attempt_with_permit(key, Call::Message(message), Pool::Retry)
-                .await;
+            let attempted = self.traced_retry(key, &fetched, message, attempt).await;
             let Some((outcome, _rejected)) = attempted else {
                 return false;
             };
@@ -198,6 +199,13 @@ impl PartitionManager {
             match decide(config, failure.kind, attempt) {
                 Decision::Retry(delay) => {
                     self.shared.metrics.retried(self.labels());
+                    self.shared.metrics.emit(EventKind::MessageRetried, || {
+                        Event::new(EventKind::MessageRetried, Arc::clone(&self.topic))
+                            .at(self.partition, Some(offset), Some(key))
+                            .attempts(attempt)
+                            .because(failure.kind.as_str())
+                            .error(&failure.class, &failure.message)
+                    });
                     warn!(
                         topic = %self.topic, partition = self.partition, offset, key = %key, attempt, kind = failure.kind.as_str(),
                         "deferred message failed again ({}): {}; retrying in {delay:?}", failure.class, failure.message
@@ -217,6 +225,46 @@ impl PartitionManager {
             }
         }
         true
+    }
+
+    /// One deferred retry, traced as the first attempt was: a consumer span (a
+    /// child of the sender's, from the message's headers) around the attempt's.
+    async fn traced_retry(
+        &self,
+        key: &Arc<str>,
+        fetched: &Fetched,
+        mut message: Message,
+        attempt: u32,
+    ) -> Option<(Outcome, bool)> {
+        let trace = traces::process_span(
+            &Position {
+                topic: &self.topic,
+                partition: self.partition,
+                offset: fetched.offset,
+                key,
+                group: self.shared.config.group_id.as_deref().unwrap_or_default(),
+            },
+            &fetched.headers,
+        );
+        message.trace_parent = trace.as_ref().and_then(traces::traceparent).map(Arc::from);
+        let call = Call::Message(message);
+        let attempted = traces::within(trace.clone(), async {
+            let span = traces::attempt_span(call.handler(), attempt, None);
+            let attempted = traces::within(
+                span.clone(),
+                self.attempt_with_permit(key, call, Pool::Retry),
+            )
+            .await;
+            if let Some(span) = &span {
+                traces::end(span, failure_of(attempted.as_ref()));
+            }
+            attempted
+        })
+        .await;
+        if let Some(trace) = &trace {
+            traces::end(trace, failure_of(attempted.as_ref()));
+        }
+        attempted
     }
 
     /// Stores the deferred message's next retry, `delay` from now.
@@ -243,5 +291,13 @@ impl PartitionManager {
             |error, delay| warn!(topic = %self.topic, partition = self.partition, offset, key = %key, "cannot delete a deferred message that ran; retrying in {delay:?}: {error}"),
         )
         .await
+    }
+}
+
+/// The failure message of an attempt that failed, for its span's status.
+fn failure_of(attempted: Option<&(Outcome, bool)>) -> Option<&str> {
+    match attempted {
+        Some((Outcome::Failed(failure), _)) => Some(failure.message.as_str()),
+        _ => None,
     }
 }
