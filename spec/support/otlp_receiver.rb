@@ -66,15 +66,20 @@ module ProsodySpec
     # Span: 1 trace_id, 2 span_id, 4 parent_span_id, 5 name, 6 kind, 13 links
     # (Link: 2 span_id).
     def span(bytes)
-      values = Hash.new { |hash, key| hash[key] = [] }
-      each_field(bytes) { |number, value| values[number] << value }
-      Span.new(trace_id: hex(values[1].first), span_id: hex(values[2].first),
-               parent_span_id: hex(values[4].first), name: values[5].first&.force_encoding("UTF-8"),
+      values = all_fields(bytes)
+      trace_id, span_id, parent_span_id = values.values_at(1, 2, 4).map { |ids| hex(ids.first) }
+      Span.new(trace_id:, span_id:, parent_span_id:, name: values[5].first&.force_encoding("UTF-8"),
                kind: KINDS[values[6].first], links: values[13].map { |link| hex(fields(link, 2).first) })
     end
 
     def hex(bytes)
       bytes.to_s.unpack1("H*")
+    end
+
+    def all_fields(bytes)
+      values = Hash.new { |hash, key| hash[key] = [] }
+      each_field(bytes) { |number, value| values[number] << value }
+      values
     end
 
     def fields(bytes, number)
