@@ -109,4 +109,13 @@ RSpec.describe "traces from Ruby" do
     expect(spans["handler"].map(&:parent_span_id)).to match_array(processes.map(&:span_id))
     expect(seen["trace_context"][traceparent, :trace]).to eq(send.trace_id)
   end
+
+  it "exports from a forked child (a Puma worker) whose parent had started tracing" do
+    source, replies, seen = run_traced(receiver, "FORK" => "1")
+    spans = exported(receiver, ["#{source} publish", "#{source} process", "handler", "#{replies} publish"])
+
+    expect(spans["#{source} process"].parent_span_id).to eq(spans["#{source} publish"].span_id)
+    expect(spans["#{replies} publish"].parent_span_id).to eq(spans["handler"].span_id)
+    expect(seen["trace_context"][traceparent, :span]).to eq(spans["handler"].span_id)
+  end
 end

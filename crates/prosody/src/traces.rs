@@ -12,7 +12,8 @@
 //! `OTEL_*` variables (`OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, `OTEL_BSP_*`).
 //! Without an endpoint tracing is off: every hook is one check of a `OnceLock`.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
 use opentelemetry::trace::{
@@ -38,11 +39,45 @@ struct Tracing {
     tracer: SdkTracer,
 }
 
-static TRACING: OnceLock<Option<Tracing>> = OnceLock::new();
+/// The OTLP endpoint from the environment, read once; `None`: tracing is off.
+static ENDPOINT: OnceLock<Option<String>> = OnceLock::new();
+/// The fork generation the exporter was set up in, and the exporter (`None`
+/// when it could not be built: tracing stays off, said once).
+type Current = Option<(u64, Option<Arc<Tracing>>)>;
+static TRACING: RwLock<Current> = RwLock::new(None);
+/// Bumped in a forked child, whose copy of the exporter has no thread behind it.
+static FORKS: AtomicU64 = AtomicU64::new(0);
 
-/// The process's tracer, set up from the environment on first use; `None` when off.
-fn tracing() -> Option<&'static Tracing> {
-    TRACING.get_or_init(start).as_ref()
+/// The process's tracer, set up from the environment on first use (again in a
+/// forked child); `None` when off.
+fn tracing() -> Option<Arc<Tracing>> {
+    let endpoint = ENDPOINT
+        .get_or_init(|| {
+            ENDPOINT_VARIABLES
+                .iter()
+                .find_map(|name| std::env::var(name).ok().filter(|value| !value.is_empty()))
+        })
+        .as_deref()?;
+    let generation = FORKS.load(Ordering::Acquire);
+    if let Some((made_in, tracing)) = &*TRACING.read().unwrap_or_else(PoisonError::into_inner) {
+        if *made_in == generation {
+            return tracing.clone();
+        }
+    }
+    let mut current = TRACING.write().unwrap_or_else(PoisonError::into_inner);
+    match current.take() {
+        Some((made_in, tracing)) if made_in == generation => {
+            *current = Some((made_in, tracing.clone()));
+            return tracing;
+        }
+        // The parent's exporter: its batch thread stayed in the parent, and
+        // dropping it would wait for that thread to shut down. Leak it.
+        Some(stale) => std::mem::forget(stale),
+        None => {}
+    }
+    let tracing = start(endpoint).map(Arc::new);
+    *current = Some((generation, tracing.clone()));
+    tracing
 }
 
 /// Whether spans are recorded and exported in this process.
@@ -50,10 +85,14 @@ pub fn enabled() -> bool {
     tracing().is_some()
 }
 
-fn start() -> Option<Tracing> {
-    let endpoint = ENDPOINT_VARIABLES
-        .iter()
-        .find_map(|name| std::env::var(name).ok().filter(|value| !value.is_empty()))?;
+/// Call in a forked child (e.g. from a `pthread_atfork` child handler; it only
+/// stores an atomic): the next span starts a new exporter, since the parent's
+/// has no thread in the child.
+pub fn forget_after_fork() {
+    FORKS.fetch_add(1, Ordering::AcqRel);
+}
+
+fn start(endpoint: &str) -> Option<Tracing> {
     let exporter = match opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .build()

@@ -5,6 +5,7 @@
 //! forgets the parent's bridge and runtime, so the child's first client starts
 //! its own, and bumps the process generation, so a client made before the fork
 //! (whose Kafka handles belong to threads left in the parent) refuses to work.
+//! The core's trace exporter is told too: the child's next span starts its own.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
@@ -26,6 +27,7 @@ extern "C" fn after_fork_in_child() {
     // Only atomic stores: nothing else is safe between fork and exec-or-return.
     crate::bridge::forget_after_fork();
     crate::runtime::forget_after_fork();
+    prosody::traces::forget_after_fork();
     GENERATION.fetch_add(1, Ordering::AcqRel);
 }
 
