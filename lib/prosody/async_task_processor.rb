@@ -2,14 +2,19 @@
 
 require "async"
 require "async/notification"
+require "io/wait"
 
 module Prosody
   # Runs handler calls as fibers on one dedicated Ruby thread.
   #
-  # The native bridge thread calls {#submit_batch} (or {#submit}) and {#cancel};
-  # both only push a command onto a Thread::Queue, so the bridge never waits on
-  # Ruby code. The processor's thread runs an Async reactor whose main task pops
-  # commands and hands each call to a pool of long-lived worker tasks (fibers):
+  # Native handler calls come straight to the processor's thread: tokio tasks
+  # queue them on the processor's {#inbox} (a `Native::Inbox`, Rust data only)
+  # and wake the thread only when it waits for work, through a socket its
+  # reactor watches. Calls submitted from Ruby ({#submit_batch}, {#submit},
+  # {#cancel}) go onto a Thread::Queue and wake it the same way. The
+  # processor's thread runs an Async reactor whose main task takes calls (the
+  # inbox builds their Ruby messages then, under the GVL the thread holds
+  # anyway) and hands each call to a pool of long-lived worker tasks (fibers):
   # an idle worker runs calls one after another, inline, until one of them
   # yields (sleeps, waits on I/O), and only then does the next call go to
   # another worker, started when none is idle. So a handler that waits lets the
@@ -62,6 +67,9 @@ module Prosody
       @on_death = on_death
       @blocking_threshold = blocking_threshold
       @commands = Thread::Queue.new
+      @inbox = Native::Inbox.new
+      @wake = IO.for_fd(@inbox.wake_fd, autoclose: false)
+      @cancels = [] # task ids taken from the inbox, cancelled after its calls start
       @pool = FiberPool.new { |worker, native, completion, message| perform(worker, native, completion, message) }
       @thread = nil
       @watchdog = nil
@@ -88,6 +96,9 @@ module Prosody
       @watchdog&.reports || 0
     end
 
+    # @return [Native::Inbox] where the native side queues handler calls and cancellations
+    attr_reader :inbox
+
     # Queues a handler call. Never blocks.
     #
     # @param task_id [Integer] unique within this subscription
@@ -99,14 +110,14 @@ module Prosody
       submit_batch([task_id, native_context, completion, message])
     end
 
-    # Queues handler calls, as the native bridge gathers them during one GVL
-    # hold: `task_id, native_context, completion, message` for each call
-    # (the native context is its own completion). Never blocks.
+    # Queues handler calls: `task_id, native_context, completion, message` for
+    # each call, as {Native::Inbox#take} returns them. Never blocks.
     #
     # @param calls [Array] STRIDE entries per call
     # @return [nil]
     def submit_batch(calls)
       @commands.push(calls)
+      @inbox.wake
       nil
     rescue ClosedQueueError
       calls.each_slice(STRIDE) do |_, _, completion, message|
@@ -115,12 +126,13 @@ module Prosody
       nil
     end
 
-    # Queues the cancellation of a call. Called by the native bridge; never blocks.
+    # Queues the cancellation of a call submitted from Ruby. Never blocks.
     #
     # @param task_id [Integer]
     # @return [nil]
     def cancel(task_id)
       @commands.push(task_id)
+      @inbox.wake
       nil
     rescue ClosedQueueError
       nil
@@ -138,6 +150,7 @@ module Prosody
     def stop(timeout: nil)
       @stopping = true
       @commands.close
+      @inbox.close
       return true if @thread.nil? || processor_thread?
 
       !@thread.join(timeout).nil?
@@ -165,27 +178,59 @@ module Prosody
     ensure
       # Whatever stopped the reactor, never leave the native side waiting.
       @commands.close
+      @inbox.close
       abandon_queued
       Native.flush_completions
       Native.defer_completions(false)
       died(fatal) unless @stopping
     end
 
+    # Takes calls until both the inbox and the command queue are closed and
+    # empty. Taking from the inbox first marks the processor as waiting, so a
+    # command queued after the queue was found empty wakes it.
     def serve(root)
       heartbeat = root.async { |task| beat(task) }
-      while (command = @commands.pop)
-        if command.is_a?(Integer)
-          cancel_call(root, command)
-        else
-          start_calls(root, command)
-          # Under a steady stream the queue never blocks: let waiting handlers,
+      loop do
+        calls = @inbox.take(@cancels)
+        worked = take_native(root, calls) if calls
+        worked = true if take_commands(root)
+        break if calls.nil? && @commands.closed? && @commands.empty?
+
+        if worked
+          # Under a steady stream there is always work: let waiting handlers,
           # timers and the heartbeat have their turn between batches.
           root.yield
+        else
+          @wake.wait_readable
+          @wake.read_nonblock(256, exception: false)
         end
       end
       @pool.drain
     ensure
       heartbeat&.stop
+    end
+
+    # Starts the calls taken from the inbox, then cancels those it named
+    # (a cancellation always comes after its call).
+    def take_native(root, calls)
+      start_calls(root, calls) unless calls.empty?
+      return !calls.empty? if @cancels.empty?
+
+      cancels = @cancels
+      @cancels = []
+      cancels.each { |task_id| cancel_call(root, task_id) }
+      true
+    end
+
+    # Runs the commands queued from Ruby; returns whether there were any.
+    def take_commands(root)
+      return false if @commands.empty?
+
+      until @commands.empty?
+        command = @commands.pop
+        command.is_a?(Integer) ? cancel_call(root, command) : start_calls(root, command)
+      end
+      true
     end
 
     def start_calls(root, calls)
@@ -251,12 +296,17 @@ module Prosody
     end
 
     def abandon_queued
+      while (calls = @inbox.take(@cancels))
+        abandon(calls)
+      end
       while (command = @commands.pop)
-        next if command.is_a?(Integer)
+        abandon(command) unless command.is_a?(Integer)
+      end
+    end
 
-        command.each_slice(STRIDE) do |_, _, completion, message|
-          report(completion, CancelledError.new("the processor stopped before #{where(message)} was handled"))
-        end
+    def abandon(calls)
+      calls.each_slice(STRIDE) do |_, _, completion, message|
+        report(completion, CancelledError.new("the processor stopped before #{where(message)} was handled"))
       end
     end
 
