@@ -66,10 +66,7 @@ module Prosody
       @on_exit = on_exit
       @on_death = on_death
       @blocking_threshold = blocking_threshold
-      @commands = Thread::Queue.new
-      @inbox = Native::Inbox.new
-      @wake = IO.for_fd(@inbox.wake_fd, autoclose: false)
-      @cancels = [] # task ids taken from the inbox, cancelled after its calls start
+      @intake = Intake.new
       @pool = FiberPool.new { |worker, native, completion, message| perform(worker, native, completion, message) }
       @thread = nil
       @watchdog = nil
@@ -97,7 +94,9 @@ module Prosody
     end
 
     # @return [Native::Inbox] where the native side queues handler calls and cancellations
-    attr_reader :inbox
+    def inbox
+      @intake.inbox
+    end
 
     # Queues a handler call. Never blocks.
     #
@@ -116,8 +115,7 @@ module Prosody
     # @param calls [Array] STRIDE entries per call
     # @return [nil]
     def submit_batch(calls)
-      @commands.push(calls)
-      @inbox.wake
+      @intake.push(calls)
       nil
     rescue ClosedQueueError
       calls.each_slice(STRIDE) do |_, _, completion, message|
@@ -131,8 +129,7 @@ module Prosody
     # @param task_id [Integer]
     # @return [nil]
     def cancel(task_id)
-      @commands.push(task_id)
-      @inbox.wake
+      @intake.push(task_id)
       nil
     rescue ClosedQueueError
       nil
@@ -149,8 +146,7 @@ module Prosody
     # @return [Boolean] true when the thread has finished
     def stop(timeout: nil)
       @stopping = true
-      @commands.close
-      @inbox.close
+      @intake.close
       return true if @thread.nil? || processor_thread?
 
       !@thread.join(timeout).nil?
@@ -177,60 +173,28 @@ module Prosody
       raise
     ensure
       # Whatever stopped the reactor, never leave the native side waiting.
-      @commands.close
-      @inbox.close
+      @intake.close
       abandon_queued
       Native.flush_completions
       Native.defer_completions(false)
       died(fatal) unless @stopping
     end
 
-    # Takes calls until both the inbox and the command queue are closed and
-    # empty. Taking from the inbox first marks the processor as waiting, so a
-    # command queued after the queue was found empty wakes it.
+    # Takes calls until the intake is closed and drained.
     def serve(root)
       heartbeat = root.async { |task| beat(task) }
-      loop do
-        calls = @inbox.take(@cancels)
-        worked = take_native(root, calls) if calls
-        worked = true if take_commands(root)
-        break if calls.nil? && @commands.closed? && @commands.empty?
-
-        if worked
-          # Under a steady stream there is always work: let waiting handlers,
-          # timers and the heartbeat have their turn between batches.
-          root.yield
-        else
-          @wake.wait_readable
-          @wake.read_nonblock(256, exception: false)
-        end
+      until (worked = @intake.take { |command| dispatch(root, command) }).nil?
+        # Under a steady stream there is always work: let waiting handlers,
+        # timers and the heartbeat have their turn between batches.
+        worked ? root.yield : @intake.wait
       end
       @pool.drain
     ensure
       heartbeat&.stop
     end
 
-    # Starts the calls taken from the inbox, then cancels those it named
-    # (a cancellation always comes after its call).
-    def take_native(root, calls)
-      start_calls(root, calls) unless calls.empty?
-      return !calls.empty? if @cancels.empty?
-
-      cancels = @cancels
-      @cancels = []
-      cancels.each { |task_id| cancel_call(root, task_id) }
-      true
-    end
-
-    # Runs the commands queued from Ruby; returns whether there were any.
-    def take_commands(root)
-      return false if @commands.empty?
-
-      until @commands.empty?
-        command = @commands.pop
-        command.is_a?(Integer) ? cancel_call(root, command) : start_calls(root, command)
-      end
-      true
+    def dispatch(root, command)
+      command.is_a?(Integer) ? cancel_call(root, command) : start_calls(root, command)
     end
 
     def start_calls(root, calls)
@@ -296,12 +260,7 @@ module Prosody
     end
 
     def abandon_queued
-      while (calls = @inbox.take(@cancels))
-        abandon(calls)
-      end
-      while (command = @commands.pop)
-        abandon(command) unless command.is_a?(Integer)
-      end
+      @intake.drain { |calls| abandon(calls) }
     end
 
     def abandon(calls)
@@ -348,6 +307,93 @@ module Prosody
 
     def where(subject)
       subject.summary
+    end
+
+    # Where the processor's work comes from: the native {Native::Inbox}, fed by
+    # tokio tasks, and a Thread::Queue for calls submitted from Ruby. Both wake
+    # the reactor through the inbox's socket, and only when it waits: taking
+    # from the inbox (first) marks it as waiting, so a command queued after
+    # the queue was found empty wakes it.
+    class Intake
+      # @return [Native::Inbox]
+      attr_reader :inbox
+
+      def initialize
+        @commands = Thread::Queue.new
+        @inbox = Native::Inbox.new
+        @wake = IO.for_fd(@inbox.wake_fd, autoclose: false)
+        @cancels = [] # task ids taken from the inbox
+      end
+
+      # Queues a batch of calls or a task id to cancel, and wakes the reactor.
+      #
+      # @param command [Array, Integer]
+      # @raise [ClosedQueueError] once closed
+      # @return [void]
+      def push(command)
+        @commands.push(command)
+        @inbox.wake
+      end
+
+      # Refuses further work; what is queued can still be taken.
+      #
+      # @return [void]
+      def close
+        @commands.close
+        @inbox.close
+      end
+
+      # Yields what is queued now: batches of calls (Arrays), and task ids
+      # (Integers) to cancel, each after the calls taken with it.
+      #
+      # @return [Boolean, nil] whether anything was yielded; nil once closed and drained
+      def take(&)
+        calls = @inbox.take(@cancels)
+        worked = take_native(calls, &)
+        until @commands.empty?
+          yield @commands.pop
+          worked = true
+        end
+        return nil if calls.nil? && !worked && @commands.closed?
+
+        worked
+      end
+
+      # Waits (in the reactor) until the inbox's socket says there may be work.
+      #
+      # @return [void]
+      def wait
+        @wake.wait_readable
+        @wake.read_nonblock(256, exception: false)
+      end
+
+      # Yields every batch of calls still queued, once closed.
+      #
+      # @return [void]
+      def drain
+        while (calls = @inbox.take(@cancels))
+          yield calls unless calls.empty?
+        end
+        while (command = @commands.pop)
+          yield command unless command.is_a?(Integer)
+        end
+      end
+
+      private
+
+      def take_native(calls, &)
+        worked = false
+        if calls && !calls.empty?
+          yield calls
+          worked = true
+        end
+        return worked if @cancels.empty?
+
+        cancels = @cancels
+        @cancels = []
+        cancels.each(&)
+        true
+      end
     end
   end
 end

@@ -439,9 +439,16 @@ static HEADERS: LazyId = LazyId::new("@headers");
 /// Builds a frozen `Prosody::Message` directly (allocate, set its instance
 /// variables, freeze), without a Ruby-level `initialize` per message.
 fn ruby_message(ruby: &Ruby, message: &Message) -> Result<Value, Error> {
-    let timestamp = match message.timestamp() {
-        Some(time) => ruby_time(ruby, time)?,
-        None => ruby.qnil().as_value(),
+    // Nanoseconds since the epoch (a Fixnum until 2116): `Message#timestamp`
+    // builds the Time when read, which most handlers never do.
+    let timestamp = match message
+        .timestamp()
+        .map(|time| time.duration_since(UNIX_EPOCH))
+    {
+        Some(Ok(since_epoch)) => i64::try_from(since_epoch.as_nanos())
+            .unwrap_or(i64::MAX)
+            .into_value_with(ruby),
+        _ => ruby.qnil().as_value(),
     };
     let headers = if message.headers().is_empty() {
         classes::empty_headers(ruby)
