@@ -2,7 +2,8 @@
 
 module Prosody
   # One Kafka record as a handler sees it. Built by the native side (which sets
-  # the same instance variables as {#initialize}, without calling it); immutable.
+  # the same instance variables as {#initialize}, without calling it, the
+  # timestamp as nanoseconds since the epoch); immutable.
   #
   # @example
   #   def on_message(context, message)
