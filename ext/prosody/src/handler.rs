@@ -213,13 +213,13 @@ impl Inbox {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues `pending`, waking the processor if it waits; gives it back when
-    /// the inbox is closed.
-    fn push(&self, pending: Pending) -> Result<(), Pending> {
+    /// Queues `pending`, waking the processor if it waits; gives it back
+    /// (boxed: a cold path) when the inbox is closed.
+    fn push(&self, pending: Pending) -> Result<(), Box<Pending>> {
         let wake = {
             let mut state = self.state();
             if state.closed {
-                return Err(pending);
+                return Err(Box::new(pending));
             }
             state.queue.push_back(pending);
             std::mem::replace(&mut state.waiting, false)
@@ -381,7 +381,10 @@ impl RubyHandler {
             subject,
             sender,
         });
-        if let Err(Pending::Call { subject, .. }) = pushed {
+        if let Err(refused) = pushed {
+            let Pending::Call { subject, .. } = *refused else {
+                return Err(HandlerFailure::internal("the processor refused the call"));
+            };
             return Err(HandlerFailure {
                 class: CANCELLED_CLASS.to_owned(),
                 message: format!(
