@@ -17,12 +17,14 @@
 
 use std::cell::{Cell, RefCell};
 use std::io::Write;
+use std::mem::ManuallyDrop;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use magnus::error::ErrorType;
 use magnus::value::{LazyId, ReprValue};
 use magnus::{
     function, method, prelude::*, Error, IntoValue, RArray, RModule, RObject, Ruby, Value,
@@ -37,6 +39,7 @@ use crate::classes;
 use crate::convert::{from_json, interned};
 use crate::errors;
 use crate::gvl::without_gvl;
+use crate::process;
 use crate::reply::{answer_later, reply_with};
 use crate::runtime::runtime;
 
@@ -70,7 +73,8 @@ impl ClassifyError for HandlerFailure {
 }
 
 type Outcome = Result<(), HandlerFailure>;
-type SharedSender = Arc<Mutex<Option<oneshot::Sender<Outcome>>>>;
+/// A call's completion: taken by the first outcome.
+type SharedSender = Mutex<Option<oneshot::Sender<Outcome>>>;
 
 /// Takes the sender, unless an outcome was delivered already.
 fn take_sender(sender: &SharedSender) -> Option<oneshot::Sender<Outcome>> {
@@ -168,7 +172,7 @@ enum Pending {
         task_id: u64,
         context: Context,
         subject: Subject,
-        sender: SharedSender,
+        sender: oneshot::Sender<Outcome>,
     },
     /// Queued behind its call, so it never overtakes it.
     Cancel(u64),
@@ -238,13 +242,41 @@ impl Inbox {
 }
 
 /// `Prosody::Native::Inbox`: the processor's side of an [`Inbox`].
+///
+/// In a forked child (a later process generation) the inbox is the parent's:
+/// its lock may have been held by a thread that does not exist there, so the
+/// child never touches it: it reads as closed and empty, and is leaked.
 #[magnus::wrap(class = "Prosody::Native::Inbox", free_immediately, size)]
-pub(crate) struct InboxHandle(Arc<Inbox>);
+pub(crate) struct InboxHandle {
+    inbox: ManuallyDrop<Arc<Inbox>>,
+    born: u64,
+}
+
+impl Drop for InboxHandle {
+    fn drop(&mut self) {
+        if self.in_own_process() {
+            // SAFETY: dropped once, here; the field is never used afterwards.
+            unsafe { ManuallyDrop::drop(&mut self.inbox) };
+        }
+    }
+}
 
 impl InboxHandle {
+    fn in_own_process(&self) -> bool {
+        process::generation() == self.born
+    }
+
+    /// The inbox, unless this is a forked child of the process that made it.
+    fn inbox(&self) -> Option<&Inbox> {
+        self.in_own_process().then_some(&**self.inbox)
+    }
+
     fn create(ruby: &Ruby) -> Result<Self, Error> {
         Inbox::new()
-            .map(|inbox| Self(Arc::new(inbox)))
+            .map(|inbox| Self {
+                inbox: ManuallyDrop::new(Arc::new(inbox)),
+                born: process::generation(),
+            })
             .map_err(|error| {
                 errors::error(
                     ruby,
@@ -257,7 +289,7 @@ impl InboxHandle {
     /// The descriptor that turns readable when the processor should `take`.
     /// It stays open as long as this object; read it with `autoclose: false`.
     fn wake_fd(&self) -> i32 {
-        self.0.wake_read.as_raw_fd()
+        self.inbox.wake_read.as_raw_fd()
     }
 
     /// Up to [`TAKE`] queued entries: an Array of calls (`task_id, native
@@ -266,8 +298,11 @@ impl InboxHandle {
     /// `cancels`. An empty Array when nothing is queued (the next push then
     /// wakes the reader), `nil` once closed and empty.
     fn take(ruby: &Ruby, rb_self: &Self, cancels: RArray) -> Result<Option<RArray>, Error> {
+        let Some(inbox) = rb_self.inbox() else {
+            return Ok(None);
+        };
         let taken: Vec<Pending> = {
-            let mut state = rb_self.0.state();
+            let mut state = inbox.state();
             let count = state.queue.len().min(TAKE);
             if count == 0 {
                 state.waiting = true;
@@ -288,15 +323,25 @@ impl InboxHandle {
                     sender,
                 } => match subject.to_ruby(ruby) {
                     Ok(subject) => {
-                        let native = NativeContext { context, sender }.into_value_with(ruby);
+                        let native = NativeContext {
+                            context,
+                            sender: Mutex::new(Some(sender)),
+                        }
+                        .into_value_with(ruby);
                         calls.push(task_id)?;
                         calls.push(native)?;
                         calls.push(native)?;
                         calls.push(subject)?;
                     }
                     Err(error) => {
+                        let _ = sender.send(Err(HandlerFailure::internal(&error.to_string())));
+                        // A termination (Thread#kill, a signal, exit) is the
+                        // processor's to handle: the calls not yet built are dropped,
+                        // which fails them.
+                        if terminates(ruby, &error) {
+                            return Err(error);
+                        }
                         warn!("cannot hand handler call {task_id} to Ruby: {error}");
-                        deliver(&sender, Err(HandlerFailure::internal(&error.to_string())));
                     }
                 },
             }
@@ -306,17 +351,31 @@ impl InboxHandle {
 
     /// Wakes the reader if it waits (for work queued by other means).
     fn wake(&self) {
-        let wake = std::mem::replace(&mut self.0.state().waiting, false);
+        let Some(inbox) = self.inbox() else { return };
+        let wake = std::mem::replace(&mut inbox.state().waiting, false);
         if wake {
-            self.0.wake();
+            inbox.wake();
         }
     }
 
     /// Refuses further pushes (their calls fail as cancelled) and wakes the
     /// reader; what is queued can still be taken.
     fn close(&self) {
-        self.0.state().closed = true;
-        self.0.wake();
+        let Some(inbox) = self.inbox() else { return };
+        inbox.state().closed = true;
+        inbox.wake();
+    }
+}
+
+/// Whether `error` ends the thread rather than fails one call.
+fn terminates(ruby: &Ruby, error: &Error) -> bool {
+    match error.error_type() {
+        ErrorType::Jump(_) => true,
+        ErrorType::Error(..) => false,
+        ErrorType::Exception(_) => {
+            error.is_kind_of(ruby.exception_signal())
+                || error.is_kind_of(ruby.exception_system_exit())
+        }
     }
 }
 
@@ -338,7 +397,7 @@ impl RubyHandler {
         let inbox: Value = processor.funcall("inbox", ())?;
         let inbox = <&InboxHandle>::try_convert(inbox)?;
         Ok(Self {
-            inbox: Arc::clone(&inbox.0),
+            inbox: Arc::clone(&inbox.inbox),
             next_task: AtomicU64::new(1),
             alive,
         })
@@ -372,7 +431,6 @@ impl RubyHandler {
     /// forwards cancellation of `context` to the processor.
     async fn call(&self, context: Context, subject: Subject) -> Outcome {
         let (sender, mut receiver) = oneshot::channel();
-        let sender: SharedSender = Arc::new(Mutex::new(Some(sender)));
         let task_id = self.next_task.fetch_add(1, Ordering::Relaxed);
         let token = context.cancellation_token().clone();
         let pushed = self.inbox.push(Pending::Call {
