@@ -2,14 +2,19 @@
 
 require "async"
 require "async/notification"
+require "io/wait"
 
 module Prosody
   # Runs handler calls as fibers on one dedicated Ruby thread.
   #
-  # The native bridge thread calls {#submit_batch} (or {#submit}) and {#cancel};
-  # both only push a command onto a Thread::Queue, so the bridge never waits on
-  # Ruby code. The processor's thread runs an Async reactor whose main task pops
-  # commands and hands each call to a pool of long-lived worker tasks (fibers):
+  # Native handler calls come straight to the processor's thread: tokio tasks
+  # queue them on the processor's {#inbox} (a `Native::Inbox`, Rust data only)
+  # and wake the thread only when it waits for work, through a socket its
+  # reactor watches. Calls submitted from Ruby ({#submit_batch}, {#submit},
+  # {#cancel}) go onto a Thread::Queue and wake it the same way. The
+  # processor's thread runs an Async reactor whose main task takes calls (the
+  # inbox builds their Ruby messages then, under the GVL the thread holds
+  # anyway) and hands each call to a pool of long-lived worker tasks (fibers):
   # an idle worker runs calls one after another, inline, until one of them
   # yields (sleeps, waits on I/O), and only then does the next call go to
   # another worker, started when none is idle. So a handler that waits lets the
@@ -61,7 +66,7 @@ module Prosody
       @on_exit = on_exit
       @on_death = on_death
       @blocking_threshold = blocking_threshold
-      @commands = Thread::Queue.new
+      @intake = Intake.new
       @pool = FiberPool.new { |worker, native, completion, message| perform(worker, native, completion, message) }
       @thread = nil
       @watchdog = nil
@@ -88,6 +93,11 @@ module Prosody
       @watchdog&.reports || 0
     end
 
+    # @return [Native::Inbox] where the native side queues handler calls and cancellations
+    def inbox
+      @intake.inbox
+    end
+
     # Queues a handler call. Never blocks.
     #
     # @param task_id [Integer] unique within this subscription
@@ -99,14 +109,13 @@ module Prosody
       submit_batch([task_id, native_context, completion, message])
     end
 
-    # Queues handler calls, as the native bridge gathers them during one GVL
-    # hold: `task_id, native_context, completion, message` for each call
-    # (the native context is its own completion). Never blocks.
+    # Queues handler calls: `task_id, native_context, completion, message` for
+    # each call, as {Native::Inbox#take} returns them. Never blocks.
     #
     # @param calls [Array] STRIDE entries per call
     # @return [nil]
     def submit_batch(calls)
-      @commands.push(calls)
+      @intake.push(calls)
       nil
     rescue ClosedQueueError
       calls.each_slice(STRIDE) do |_, _, completion, message|
@@ -115,12 +124,12 @@ module Prosody
       nil
     end
 
-    # Queues the cancellation of a call. Called by the native bridge; never blocks.
+    # Queues the cancellation of a call submitted from Ruby. Never blocks.
     #
     # @param task_id [Integer]
     # @return [nil]
     def cancel(task_id)
-      @commands.push(task_id)
+      @intake.push(task_id)
       nil
     rescue ClosedQueueError
       nil
@@ -137,7 +146,7 @@ module Prosody
     # @return [Boolean] true when the thread has finished
     def stop(timeout: nil)
       @stopping = true
-      @commands.close
+      @intake.close
       return true if @thread.nil? || processor_thread?
 
       !@thread.join(timeout).nil?
@@ -164,28 +173,28 @@ module Prosody
       raise
     ensure
       # Whatever stopped the reactor, never leave the native side waiting.
-      @commands.close
+      @intake.close
       abandon_queued
       Native.flush_completions
       Native.defer_completions(false)
       died(fatal) unless @stopping
     end
 
+    # Takes calls until the intake is closed and drained.
     def serve(root)
       heartbeat = root.async { |task| beat(task) }
-      while (command = @commands.pop)
-        if command.is_a?(Integer)
-          cancel_call(root, command)
-        else
-          start_calls(root, command)
-          # Under a steady stream the queue never blocks: let waiting handlers,
-          # timers and the heartbeat have their turn between batches.
-          root.yield
-        end
+      until (worked = @intake.take { |command| dispatch(root, command) }).nil?
+        # Under a steady stream there is always work: let waiting handlers,
+        # timers and the heartbeat have their turn between batches.
+        worked ? root.yield : @intake.wait
       end
       @pool.drain
     ensure
       heartbeat&.stop
+    end
+
+    def dispatch(root, command)
+      command.is_a?(Integer) ? cancel_call(root, command) : start_calls(root, command)
     end
 
     def start_calls(root, calls)
@@ -251,12 +260,12 @@ module Prosody
     end
 
     def abandon_queued
-      while (command = @commands.pop)
-        next if command.is_a?(Integer)
+      @intake.drain { |calls| abandon(calls) }
+    end
 
-        command.each_slice(STRIDE) do |_, _, completion, message|
-          report(completion, CancelledError.new("the processor stopped before #{where(message)} was handled"))
-        end
+    def abandon(calls)
+      calls.each_slice(STRIDE) do |_, _, completion, message|
+        report(completion, CancelledError.new("the processor stopped before #{where(message)} was handled"))
       end
     end
 
@@ -298,6 +307,93 @@ module Prosody
 
     def where(subject)
       subject.summary
+    end
+
+    # Where the processor's work comes from: the native {Native::Inbox}, fed by
+    # tokio tasks, and a Thread::Queue for calls submitted from Ruby. Both wake
+    # the reactor through the inbox's socket, and only when it waits: taking
+    # from the inbox (first) marks it as waiting, so a command queued after
+    # the queue was found empty wakes it.
+    class Intake
+      # @return [Native::Inbox]
+      attr_reader :inbox
+
+      def initialize
+        @commands = Thread::Queue.new
+        @inbox = Native::Inbox.new
+        @wake = IO.for_fd(@inbox.wake_fd, autoclose: false)
+        @cancels = [] # task ids taken from the inbox
+      end
+
+      # Queues a batch of calls or a task id to cancel, and wakes the reactor.
+      #
+      # @param command [Array, Integer]
+      # @raise [ClosedQueueError] once closed
+      # @return [void]
+      def push(command)
+        @commands.push(command)
+        @inbox.wake
+      end
+
+      # Refuses further work; what is queued can still be taken.
+      #
+      # @return [void]
+      def close
+        @commands.close
+        @inbox.close
+      end
+
+      # Yields what is queued now: batches of calls (Arrays), and task ids
+      # (Integers) to cancel, each after the calls taken with it.
+      #
+      # @return [Boolean, nil] whether anything was yielded; nil once closed and drained
+      def take(&)
+        calls = @inbox.take(@cancels)
+        worked = take_native(calls, &)
+        until @commands.empty?
+          yield @commands.pop
+          worked = true
+        end
+        return nil if calls.nil? && !worked && @commands.closed?
+
+        worked
+      end
+
+      # Waits (in the reactor) until the inbox's socket says there may be work.
+      #
+      # @return [void]
+      def wait
+        @wake.wait_readable
+        @wake.read_nonblock(256, exception: false)
+      end
+
+      # Yields every batch of calls still queued, once closed.
+      #
+      # @return [void]
+      def drain
+        while (calls = @inbox.take(@cancels))
+          yield calls unless calls.empty?
+        end
+        while (command = @commands.pop)
+          yield command unless command.is_a?(Integer)
+        end
+      end
+
+      private
+
+      def take_native(calls, &)
+        worked = false
+        if calls && !calls.empty?
+          yield calls
+          worked = true
+        end
+        return worked if @cancels.empty?
+
+        cancels = @cancels
+        @cancels = []
+        cancels.each(&)
+        true
+      end
     end
   end
 end

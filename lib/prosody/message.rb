@@ -2,7 +2,8 @@
 
 module Prosody
   # One Kafka record as a handler sees it. Built by the native side (which sets
-  # the same instance variables as {#initialize}, without calling it); immutable.
+  # the same instance variables as {#initialize}, without calling it, the
+  # timestamp as nanoseconds since the epoch); immutable.
   #
   # @example
   #   def on_message(context, message)
@@ -17,8 +18,6 @@ module Prosody
     attr_reader :offset
     # @return [String] the record key; messages with the same key are handled in order
     attr_reader :key
-    # @return [Time, nil] the record timestamp, when the broker provided one
-    attr_reader :timestamp
     # @return [Object] the decoded JSON payload (Hashes have String keys)
     attr_reader :payload
     # @return [Hash{String=>String}] record headers (frozen)
@@ -42,6 +41,17 @@ module Prosody
       @payload = payload
       @headers = headers.freeze
       freeze
+    end
+
+    # The native side stores nanoseconds since the epoch (an Integer), so the
+    # Time is only built for handlers that read it.
+    #
+    # @return [Time, nil] the record timestamp, when the broker provided one
+    def timestamp
+      stamp = @timestamp
+      return stamp unless stamp.is_a?(Integer)
+
+      Time.at(stamp / 1_000_000_000, stamp % 1_000_000_000, :nsec)
     end
 
     # Where the record is, for log lines.

@@ -78,6 +78,31 @@ RSpec.describe "the handler thread" do
     expect(livez(port)).to eq(200)
   end
 
+  it "takes handler calls while the bridge thread is busy in Ruby (calls do not go through it)" do
+    client = mock_consumer(topic)
+    handled = Queue.new
+    client.subscribe(handler { |_context, message| handled << message.payload.fetch("n") })
+    client.send_message(topic, "key", { "n" => 1 })
+    expect(next_item(handled, description: "the first message")).to eq(1)
+
+    # The native send answers on this "queue" from the bridge thread, whose
+    # push then blocks until released: the bridge is stuck in Ruby code.
+    entered = Queue.new
+    gate = Queue.new
+    blocking = Object.new
+    blocking.define_singleton_method(:push) do |_result|
+      entered << true
+      gate.pop
+    end
+    client.instance_variable_get(:@native).send_message(topic, "key", { "n" => 2 }, {}, blocking)
+    begin
+      next_item(entered, description: "the bridge thread to block")
+      expect(next_item(handled, description: "a message handled while the bridge is blocked")).to eq(2)
+    ensure
+      gate << :release
+    end
+  end
+
   it "logs and counts a handler that holds the reactor without yielding" do
     client = mock_consumer(topic, timeout: 30)
     handled = Queue.new

@@ -30,6 +30,15 @@ RSpec.describe Prosody::AsyncTaskProcessor do
     expect(completion.outcomes.size).to eq(1)
   end
 
+  # The parent's inbox lock may be held by a thread the child does not have.
+  it "never touches the parent's native inbox in a forked child: it reads as closed there" do
+    processor = described_class.new(handler { |_context, _msg| nil })
+    expect(processor.inbox.take([])).to eq([])
+    pid = fork { exit!(processor.inbox.take([]).nil? && processor.stop ? 0 : 1) }
+    _, status = Process.wait2(pid)
+    expect(status.exitstatus).to eq(0)
+  end
+
   it "runs calls concurrently, one fiber each, on the processor thread" do
     started = []
     threads = Queue.new

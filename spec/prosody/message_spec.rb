@@ -21,6 +21,13 @@ RSpec.describe Prosody::Message do
     expect(described_class.new("t", 0, 0, "k", nil, nil, {}).timestamp).to be_nil
   end
 
+  it "builds its timestamp, to the nanosecond, from the nanoseconds the native side stores" do
+    native = described_class.allocate
+    native.instance_variable_set(:@timestamp, 1_700_000_000_123_456_789)
+    expect(native.timestamp).to eq(Time.at(1_700_000_000, 123_456_789, :nsec))
+    expect(native.timestamp.nsec).to eq(123_456_789)
+  end
+
   it "converts to a Hash" do
     expect(message.to_h).to eq(
       topic: "invoices", partition: 2, offset: 41, key: "acct-1",

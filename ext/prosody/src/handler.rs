@@ -1,22 +1,34 @@
-//! Running Rust-side handler calls in Ruby: `RubyHandler` and `Native::Context`.
+//! Running Rust-side handler calls in Ruby: `RubyHandler`, `Native::Inbox` and
+//! `Native::Context`.
 //!
-//! A call travels as a bridge job that builds the Ruby message and coalesces it,
-//! with the call's `Native::Context`, into the batch the bridge hands to the Ruby
-//! `AsyncTaskProcessor` (`submit_batch`) once per GVL hold. The processor runs the
-//! user's handler and reports back through the same `Native::Context`
-//! (`complete`). Cancellation sends `cancel(task_id)`.
+//! A call goes straight to the processor's thread: the tokio task pushes it (Rust
+//! data only) onto the processor's [`Inbox`], and writes one byte to the inbox's
+//! wake socket only when the processor said it was idle (its reactor waits for
+//! that socket to turn readable). The processor takes the queued calls in one go
+//! (`Native::Inbox#take`), which builds their Ruby messages and `Native::Context`s
+//! with the GVL it holds anyway, runs the user's handler and reports back through
+//! the same `Native::Context` (`complete`). A cancellation is queued behind its
+//! call on the same inbox. So no other Ruby thread (the bridge) is on the path of
+//! a call, and a busy processor takes calls without any wake-up at all.
 //!
 //! The processor's thread defers its completions (`Native.defer_completions`) and
 //! sends them in one go with the GVL released (`Native.flush_completions`), so
 //! waking the tokio side never holds up Ruby.
 
 use std::cell::{Cell, RefCell};
+use std::io::Write;
+use std::mem::ManuallyDrop;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use magnus::error::ErrorType;
 use magnus::value::{LazyId, ReprValue};
-use magnus::{function, method, prelude::*, Error, IntoValue, RModule, RObject, Ruby, Value};
+use magnus::{
+    function, method, prelude::*, Error, IntoValue, RArray, RModule, RObject, Ruby, Value,
+};
 use prosody::{ClassifyError, Context, EventHandler, FailureKind, Message, Timer};
 use tokio::sync::oneshot;
 use tracing::warn;
@@ -27,6 +39,7 @@ use crate::classes;
 use crate::convert::{from_json, interned};
 use crate::errors;
 use crate::gvl::without_gvl;
+use crate::process;
 use crate::reply::{answer_later, reply_with};
 use crate::runtime::runtime;
 
@@ -60,7 +73,8 @@ impl ClassifyError for HandlerFailure {
 }
 
 type Outcome = Result<(), HandlerFailure>;
-type SharedSender = Arc<Mutex<Option<oneshot::Sender<Outcome>>>>;
+/// A call's completion: taken by the first outcome.
+type SharedSender = Mutex<Option<oneshot::Sender<Outcome>>>;
 
 /// Takes the sender, unless an outcome was delivered already.
 fn take_sender(sender: &SharedSender) -> Option<oneshot::Sender<Outcome>> {
@@ -119,21 +133,274 @@ fn flush_completions() -> usize {
     count
 }
 
+/// Calls taken per `Native::Inbox#take`: the processor lets waiting handlers
+/// run between two takes, so one take must not hold it up for long.
+const TAKE: usize = 256;
+
+/// What a handler call is about.
+enum Subject {
+    Message(Message),
+    Timer(Timer),
+}
+
+impl Subject {
+    /// Where the call is, for error messages; like the Ruby objects' `summary`.
+    fn summary(&self) -> String {
+        match self {
+            Self::Message(message) => format!(
+                "topic={} partition={} offset={} key={:?}",
+                message.topic(),
+                message.partition(),
+                message.offset(),
+                message.key()
+            ),
+            Self::Timer(timer) => format!("timer key={:?}", timer.key()),
+        }
+    }
+
+    fn to_ruby(&self, ruby: &Ruby) -> Result<Value, Error> {
+        match self {
+            Self::Message(message) => ruby_message(ruby, message),
+            Self::Timer(timer) => ruby_timer(ruby, timer),
+        }
+    }
+}
+
+/// An entry of an [`Inbox`].
+enum Pending {
+    Call {
+        task_id: u64,
+        context: Context,
+        subject: Subject,
+        sender: oneshot::Sender<Outcome>,
+    },
+    /// Queued behind its call, so it never overtakes it.
+    Cancel(u64),
+}
+
+struct InboxState {
+    queue: std::collections::VecDeque<Pending>,
+    /// The processor found the inbox empty and waits for the wake socket.
+    waiting: bool,
+    /// The processor stopped taking calls: pushes are refused.
+    closed: bool,
+}
+
+/// The queue between the tokio tasks calling a Ruby handler and the processor
+/// thread running them. Pushing never touches Ruby; the processor is woken
+/// (one byte on a socket its reactor watches) only when it said it was idle.
+pub(crate) struct Inbox {
+    state: Mutex<InboxState>,
+    wake_write: UnixStream,
+    wake_read: UnixStream,
+}
+
+impl Inbox {
+    fn new() -> std::io::Result<Self> {
+        let (wake_write, wake_read) = UnixStream::pair()?;
+        wake_write.set_nonblocking(true)?;
+        wake_read.set_nonblocking(true)?;
+        Ok(Self {
+            state: Mutex::new(InboxState {
+                queue: std::collections::VecDeque::new(),
+                waiting: false,
+                closed: false,
+            }),
+            wake_write,
+            wake_read,
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, InboxState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues `pending`, waking the processor if it waits; gives it back
+    /// (boxed: a cold path) when the inbox is closed.
+    fn push(&self, pending: Pending) -> Result<(), Box<Pending>> {
+        let wake = {
+            let mut state = self.state();
+            if state.closed {
+                return Err(Box::new(pending));
+            }
+            state.queue.push_back(pending);
+            std::mem::replace(&mut state.waiting, false)
+        };
+        if wake {
+            self.wake();
+        }
+        Ok(())
+    }
+
+    /// One byte for the processor's reactor. A full socket already holds
+    /// unread bytes, which wake it just as well.
+    fn wake(&self) {
+        let _ = (&self.wake_write).write(&[1]);
+    }
+}
+
+/// `Prosody::Native::Inbox`: the processor's side of an [`Inbox`].
+///
+/// In a forked child (a later process generation) the inbox is the parent's:
+/// its lock may have been held by a thread that does not exist there, so the
+/// child never touches it: it reads as closed and empty, and is leaked.
+#[magnus::wrap(class = "Prosody::Native::Inbox", free_immediately, size)]
+pub(crate) struct InboxHandle {
+    inbox: ManuallyDrop<Arc<Inbox>>,
+    born: u64,
+}
+
+impl Drop for InboxHandle {
+    fn drop(&mut self) {
+        if self.in_own_process() {
+            // SAFETY: dropped once, here; the field is never used afterwards.
+            unsafe { ManuallyDrop::drop(&mut self.inbox) };
+        }
+    }
+}
+
+impl InboxHandle {
+    fn in_own_process(&self) -> bool {
+        process::generation() == self.born
+    }
+
+    /// The inbox, unless this is a forked child of the process that made it.
+    fn inbox(&self) -> Option<&Inbox> {
+        self.in_own_process().then_some(&**self.inbox)
+    }
+
+    fn create(ruby: &Ruby) -> Result<Self, Error> {
+        Inbox::new()
+            .map(|inbox| Self {
+                inbox: ManuallyDrop::new(Arc::new(inbox)),
+                born: process::generation(),
+            })
+            .map_err(|error| {
+                errors::error(
+                    ruby,
+                    errors::Kind::Bridge,
+                    format!("cannot create the handler inbox: {error}"),
+                )
+            })
+    }
+
+    /// The descriptor that turns readable when the processor should `take`.
+    /// It stays open as long as this object; read it with `autoclose: false`.
+    fn wake_fd(&self) -> i32 {
+        self.inbox.wake_read.as_raw_fd()
+    }
+
+    /// Up to [`TAKE`] queued entries: an Array of calls (`task_id, native
+    /// context, completion, message`, the native context being its own
+    /// completion), with the task ids of queued cancellations pushed onto
+    /// `cancels`. An empty Array when nothing is queued (the next push then
+    /// wakes the reader), `nil` once closed and empty.
+    fn take(ruby: &Ruby, rb_self: &Self, cancels: RArray) -> Result<Option<RArray>, Error> {
+        let Some(inbox) = rb_self.inbox() else {
+            return Ok(None);
+        };
+        let taken: Vec<Pending> = {
+            let mut state = inbox.state();
+            let count = state.queue.len().min(TAKE);
+            if count == 0 {
+                state.waiting = true;
+                if state.closed {
+                    return Ok(None);
+                }
+            }
+            state.queue.drain(..count).collect()
+        };
+        let calls = ruby.ary_new_capa(taken.len() * 4);
+        for pending in taken {
+            match pending {
+                Pending::Cancel(task_id) => cancels.push(task_id)?,
+                Pending::Call {
+                    task_id,
+                    context,
+                    subject,
+                    sender,
+                } => match subject.to_ruby(ruby) {
+                    Ok(subject) => {
+                        let native = NativeContext {
+                            context,
+                            sender: Mutex::new(Some(sender)),
+                        }
+                        .into_value_with(ruby);
+                        calls.push(task_id)?;
+                        calls.push(native)?;
+                        calls.push(native)?;
+                        calls.push(subject)?;
+                    }
+                    Err(error) => {
+                        let _ = sender.send(Err(HandlerFailure::internal(&error.to_string())));
+                        // A termination (Thread#kill, a signal, exit) is the
+                        // processor's to handle: the calls not yet built are dropped,
+                        // which fails them.
+                        if terminates(ruby, &error) {
+                            return Err(error);
+                        }
+                        warn!("cannot hand handler call {task_id} to Ruby: {error}");
+                    }
+                },
+            }
+        }
+        Ok(Some(calls))
+    }
+
+    /// Wakes the reader if it waits (for work queued by other means).
+    fn wake(&self) {
+        let Some(inbox) = self.inbox() else { return };
+        let wake = std::mem::replace(&mut inbox.state().waiting, false);
+        if wake {
+            inbox.wake();
+        }
+    }
+
+    /// Refuses further pushes (their calls fail as cancelled) and wakes the
+    /// reader; what is queued can still be taken.
+    fn close(&self) {
+        let Some(inbox) = self.inbox() else { return };
+        inbox.state().closed = true;
+        inbox.wake();
+    }
+}
+
+/// Whether `error` ends the thread rather than fails one call.
+fn terminates(ruby: &Ruby, error: &Error) -> bool {
+    match error.error_type() {
+        ErrorType::Jump(_) => true,
+        ErrorType::Error(..) => false,
+        ErrorType::Exception(_) => {
+            error.is_kind_of(ruby.exception_signal())
+                || error.is_kind_of(ruby.exception_system_exit())
+        }
+    }
+}
+
 /// The core's view of a Ruby `AsyncTaskProcessor`.
 pub(crate) struct RubyHandler {
-    processor: Arc<RubyOwned>,
+    inbox: Arc<Inbox>,
     next_task: AtomicU64,
     /// Cleared when the processor's thread died (`Client#processor_died`).
     alive: Arc<AtomicBool>,
 }
 
 impl RubyHandler {
-    pub(crate) fn new(processor: RubyOwned, alive: Arc<AtomicBool>) -> Self {
-        Self {
-            processor: Arc::new(processor),
+    /// A handler feeding `processor` (an `AsyncTaskProcessor`) through its inbox.
+    pub(crate) fn new(
+        _ruby: &Ruby,
+        processor: Value,
+        alive: Arc<AtomicBool>,
+    ) -> Result<Self, Error> {
+        let inbox: Value = processor.funcall("inbox", ())?;
+        let inbox = <&InboxHandle>::try_convert(inbox)?;
+        Ok(Self {
+            inbox: Arc::clone(&inbox.inbox),
             next_task: AtomicU64::new(1),
             alive,
-        }
+        })
     }
 }
 
@@ -141,17 +408,15 @@ impl EventHandler for RubyHandler {
     type Error = HandlerFailure;
 
     async fn on_message(&self, context: Context, message: Message) -> Outcome {
-        self.call(context, move |ruby| ruby_message(ruby, &message))
-            .await
+        self.call(context, Subject::Message(message)).await
     }
 
     async fn on_timer(&self, context: Context, timer: Timer) -> Outcome {
-        self.call(context, move |ruby| ruby_timer(ruby, &timer))
-            .await
+        self.call(context, Subject::Timer(timer)).await
     }
 
-    /// Calls can run only while both the processor thread and the bridge
-    /// thread that feeds it are alive.
+    /// Calls can run only while the processor thread is alive, and the
+    /// bridge thread too (handlers need it to send messages and set timers).
     fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire) && bridge::is_running()
     }
@@ -163,33 +428,29 @@ impl EventHandler for RubyHandler {
 
 impl RubyHandler {
     /// Hands one call to the Ruby processor and waits for its completion;
-    /// forwards cancellation of `context` as `processor.cancel(task_id)`.
-    async fn call<F>(&self, context: Context, build: F) -> Outcome
-    where
-        F: FnOnce(&Ruby) -> Result<Value, Error> + Send + 'static,
-    {
+    /// forwards cancellation of `context` to the processor.
+    async fn call(&self, context: Context, subject: Subject) -> Outcome {
         let (sender, mut receiver) = oneshot::channel();
-        let sender: SharedSender = Arc::new(Mutex::new(Some(sender)));
         let task_id = self.next_task.fetch_add(1, Ordering::Relaxed);
-        let processor = Arc::clone(&self.processor);
         let token = context.cancellation_token().clone();
-        let job_sender = Arc::clone(&sender);
-        let submitted = bridge::run_coalesced(move |ruby| {
-            let submitted = submit(ruby, &processor, task_id, context, build, &job_sender);
-            let failure = match submitted {
-                Ok(()) => return,
-                Err(error) => match bridge::recoverable(ruby, error) {
-                    Some(error) => {
-                        warn!("cannot hand handler call {task_id} to Ruby: {error}");
-                        error.to_string()
-                    }
-                    None => "the Ruby bridge was interrupted (process exiting)".to_owned(),
-                },
-            };
-            deliver(&job_sender, Err(HandlerFailure::internal(&failure)));
+        let pushed = self.inbox.push(Pending::Call {
+            task_id,
+            context,
+            subject,
+            sender,
         });
-        if !submitted {
-            return Err(HandlerFailure::internal("the Ruby bridge is not running"));
+        if let Err(refused) = pushed {
+            let Pending::Call { subject, .. } = *refused else {
+                return Err(HandlerFailure::internal("the processor refused the call"));
+            };
+            return Err(HandlerFailure {
+                class: CANCELLED_CLASS.to_owned(),
+                message: format!(
+                    "the processor has stopped; {} was not handled",
+                    subject.summary()
+                ),
+                permanent: false,
+            });
         }
         let unreported = || {
             Err(HandlerFailure::internal(
@@ -200,47 +461,15 @@ impl RubyHandler {
             outcome = &mut receiver => return outcome.unwrap_or_else(|_| unreported()),
             () = token.cancelled() => {}
         }
-        let processor = Arc::clone(&self.processor);
-        bridge::run(move |ruby| {
-            let cancelled = processor
-                .get(ruby)
-                .funcall::<_, _, Value>("cancel", (task_id,));
-            if let Some(error) = cancelled
-                .err()
-                .and_then(|error| bridge::recoverable(ruby, error))
-            {
-                warn!("cannot cancel handler task {task_id}: {error}");
-            }
-        });
+        // Refused once the processor stopped taking calls: it finishes or
+        // abandons the calls it has either way.
+        let _ = self.inbox.push(Pending::Cancel(task_id));
         receiver.await.unwrap_or_else(|_| unreported())
     }
 }
 
-/// Adds the call to this GVL hold's batch for the processor: four entries,
-/// `task_id, native context, completion, message` (the native context is its
-/// own completion).
-fn submit(
-    ruby: &Ruby,
-    processor: &Arc<RubyOwned>,
-    task_id: u64,
-    context: Context,
-    build: impl FnOnce(&Ruby) -> Result<Value, Error>,
-    sender: &SharedSender,
-) -> Result<(), Error> {
-    let subject = build(ruby)?;
-    let native = NativeContext {
-        context,
-        sender: Arc::clone(sender),
-    }
-    .into_value_with(ruby);
-    let task_id = task_id.into_value_with(ruby);
-    bridge::coalesce(
-        ruby,
-        processor,
-        "submit_batch",
-        &[task_id, native, native, subject],
-    )
-}
+/// The class of a call refused because the processor has stopped.
+const CANCELLED_CLASS: &str = "Prosody::CancelledError";
 
 fn ruby_time(ruby: &Ruby, time: SystemTime) -> Result<Value, Error> {
     match time.duration_since(UNIX_EPOCH) {
@@ -271,9 +500,16 @@ static HEADERS: LazyId = LazyId::new("@headers");
 /// Builds a frozen `Prosody::Message` directly (allocate, set its instance
 /// variables, freeze), without a Ruby-level `initialize` per message.
 fn ruby_message(ruby: &Ruby, message: &Message) -> Result<Value, Error> {
-    let timestamp = match message.timestamp() {
-        Some(time) => ruby_time(ruby, time)?,
-        None => ruby.qnil().as_value(),
+    // Nanoseconds since the epoch (a Fixnum until 2116): `Message#timestamp`
+    // builds the Time when read, which most handlers never do.
+    let timestamp = match message
+        .timestamp()
+        .map(|time| time.duration_since(UNIX_EPOCH))
+    {
+        Some(Ok(since_epoch)) => i64::try_from(since_epoch.as_nanos())
+            .unwrap_or(i64::MAX)
+            .into_value_with(ruby),
+        _ => ruby.qnil().as_value(),
     };
     let headers = if message.headers().is_empty() {
         classes::empty_headers(ruby)
@@ -437,6 +673,13 @@ fn class_name(value: Value) -> String {
 }
 
 pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
+    let inbox = native.define_class("Inbox", ruby.class_object())?;
+    inbox.undef_default_alloc_func();
+    inbox.define_singleton_method("new", function!(InboxHandle::create, 0))?;
+    inbox.define_method("wake_fd", method!(InboxHandle::wake_fd, 0))?;
+    inbox.define_method("take", method!(InboxHandle::take, 1))?;
+    inbox.define_method("wake", method!(InboxHandle::wake, 0))?;
+    inbox.define_method("close", method!(InboxHandle::close, 0))?;
     let context = native.define_class("Context", ruby.class_object())?;
     context.undef_default_alloc_func();
     context.define_method("should_cancel?", method!(NativeContext::should_cancel, 0))?;

@@ -6,11 +6,9 @@
 //! That thread waits for work with the GVL released, then takes the GVL once
 //! and runs up to [`BATCH`] jobs before releasing it again.
 //!
-//! Jobs sent with [`run_coalesced`] may [`coalesce`] values for one Ruby
-//! object: they are gathered into one Array per object and handed over by a
-//! single method call (`processor.submit_batch`) when the GVL hold ends, or
-//! before any ordinary job runs, so ordinary jobs (a cancellation, say) never
-//! overtake values coalesced before them.
+//! Handler calls do not come this way: the processor's thread takes them
+//! itself (see `handler.rs`). Jobs here are replies to native calls, log
+//! lines, monitor events and the release of Ruby values.
 //!
 //! A job must never swallow a termination (Thread#kill at process exit, a
 //! signal, `exit`): it passes every Ruby error through [`recoverable`], which
@@ -22,14 +20,12 @@ pub(crate) mod owned;
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
-use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 use magnus::error::ErrorType;
 use magnus::value::BoxValue;
-use magnus::{prelude::*, Error, RArray, Ruby, Value};
+use magnus::{prelude::*, Error, Ruby, Value};
 
-use crate::bridge::owned::RubyOwned;
 use crate::gvl::without_gvl;
 
 /// Jobs run per GVL acquisition before other Ruby threads get a turn.
@@ -39,8 +35,6 @@ type Job = Box<dyn FnOnce(&Ruby) + Send + 'static>;
 
 enum Command {
     Run(Job),
-    /// A job that only [`coalesce`]s: it does not flush what was coalesced before it.
-    Coalesced(Job),
     /// Sent by Ruby's unblock callback: stop waiting and check interrupts.
     Wake,
 }
@@ -92,10 +86,7 @@ pub(crate) fn start(ruby: &Ruby) {
     RUNNING.store(true, Ordering::Release);
     let thread = ruby.thread_create_from_fn(move |ruby| {
         let _running = RunningGuard;
-        let served = serve(ruby, &receiver, &wake);
-        // Still holding the GVL: release what was coalesced but never handed over.
-        GATHERED.with(|gathered| gathered.borrow_mut().clear());
-        served
+        serve(ruby, &receiver, &wake)
     });
     // The bridge thread is infrastructure: never report it and never keep the
     // process alive for it.
@@ -115,11 +106,6 @@ pub(crate) fn forget_after_fork() {
 /// because it may hold Ruby values that must not be released off a Ruby thread.
 pub(crate) fn run(job: impl FnOnce(&Ruby) + Send + 'static) -> bool {
     send(Command::Run(Box::new(job)))
-}
-
-/// Like [`run`], for a job whose only effect on Ruby is through [`coalesce`].
-pub(crate) fn run_coalesced(job: impl FnOnce(&Ruby) + Send + 'static) -> bool {
-    send(Command::Coalesced(Box::new(job)))
 }
 
 fn send(command: Command) -> bool {
@@ -143,73 +129,6 @@ struct Termination {
 
 thread_local! {
     static TERMINATION: RefCell<Option<Termination>> = const { RefCell::new(None) };
-    static GATHERED: RefCell<Vec<Gathered>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Values coalesced for one receiver, until [`flush`] hands them over.
-struct Gathered {
-    receiver: Arc<RubyOwned>,
-    method: &'static str,
-    /// Registered with the GC (a box), so the values stay alive in between.
-    items: BoxValue<RArray>,
-}
-
-/// Appends `items` to the Array that goes to `receiver.method(array)` at the
-/// end of this GVL hold. Only from a bridge job (it runs on the bridge thread).
-pub(crate) fn coalesce(
-    ruby: &Ruby,
-    receiver: &Arc<RubyOwned>,
-    method: &'static str,
-    items: &[Value],
-) -> Result<(), Error> {
-    GATHERED.with(|gathered| {
-        let mut gathered = gathered.borrow_mut();
-        let index = match gathered
-            .iter()
-            .position(|entry| Arc::ptr_eq(&entry.receiver, receiver) && entry.method == method)
-        {
-            Some(index) => index,
-            None => {
-                gathered.push(Gathered {
-                    receiver: Arc::clone(receiver),
-                    method,
-                    items: BoxValue::new(ruby.ary_new_capa(BATCH * items.len())),
-                });
-                gathered.len() - 1
-            }
-        };
-        let array = *gathered[index].items;
-        for item in items {
-            array.push(*item)?;
-        }
-        Ok(())
-    })
-}
-
-/// Hands every coalesced Array to its receiver. Errors are logged (the values'
-/// own finalizers report what was lost); a termination ends the bridge thread.
-fn flush(ruby: &Ruby) -> Result<(), Error> {
-    let gathered = GATHERED.with(|gathered| std::mem::take(&mut *gathered.borrow_mut()));
-    for entry in gathered {
-        let array = *entry.items;
-        let handed = entry
-            .receiver
-            .get(ruby)
-            .funcall::<_, _, Value>(entry.method, (array,));
-        if let Err(error) = handed {
-            match recoverable(ruby, error) {
-                Some(error) => {
-                    tracing::warn!("cannot hand values to Ruby ({}): {error}", entry.method)
-                }
-                // Terminating: what is left is dropped here, with the GVL held.
-                None => break,
-            }
-        }
-    }
-    match pending_termination() {
-        Some(termination) => Err(termination),
-        None => Ok(()),
-    }
 }
 
 /// Sorts a Ruby error a bridge job met: returns it when the job may handle it
@@ -275,18 +194,12 @@ fn serve(ruby: &Ruby, receiver: &Receiver<Command>, wake: &Sender<Command>) -> R
         if let Some(command) = next {
             dispatch(ruby, command)?;
         }
-        flush(ruby)?;
     }
 }
 
 fn dispatch(ruby: &Ruby, command: Command) -> Result<(), Error> {
     match command {
-        Command::Run(job) => {
-            // Whatever was coalesced before this job reaches Ruby first.
-            flush(ruby)?;
-            execute(ruby, job)
-        }
-        Command::Coalesced(job) => execute(ruby, job),
+        Command::Run(job) => execute(ruby, job),
         Command::Wake => Ok(()),
     }
 }
