@@ -75,6 +75,7 @@ pub(crate) struct Metrics {
     handled: Family<PartitionLabels, Counter>,
     failed: Family<FailureLabels, Counter>,
     retried: Family<PartitionLabels, Counter>,
+    deferred: Family<PartitionLabels, Counter>,
     dead_lettered: Family<PartitionLabels, Counter>,
     skipped: Family<SkipLabels, Counter>,
     handler_seconds: Family<TopicLabels, Histogram, fn() -> Histogram>,
@@ -112,6 +113,7 @@ impl Metrics {
             handled: Family::default(),
             failed: Family::default(),
             retried: Family::default(),
+            deferred: Family::default(),
             dead_lettered: Family::default(),
             skipped: Family::default(),
             handler_seconds: Family::new_with_constructor(seconds_histogram),
@@ -159,6 +161,11 @@ impl Metrics {
             "messages_retried",
             "Attempts scheduled again after a failure",
             self.retried.clone(),
+        );
+        registry.register(
+            "messages_deferred",
+            "Messages stored for a deferred retry (after a failure, or behind their key's deferred messages)",
+            self.deferred.clone(),
         );
         registry.register(
             "messages_dead_lettered",
@@ -312,6 +319,10 @@ impl Metrics {
 
     pub(crate) fn retried(&self, labels: &PartitionLabels) {
         self.retried.get_or_create(labels).inc();
+    }
+
+    pub(crate) fn deferred(&self, labels: &PartitionLabels) {
+        self.deferred.get_or_create(labels).inc();
     }
 
     pub(crate) fn dead_lettered(&self, labels: &PartitionLabels) {

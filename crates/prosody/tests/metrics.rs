@@ -128,6 +128,14 @@ async fn metrics_count_what_the_consumer_and_producer_do_and_promtool_accepts_th
             sum(&page, "prosody_messages_retried_total", &[&on_source]),
         ),
         (
+            // k3's failed message, and those of its later ones that arrived
+            // before its retry (timing decides how many).
+            "deferred: at least the failed message",
+            f64::from(u8::from(
+                sum(&page, "prosody_messages_deferred_total", &[&on_source]) >= 1.0,
+            )),
+        ),
+        (
             "handler runs",
             sum(
                 &page,
@@ -166,6 +174,7 @@ async fn metrics_count_what_the_consumer_and_producer_do_and_promtool_accepts_th
         ("prosody_messages_handled_total", 20.0),
         ("transient failures", 1.0),
         ("prosody_messages_retried_total", 1.0),
+        ("deferred: at least the failed message", 1.0),
         ("handler runs", 21.0),
         ("sent to the sink", 1.0),
         ("prosody_assigned_partitions", 2.0),

@@ -68,6 +68,7 @@ impl PartitionManager {
             )
             .await;
         if stored {
+            self.shared.metrics.deferred(self.labels());
             defer.cache(fetched.clone());
             Behind::Deferred
         } else {
@@ -94,6 +95,7 @@ impl PartitionManager {
         let retry_at = to_millis(SystemTime::now() + delay);
         match defer.defer(key, offset, attempt, retry_at).await {
             Ok(()) => {
+                self.shared.metrics.deferred(self.labels());
                 info!(topic = %self.topic, partition = self.partition, offset, key = %key, attempt, "deferred the message; retrying in {delay:?}, the key's later messages wait behind it");
                 true
             }
