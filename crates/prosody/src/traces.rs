@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
 use opentelemetry::trace::{
-    FutureExt as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
+    SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -259,15 +259,4 @@ pub(crate) fn traceparent(context: &Context) -> Option<String> {
         .into_iter()
         .find(|(name, _)| name == TRACEPARENT_HEADER)
         .map(|(_, value)| value)
-}
-
-/// Runs `future` inside `context` when there is one.
-pub(crate) async fn within<F: std::future::Future>(
-    context: Option<Context>,
-    future: F,
-) -> F::Output {
-    match context {
-        Some(context) => future.with_context(context).await,
-        None => future.await,
-    }
 }

@@ -34,10 +34,15 @@ pub(super) enum Behind {
 impl PartitionManager {
     /// Queues a key whose first deferred message is due (from `DeferQueue::run`).
     pub(crate) fn accept_deferred(self: &Arc<Self>, key: Arc<str>) {
-        let mut state = self.state();
-        if self.is_open(&state) {
-            self.enqueue(&mut state, key, Work::Deferred);
-        }
+        let kick = {
+            let mut state = self.state();
+            if self.is_open(&state) {
+                self.enqueue(&mut state, key, Work::Deferred)
+            } else {
+                super::super::Kick::None
+            }
+        };
+        self.kick(kick);
     }
 
     /// Before a fresh message runs: when its key has deferred messages, the
