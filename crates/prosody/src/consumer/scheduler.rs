@@ -52,7 +52,7 @@ const EVICT_BELOW: f64 = 1e-3;
 /// handler call. Keys come from producers, not attackers choosing collisions
 /// against a process's map; the map is bounded by the sweep regardless.
 #[derive(Default)]
-struct KeyHasher(u64);
+pub(crate) struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn write(&mut self, bytes: &[u8]) {

@@ -15,6 +15,7 @@ mod runner;
 mod settle;
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -28,7 +29,7 @@ use tracing::{debug, warn};
 use super::defer::DeferQueue;
 use super::hooks::Hooks;
 use super::offsets::{Admission, OffsetTracker};
-use super::scheduler::clock;
+use super::scheduler::{clock, KeyHasher};
 use super::shared::Shared;
 use super::timer_queue::TimerQueue;
 use crate::events::{Event, EventKind};
@@ -116,7 +117,8 @@ pub struct PartitionStats {
 
 struct State {
     /// A key is present exactly while its runner is alive (or waits in `starting`).
-    queues: HashMap<Arc<str>, VecDeque<Work>>,
+    /// Hashed like the scheduler's keys (looked up twice per message).
+    queues: HashMap<Arc<str>, VecDeque<Work>, BuildHasherDefault<KeyHasher>>,
     /// Keys that got work while idle, for the driver to start (see `runner`).
     starting: Vec<Starting>,
     /// Whether the partition's driver task is alive.
@@ -193,7 +195,7 @@ impl PartitionManager {
             own_skip_explained: AtomicBool::new(false),
             shared,
             state: Mutex::new(State {
-                queues: HashMap::new(),
+                queues: HashMap::default(),
                 starting: Vec::new(),
                 driving: false,
                 offsets,
