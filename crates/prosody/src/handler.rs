@@ -2,7 +2,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
@@ -150,26 +151,45 @@ pub(crate) type KeyTimerHandle = (Arc<dyn KeyTimers>, Arc<str>);
 /// attempt's trace context.
 #[derive(Clone)]
 pub struct Context {
-    cancellation: CancellationToken,
+    call: Arc<CallCancellation>,
     timers: Option<KeyTimerHandle>,
     trace_parent: Option<Arc<str>>,
+}
+
+/// One call's cancellation: its partition's token, or the call's own stop
+/// (its timeout). The call's own token, a child of the partition's, is only
+/// made when a handler asks for it: most calls never do, and making and
+/// dropping one locks the partition token's tree (once each) for every call.
+struct CallCancellation {
+    /// The partition's token, shared by its calls (an `Arc`, as cloning a
+    /// token locks its tree).
+    partition: Arc<CancellationToken>,
+    /// Set when the call itself is cancelled (it ran past its timeout).
+    stopped: AtomicBool,
+    /// The call's token, once asked for.
+    token: OnceLock<CancellationToken>,
 }
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
-            .field("cancelled", &self.cancellation.is_cancelled())
+            .field("cancelled", &self.should_cancel())
             .field("key", &self.timers.as_ref().map(|(_, key)| key))
             .finish()
     }
 }
 
 impl Context {
-    /// Built inside the attempt's span, whose trace context it keeps for
-    /// handlers that run elsewhere (the Ruby processor thread).
-    pub(crate) fn new(cancellation: CancellationToken, timers: Option<KeyTimerHandle>) -> Self {
+    /// A call's context under its partition's token. Built inside the
+    /// attempt's span, whose trace context it keeps for handlers that run
+    /// elsewhere (the Ruby processor thread).
+    pub(crate) fn new(partition: Arc<CancellationToken>, timers: Option<KeyTimerHandle>) -> Self {
         Self {
-            cancellation,
+            call: Arc::new(CallCancellation {
+                partition,
+                stopped: AtomicBool::new(false),
+                token: OnceLock::new(),
+            }),
             timers,
             trace_parent: crate::traces::current_traceparent().map(Arc::from),
         }
@@ -181,6 +201,17 @@ impl Context {
     /// Sends from within the call continue it without this.
     pub fn trace_parent(&self) -> Option<&str> {
         self.trace_parent.as_deref()
+    }
+
+    /// Cancels this call alone (its timeout passed); the handler sees it as
+    /// it sees a revoke.
+    pub(crate) fn cancel(&self) {
+        // SeqCst pairs with `cancellation_token`: either it sees `stopped`, or
+        // this sees its token.
+        self.call.stopped.store(true, Ordering::SeqCst);
+        if let Some(token) = self.call.token.get() {
+            token.cancel();
+        }
     }
 
     fn timers(&self) -> Result<(&dyn KeyTimers, &Arc<str>)> {
@@ -230,17 +261,22 @@ impl Context {
 
     /// True once the partition was revoked, the client is shutting down, or the deadline passed.
     pub fn should_cancel(&self) -> bool {
-        self.cancellation.is_cancelled()
+        self.call.stopped.load(Ordering::SeqCst) || self.call.partition.is_cancelled()
     }
 
     /// Resolves when the call should stop.
     pub async fn on_cancel(&self) {
-        self.cancellation.cancelled().await;
+        self.cancellation_token().cancelled().await;
     }
 
     /// The token behind [`should_cancel`](Self::should_cancel), for `select!` and child tasks.
     pub fn cancellation_token(&self) -> &CancellationToken {
-        &self.cancellation
+        let call = &*self.call;
+        let token = call.token.get_or_init(|| call.partition.child_token());
+        if call.stopped.load(Ordering::SeqCst) {
+            token.cancel();
+        }
+        token
     }
 }
 
@@ -258,5 +294,29 @@ pub(crate) fn from_millis(millis: i64) -> SystemTime {
         UNIX_EPOCH + magnitude
     } else {
         UNIX_EPOCH - magnitude
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_cancelled_alone_cancels_its_token_whenever_it_is_asked_for() {
+        let partition = Arc::new(CancellationToken::new());
+        let early = Context::new(Arc::clone(&partition), None);
+        let token = early.cancellation_token().clone();
+        let late = Context::new(Arc::clone(&partition), None);
+        let other = Context::new(Arc::clone(&partition), None);
+        assert!(!early.should_cancel() && !token.is_cancelled());
+        early.cancel();
+        late.cancel();
+        assert!(early.should_cancel() && token.is_cancelled());
+        // Asked for only after the call was cancelled: born cancelled.
+        assert!(late.should_cancel() && late.cancellation_token().is_cancelled());
+        // Other calls of the partition go on; the partition's token is untouched.
+        assert!(!other.should_cancel() && !partition.is_cancelled());
+        partition.cancel();
+        assert!(other.should_cancel() && other.cancellation_token().is_cancelled());
     }
 }

@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
 use opentelemetry::trace::{
-    FutureExt as _, Link, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
+    Link, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -318,16 +318,5 @@ pub(crate) fn current_traceparent() -> Option<String> {
         traceparent(&current)
     } else {
         None
-    }
-}
-
-/// Runs `future` inside `context` when there is one.
-pub(crate) async fn within<F: std::future::Future>(
-    context: Option<Context>,
-    future: F,
-) -> F::Output {
-    match context {
-        Some(context) => future.with_context(context).await,
-        None => future.await,
     }
 }

@@ -429,6 +429,12 @@ fn close(consumer: Arc<KafkaConsumer>, deadline: Instant) {
     }
 }
 
+/// The header list of a message without headers.
+fn no_headers() -> &'static Arc<[Header]> {
+    static EMPTY: OnceLock<Arc<[Header]>> = OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from([]))
+}
+
 /// Copies what the handler needs out of librdkafka's buffer.
 pub(crate) fn fetched(message: &BorrowedMessage<'_>) -> Fetched {
     let key = match message.key() {
@@ -448,7 +454,8 @@ pub(crate) fn fetched(message: &BorrowedMessage<'_>) -> Fetched {
             .iter()
             .map(|header| (header.key.to_owned(), header.value.map(<[u8]>::to_vec)))
             .collect(),
-        None => Arc::from([]),
+        // One shared empty list rather than an allocation per message.
+        None => Arc::clone(no_headers()),
     };
     let timestamp = message
         .timestamp()

@@ -95,9 +95,17 @@ impl OffsetTracker {
         Some((watermark, encode(watermark, &above)))
     }
 
+    /// Forgets finished offsets below the watermark (popping them: splitting
+    /// the set would build a new one per finished message).
     fn prune(&mut self) {
         if let Some(watermark) = self.watermark() {
-            self.finished = self.finished.split_off(&watermark);
+            while self
+                .finished
+                .first()
+                .is_some_and(|&first| first < watermark)
+            {
+                self.finished.pop_first();
+            }
         }
     }
 }

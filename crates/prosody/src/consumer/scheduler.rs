@@ -52,7 +52,7 @@ const EVICT_BELOW: f64 = 1e-3;
 /// handler call. Keys come from producers, not attackers choosing collisions
 /// against a process's map; the map is bounded by the sweep regardless.
 #[derive(Default)]
-struct KeyHasher(u64);
+pub(crate) struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn write(&mut self, bytes: &[u8]) {
@@ -178,7 +178,7 @@ pub(crate) struct Scheduler {
 /// virtual time, pool shares and monopolization windows add up, stays right
 /// on average (a call starts at a random phase of the tick).
 #[cfg(target_os = "linux")]
-fn clock() -> f64 {
+pub(crate) fn clock() -> f64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -196,7 +196,7 @@ fn clock() -> f64 {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn clock() -> f64 {
+pub(crate) fn clock() -> f64 {
     fallback_clock()
 }
 

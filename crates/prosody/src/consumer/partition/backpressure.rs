@@ -15,7 +15,7 @@ use std::time::Duration;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use tracing::warn;
 
-use super::{Accepted, PartitionManager, State};
+use super::{Accepted, Kick, PartitionManager, State};
 use crate::consumer::hooks::Hooks;
 
 /// The buffer's fill state and its counters (see [`super::PartitionStats`]).
@@ -76,27 +76,61 @@ impl PartitionManager {
         }
     }
 
+    /// Copies up to the buffer's room out of librdkafka's queue, then takes
+    /// them under one state lock and kicks the driver once, so the driver
+    /// starts with the batch rather than per message. Loops while the room
+    /// grew meanwhile.
     fn fill_from(self: &Arc<Self>, queue: &PartitionQueue<Hooks>) -> usize {
+        let max = self.shared.config.max_uncommitted;
         let mut taken = 0;
-        while self.has_room() {
-            match queue.poll(Duration::ZERO) {
-                None => break,
-                Some(Err(error)) => {
-                    warn!(topic = %self.topic, partition = self.partition, "fetch error: {error}")
+        let mut batch = Vec::new();
+        loop {
+            let room = {
+                let state = self.state();
+                if self.is_open(&state) {
+                    max.saturating_sub(state.offsets.pending())
+                } else {
+                    0
                 }
-                Some(Ok(message)) => {
-                    if self.accept(crate::consumer::fetched(&message)) == Accepted::Taken {
+            };
+            if room == 0 {
+                return taken;
+            }
+            let mut exhausted = false;
+            while batch.len() < room {
+                match queue.poll(Duration::ZERO) {
+                    None => {
+                        exhausted = true;
+                        break;
+                    }
+                    Some(Err(error)) => {
+                        warn!(topic = %self.topic, partition = self.partition, "fetch error: {error}")
+                    }
+                    Some(Ok(message)) => batch.push(crate::consumer::fetched(&message)),
+                }
+            }
+            let mut kick = Kick::None;
+            {
+                let mut state = self.state();
+                let open = self.is_open(&state);
+                for fetched in batch.drain(..) {
+                    // The batch fits the room seen before polling (a message
+                    // accepted meanwhile may take it a little past `max`), so a
+                    // message is only refused once the partition stops: no
+                    // need to fetch it again then.
+                    let (accepted, more) =
+                        self.accept_locked(&mut state, open, usize::MAX, fetched);
+                    kick = kick.and(more);
+                    if accepted == Accepted::Taken {
                         taken += 1;
                     }
                 }
             }
+            self.kick(kick);
+            if exhausted {
+                return taken;
+            }
         }
-        taken
-    }
-
-    fn has_room(&self) -> bool {
-        let state = self.state();
-        self.is_open(&state) && state.offsets.pending() < self.shared.config.max_uncommitted
     }
 
     /// Reads on once a full buffer has a quarter free again, so refills come in

@@ -15,10 +15,12 @@ mod runner;
 mod settle;
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::task::AtomicWaker;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -27,6 +29,7 @@ use tracing::{debug, warn};
 use super::defer::DeferQueue;
 use super::hooks::Hooks;
 use super::offsets::{Admission, OffsetTracker};
+use super::scheduler::{clock, KeyHasher};
 use super::shared::Shared;
 use super::timer_queue::TimerQueue;
 use crate::events::{Event, EventKind};
@@ -34,6 +37,7 @@ use crate::message::Header;
 use crate::metrics::{PartitionLabels, PartitionMetrics};
 use crate::timers::PartitionScope;
 use backpressure::Backpressure;
+use runner::{Kick, Starting};
 
 /// A fetched message, copied out of librdkafka's buffer, payload not yet decoded.
 #[derive(Debug, Clone)]
@@ -112,16 +116,23 @@ pub struct PartitionStats {
 }
 
 struct State {
-    /// A key is present exactly while its runner task is alive.
-    queues: HashMap<Arc<str>, VecDeque<Work>>,
+    /// A key is present exactly while its runner is alive (or waits in `starting`).
+    /// Hashed like the scheduler's keys (looked up twice per message).
+    queues: HashMap<Arc<str>, VecDeque<Work>, BuildHasherDefault<KeyHasher>>,
+    /// Keys that got work while idle, for the driver to start (see `runner`).
+    starting: Vec<Starting>,
+    /// Whether the partition's driver task is alive.
+    driving: bool,
     offsets: OffsetTracker,
     buffer: Backpressure,
     released: bool,
     finished: u64,
     /// The commit point the periodic commit last sent.
     sent: Option<(i64, String)>,
-    /// When a message last finished here (or the partition was assigned).
-    last_progress: Instant,
+    /// When a message last finished here (or the partition was assigned), in
+    /// seconds of the scheduler's coarse clock: read per message, and a stall
+    /// is measured in seconds.
+    last_progress: f64,
 }
 
 pub(crate) struct PartitionManager {
@@ -133,7 +144,12 @@ pub(crate) struct PartitionManager {
     draining: CancellationToken,
     /// Stop everything: handlers see `should_cancel`.
     cancellation: CancellationToken,
+    /// `cancellation`, shared by the calls' contexts (see [`crate::Context`]).
+    calls_cancellation: Arc<CancellationToken>,
+    /// Counts busy keys' runners.
     runners: TaskTracker,
+    /// Wakes the driver task that runs the runners (see `runner`).
+    driver: AtomicWaker,
     /// librdkafka's prefetch queue for this partition (see `backpressure`).
     queue: Mutex<Option<PartitionQueue<Hooks>>>,
     /// This partition's timers, when a timer store is configured.
@@ -179,17 +195,21 @@ impl PartitionManager {
             own_skip_explained: AtomicBool::new(false),
             shared,
             state: Mutex::new(State {
-                queues: HashMap::new(),
+                queues: HashMap::default(),
+                starting: Vec::new(),
+                driving: false,
                 offsets,
                 buffer: Backpressure::default(),
                 released: false,
                 finished: 0,
                 sent: None,
-                last_progress: Instant::now(),
+                last_progress: clock(),
             }),
             draining: cancellation.child_token(),
+            calls_cancellation: Arc::new(cancellation.clone()),
             cancellation,
             runners: TaskTracker::new(),
+            driver: AtomicWaker::new(),
             queue: Mutex::new(None),
         });
         if let Some(timers) = &manager.timers {
@@ -218,15 +238,34 @@ impl PartitionManager {
 
     /// Takes a fetched message into its key's queue, starting a runner if the key was idle.
     pub(crate) fn accept(self: &Arc<Self>, fetched: Fetched) -> Accepted {
+        let (accepted, kick) = {
+            let mut state = self.state();
+            let open = self.is_open(&state);
+            let max = self.shared.config.max_uncommitted;
+            self.accept_locked(&mut state, open, max, fetched)
+        };
+        self.kick(kick);
+        accepted
+    }
+
+    /// [`accept`](Self::accept) under the state lock; `open` is [`is_open`](Self::is_open),
+    /// read once per batch, and a message is refused at `limit` buffered. The
+    /// caller kicks the driver after letting go of the lock.
+    fn accept_locked(
+        &self,
+        state: &mut State,
+        open: bool,
+        limit: usize,
+        fetched: Fetched,
+    ) -> (Accepted, Kick) {
         let max = self.shared.config.max_uncommitted;
-        let mut state = self.state();
-        if !self.is_open(&state) || state.offsets.pending() >= max {
-            return Accepted::Refused;
+        if !open || state.offsets.pending() >= limit {
+            return (Accepted::Refused, Kick::None);
         }
         if state.offsets.admit(fetched.offset) == Admission::AlreadyDone {
             debug!(topic = %self.topic, partition = self.partition, offset = fetched.offset, "skipping offset finished before the last rebalance");
             state.finished += 1;
-            return Accepted::Taken;
+            return (Accepted::Taken, Kick::None);
         }
         // Messages without a usable key queue under "" and take the failure path there.
         let key = fetched
@@ -242,25 +281,30 @@ impl PartitionManager {
                 Some(&key),
             )
         });
-        self.enqueue(&mut state, key, Work::Message(fetched));
+        let kick = self.enqueue(state, key, Work::Message(fetched));
         state.buffer.accepted(buffered, max);
         self.metrics.received();
-        Accepted::Taken
+        (Accepted::Taken, kick)
     }
 
     /// Queues a due timer behind its key's other work (timers do not count
     /// against `max_uncommitted`: they hold no offset).
     pub(crate) fn accept_timer(self: &Arc<Self>, key: Arc<str>, at: i64) {
-        let mut state = self.state();
-        if self.is_open(&state) {
-            self.enqueue(&mut state, key, Work::Timer(at));
-        }
+        let kick = {
+            let mut state = self.state();
+            if self.is_open(&state) {
+                self.enqueue(&mut state, key, Work::Timer(at))
+            } else {
+                Kick::None
+            }
+        };
+        self.kick(kick);
     }
 
     /// True when the partition has unfinished work and finished nothing for `threshold`.
     pub(crate) fn is_stalled(&self, threshold: Duration) -> bool {
         let state = self.state();
-        state.offsets.pending() > 0 && state.last_progress.elapsed() >= threshold
+        state.offsets.pending() > 0 && clock() - state.last_progress >= threshold.as_secs_f64()
     }
 
     /// Stops starting queued messages; in-flight handlers keep running.

@@ -32,6 +32,21 @@ use crate::producer::SOURCE_SYSTEM_HEADER;
 use crate::traces::{self, Position};
 use defer::Behind;
 
+/// Awaits `$future` within the span `$trace` when there is one.
+///
+/// Unlike an `async fn` wrapper, which holds its argument and the wrapped
+/// future side by side, this keeps one copy of `$future` in the caller's
+/// state: the key runner's future is allocated and moved per busy key, so its
+/// size is a per-message cost.
+macro_rules! traced {
+    ($trace:expr, $future:expr) => {
+        match $trace {
+            Some(context) => opentelemetry::trace::FutureExt::with_context($future, context).await,
+            None => $future.await,
+        }
+    };
+}
+
 /// One handler invocation.
 #[derive(Clone)]
 enum Call {
@@ -111,7 +126,8 @@ impl PartitionManager {
             Ok(message) => message,
             Err(failure) => {
                 let decision = decide(&self.shared.config, failure.kind, 1);
-                return self.give_up(key, &fetched, &failure, 1, decision).await;
+                // Rare paths are boxed so the runner's future stays small (see `traced!`).
+                return Box::pin(self.give_up(key, &fetched, &failure, 1, decision)).await;
             }
         };
         let id = self
@@ -122,16 +138,22 @@ impl PartitionManager {
         if let (Some(dedup), Some(id)) = (&self.shared.dedup, &id) {
             // The lookup first: a cache or memory-store answer is ready at once,
             // and then no cancellation waiter is registered.
-            tokio::select! {
-                biased;
-                seen = dedup.seen(&self.topic, key, id) => if seen {
-                    return self.skip(key, offset, Skip::Duplicate);
-                },
-                () = self.draining.cancelled() => return false,
+            let seen = Box::pin(async {
+                tokio::select! {
+                    biased;
+                    seen = dedup.seen(&self.topic, key, id) => Some(seen),
+                    () = self.draining.cancelled() => None,
+                }
+            })
+            .await;
+            match seen {
+                Some(true) => return self.skip(key, offset, Skip::Duplicate),
+                Some(false) => {}
+                None => return false,
             }
         }
         if self.defer.as_ref().is_some_and(|defer| defer.may_defer()) {
-            match self.defer_behind(key, &fetched).await {
+            match Box::pin(self.defer_behind(key, &fetched)).await {
                 Behind::Run => {}
                 Behind::Deferred => return true,
                 Behind::Cancelled => return false,
@@ -149,7 +171,7 @@ impl PartitionManager {
         );
         let mut message = message;
         message.trace_parent = trace.as_ref().and_then(traces::traceparent).map(Arc::from);
-        let settled = traces::within(trace.clone(), self.retry(key, Call::Message(message))).await;
+        let settled = traced!(trace.clone(), self.retry(key, Call::Message(message)));
         if let Some(trace) = &trace {
             traces::end(trace, settled.failure());
         }
@@ -162,7 +184,7 @@ impl PartitionManager {
             }
             Settled::Succeeded => {
                 if let (Some(dedup), Some(id)) = (&self.shared.dedup, &id) {
-                    dedup.record(&self.topic, key, id).await;
+                    Box::pin(dedup.record(&self.topic, key, id)).await;
                 }
                 true
             }
@@ -170,10 +192,7 @@ impl PartitionManager {
                 failure,
                 attempts,
                 decision,
-            } => {
-                self.give_up(key, &fetched, &failure, attempts, decision)
-                    .await
-            }
+            } => Box::pin(self.give_up(key, &fetched, &failure, attempts, decision)).await,
             Settled::Cancelled => false,
         }
     }
@@ -198,7 +217,7 @@ impl PartitionManager {
             .duration_since(timer.time)
             .unwrap_or_default();
         let trace = traces::timer_span(&self.topic, self.partition, key);
-        let settled = traces::within(trace.clone(), self.retry(key, Call::Timer(timer, at))).await;
+        let settled = traced!(trace.clone(), self.retry(key, Call::Timer(timer, at)));
         if let Some(trace) = &trace {
             traces::end(trace, settled.failure());
         }
@@ -237,11 +256,10 @@ impl PartitionManager {
             if attempt == 1 {
                 first_span.clone_from(&span);
             }
-            let attempted = traces::within(
+            let attempted = traced!(
                 span.clone(),
-                self.attempt_with_permit(key, call.clone(), pool),
-            )
-            .await;
+                self.attempt_with_permit(key, call.clone(), pool)
+            );
             let Some((outcome, rejected)) = attempted else {
                 return Settled::Cancelled;
             };
@@ -289,7 +307,7 @@ impl PartitionManager {
                                 .because(failure.kind.as_str())
                                 .error(&failure.class, &failure.message)
                         });
-                        if self.defer_failed(key, offset, attempt, delay).await {
+                        if Box::pin(self.defer_failed(key, offset, attempt, delay)).await {
                             return Settled::Deferred;
                         }
                     }
@@ -373,10 +391,16 @@ impl PartitionManager {
         call: Call,
         pool: Pool,
     ) -> Option<(Outcome, bool)> {
+        if self.draining.is_cancelled() {
+            return None;
+        }
+        // The slot first: when one is free (the common case) no cancellation
+        // waiter is registered with the partition's token, and then dropped,
+        // which takes its lock twice per call.
         let permit = tokio::select! {
             biased;
-            () = self.draining.cancelled() => return None,
             permit = self.shared.scheduler.acquire(key, pool) => permit,
+            () = self.draining.cancelled() => return None,
         };
         let permit = match permit {
             Ok(permit) => permit,
@@ -420,12 +444,12 @@ impl PartitionManager {
 
     /// One handler call, cancelled once it overruns `timeout`.
     async fn attempt(&self, key: &Arc<str>, work: Call) -> Outcome {
-        let call = self.cancellation.child_token();
         let timers = self
             .timers
             .as_ref()
             .map(|timers| (Arc::clone(timers) as Arc<dyn KeyTimers>, Arc::clone(key)));
-        let context = Context::new(call.clone(), timers);
+        let context = Context::new(Arc::clone(&self.calls_cancellation), timers);
+        let call = context.clone();
         let running = self.metrics.handler_running();
         let offset = work.offset();
         let handler = match work {

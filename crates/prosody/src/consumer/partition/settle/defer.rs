@@ -23,6 +23,8 @@ use crate::events::{Event, EventKind};
 use crate::handler::to_millis;
 use crate::message::Message;
 use crate::traces::{self, Position};
+use opentelemetry::trace::FutureExt as _;
+use opentelemetry::Context;
 
 /// What to do with a fresh message of a key that may be deferred.
 pub(super) enum Behind {
@@ -37,10 +39,15 @@ pub(super) enum Behind {
 impl PartitionManager {
     /// Queues a key whose first deferred message is due (from `DeferQueue::run`).
     pub(crate) fn accept_deferred(self: &Arc<Self>, key: Arc<str>) {
-        let mut state = self.state();
-        if self.is_open(&state) {
-            self.enqueue(&mut state, key, Work::Deferred);
-        }
+        let kick = {
+            let mut state = self.state();
+            if self.is_open(&state) {
+                self.enqueue(&mut state, key, Work::Deferred)
+            } else {
+                super::super::Kick::None
+            }
+        };
+        self.kick(kick);
     }
 
     /// Before a fresh message runs: when its key has deferred messages, the
@@ -250,9 +257,9 @@ impl PartitionManager {
         );
         message.trace_parent = trace.as_ref().and_then(traces::traceparent).map(Arc::from);
         let call = Call::Message(message);
-        let attempted = traces::within(trace.clone(), async {
+        let attempted = within(trace.clone(), async {
             let span = traces::attempt_span(call.handler(), attempt, None);
-            let attempted = traces::within(
+            let attempted = within(
                 span.clone(),
                 self.attempt_with_permit(key, call, Pool::Retry),
             )
@@ -301,5 +308,14 @@ fn failure_of(attempted: Option<&(Outcome, bool)>) -> Option<&str> {
     match attempted {
         Some((Outcome::Failed(failure), _)) => Some(failure.message.as_str()),
         _ => None,
+    }
+}
+
+/// Runs `future` inside `context` when there is one (a deferred retry is a
+/// rare path, boxed by its caller: the size concern of `traced!` does not apply).
+async fn within<F: std::future::Future>(context: Option<Context>, future: F) -> F::Output {
+    match context {
+        Some(context) => future.with_context(context).await,
+        None => future.await,
     }
 }
