@@ -3,7 +3,6 @@
 require "json"
 require "open3"
 require "rbconfig"
-require "zlib"
 
 # With sentry-ruby loaded (Debian ruby-sentry-ruby) and initialised, a message
 # skipped after its retries reaches Sentry through sentry-ruby's own HTTP
@@ -11,27 +10,6 @@ require "zlib"
 # along as breadcrumbs. The DSN points at a local HTTP server standing in for
 # Sentry.
 RSpec.describe "error reporting to Sentry" do
-  # Accepts sentry-ruby's POSTs and pushes each request's body, decompressed.
-  def sentry_stand_in(server, bodies)
-    Thread.new do
-      loop do
-        connection = server.accept
-        head = +""
-        head << connection.readpartial(4096) until head.include?("\r\n\r\n")
-        head, body = head.split("\r\n\r\n", 2)
-        length = head[/^content-length:\s*(\d+)/i, 1].to_i
-        body << connection.read(length - body.bytesize) while body.bytesize < length
-        body = Zlib.gunzip(body) if head.match?(/^content-encoding:\s*gzip/i)
-        connection.write("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n" \
-                         "Connection: close\r\n\r\n{}")
-        connection.close
-        bodies << body
-      end
-    rescue IOError
-      nil
-    end
-  end
-
   # The first item of type "event" in the envelopes received.
   def captured_event(bodies)
     loop do
@@ -45,16 +23,14 @@ RSpec.describe "error reporting to Sentry" do
   end
 
   it "captures a message skipped after failing, with its tags and the failed attempts as breadcrumbs" do
-    server = TCPServer.new("127.0.0.1", 0)
-    bodies = Queue.new
-    stand_in = sentry_stand_in(server, bodies)
+    sentry = ProsodySpec::HttpReceiver.new
     topic = unique_name("sentry")
-    env = { "SENTRY_DSN" => "http://public@127.0.0.1:#{server.addr[1]}/42", "TOPIC" => topic }
+    env = { "SENTRY_DSN" => "http://public@127.0.0.1:#{sentry.port}/42", "TOPIC" => topic }
     lib = File.expand_path("../../lib", __dir__)
     fixture = File.expand_path("../fixtures/sentry_capture.rb", __dir__)
     Open3.popen3(env, RbConfig.ruby, "-I", lib, fixture) do |stdin, stdout, stderr, worker|
       expect(stdout.gets).to eq("subscribed\n"), -> { stderr.read.to_s }
-      event = captured_event(bodies)
+      event = captured_event(sentry.bodies)
       stdin.close
       expect(worker.value).to be_success, -> { stderr.read }
 
@@ -69,7 +45,6 @@ RSpec.describe "error reporting to Sentry" do
       expect(crumbs.first["message"]).to include("message.failed")
     end
   ensure
-    server&.close
-    stand_in&.join(1)
+    sentry&.close
   end
 end

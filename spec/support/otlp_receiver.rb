@@ -1,11 +1,9 @@
 # frozen_string_literal: true
 
-require "socket"
-
 module ProsodySpec
-  # An OTLP/HTTP trace receiver for specs: accepts `POST /v1/traces` bodies
-  # (protobuf `ExportTraceServiceRequest`) and decodes the spans' ids, names
-  # and kinds with a small reader of the protobuf wire format.
+  # An OTLP/HTTP trace receiver for specs (an {HttpReceiver}): decodes the
+  # `ExportTraceServiceRequest` bodies posted to it (protobuf) into the spans'
+  # ids, names, kinds and links with a small reader of the protobuf wire format.
   class OtlpReceiver
     # What the specs look at of a span.
     Span = Struct.new(:trace_id, :span_id, :parent_span_id, :name, :kind, :links, keyword_init: true)
@@ -13,47 +11,27 @@ module ProsodySpec
     # Span kinds of the OTLP protocol.
     KINDS = { 1 => :internal, 2 => :server, 3 => :client, 4 => :producer, 5 => :consumer }.freeze
 
-    attr_reader :spans
-
     def initialize
-      @server = TCPServer.new("127.0.0.1", 0)
-      @spans = Queue.new
-      @thread = Thread.new { serve }
+      @http = HttpReceiver.new(reply: ["application/x-protobuf", ""])
     end
 
     # @return [String] the endpoint for OTEL_EXPORTER_OTLP_ENDPOINT
     def endpoint
-      "http://127.0.0.1:#{@server.addr[1]}"
+      "http://127.0.0.1:#{@http.port}"
+    end
+
+    # The spans received since the last call.
+    #
+    # @return [Array<Span>]
+    def spans
+      Array.new(@http.bodies.size) { @http.bodies.pop }.flat_map { |body| export_request(body) }
     end
 
     def close
-      @server.close
-      @thread.join(1)
+      @http.close
     end
 
     private
-
-    def serve
-      loop do
-        connection = @server.accept
-        body = read_request(connection)
-        connection.write("HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n" \
-                         "Connection: close\r\n\r\n")
-        connection.close
-        export_request(body).each { |span| @spans << span }
-      end
-    rescue IOError, Errno::EBADF
-      nil
-    end
-
-    def read_request(connection)
-      head = +""
-      head << connection.readpartial(4096) until head.include?("\r\n\r\n")
-      head, body = head.split("\r\n\r\n", 2)
-      length = head[/^content-length:\s*(\d+)/i, 1].to_i
-      body << connection.read(length - body.bytesize) while body.bytesize < length
-      body.b
-    end
 
     # ExportTraceServiceRequest: 1 resource_spans; ResourceSpans: 2 scope_spans;
     # ScopeSpans: 2 spans.
