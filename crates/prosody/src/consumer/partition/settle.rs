@@ -300,13 +300,7 @@ impl PartitionManager {
                 Decision::Retry(delay) => {
                     self.shared.metrics.retried(self.labels());
                     if let Some(offset) = call.offset() {
-                        self.shared.metrics.emit(EventKind::MessageRetried, || {
-                            Event::new(EventKind::MessageRetried, Arc::clone(&self.topic))
-                                .at(self.partition, Some(offset), Some(key))
-                                .attempts(attempt)
-                                .because(failure.kind.as_str())
-                                .error(&failure.class, &failure.message)
-                        });
+                        self.observe_retry(key, offset, attempt, &failure);
                         if Box::pin(self.defer_failed(key, offset, attempt, delay)).await {
                             return Settled::Deferred;
                         }
@@ -480,6 +474,17 @@ impl PartitionManager {
             self.observe_attempt(key, offset, &outcome, took);
         }
         outcome
+    }
+
+    /// Tells the observer a message's failed attempt will be retried.
+    fn observe_retry(&self, key: &Arc<str>, offset: i64, attempt: u32, failure: &Failure) {
+        self.shared.metrics.emit(EventKind::MessageRetried, || {
+            Event::new(EventKind::MessageRetried, Arc::clone(&self.topic))
+                .at(self.partition, Some(offset), Some(key))
+                .attempts(attempt)
+                .because(failure.kind.as_str())
+                .error(&failure.class, &failure.message)
+        });
     }
 
     /// Reports a message's handler attempt to the observer, if it wants to know.

@@ -19,7 +19,6 @@ use crate::consumer::failure::{backoff, decide, Decision};
 use crate::consumer::filter::Skip;
 use crate::consumer::scheduler::Pool;
 use crate::dedup::message_id;
-use crate::events::{Event, EventKind};
 use crate::handler::to_millis;
 use crate::message::Message;
 use crate::traces::{self, Position};
@@ -208,13 +207,7 @@ impl PartitionManager {
             match decide(config, failure.kind, attempt) {
                 Decision::Retry(delay) => {
                     self.shared.metrics.retried(self.labels());
-                    self.shared.metrics.emit(EventKind::MessageRetried, || {
-                        Event::new(EventKind::MessageRetried, Arc::clone(&self.topic))
-                            .at(self.partition, Some(offset), Some(key))
-                            .attempts(attempt)
-                            .because(failure.kind.as_str())
-                            .error(&failure.class, &failure.message)
-                    });
+                    self.observe_retry(key, offset, attempt, &failure);
                     warn!(
                         topic = %self.topic, partition = self.partition, offset, key = %key, attempt, kind = failure.kind.as_str(),
                         "deferred message failed again ({}): {}; retrying in {delay:?}", failure.class, failure.message
