@@ -37,7 +37,7 @@ module Prosody
   #
   # @api private Created by {Client#subscribe}; applications do not use it directly.
   class AsyncTaskProcessor
-    # Entries per call in a batch: task id, native context, completion, message.
+    # Entries per call in a batch: task id, context, completion, message.
     STRIDE = FiberPool::STRIDE
     private_constant :STRIDE
 
@@ -67,7 +67,7 @@ module Prosody
       @on_death = on_death
       @blocking_threshold = blocking_threshold
       @intake = Intake.new
-      @pool = FiberPool.new { |worker, native, completion, message| perform(worker, native, completion, message) }
+      @pool = FiberPool.new { |worker, context, completion, message| perform(worker, context, completion, message) }
       @thread = nil
       @watchdog = nil
       @stopping = false
@@ -106,11 +106,11 @@ module Prosody
     # @param completion [#complete] reports the outcome, once
     # @return [nil]
     def submit(task_id, native_context, message, completion)
-      submit_batch([task_id, native_context, completion, message])
+      submit_batch([task_id, Context.new(native_context, message), completion, message])
     end
 
-    # Queues handler calls: `task_id, native_context, completion, message` for
-    # each call, as {Native::Inbox#take} returns them. Never blocks.
+    # Queues handler calls: `task_id, context, completion, message` for each
+    # call, as {Native::Inbox#take} returns them. Never blocks.
     #
     # @param calls [Array] STRIDE entries per call
     # @return [nil]
@@ -203,8 +203,8 @@ module Prosody
       Native.flush_completions
     end
 
-    def perform(worker, native_context, completion, message)
-      context = worker.context = Context.new(native_context, message)
+    def perform(worker, context, completion, message)
+      worker.context = context
       ReactorWatchdog.working_on(message)
       outcome = UNFINISHED
       begin

@@ -18,15 +18,16 @@ module Prosody
   #     end
   #   end
   class Context
+    # The native extension builds a handler call's context without calling
+    # this (`Native::Inbox#take`), with the same two instance variables; the
+    # others start unset (nil) and are set when first used.
+    #
     # @api private
     # @param native [Native::Context] the core's context for this call
     # @param subject [Message, Timer, nil] what the call handles (tags {#logger}'s lines)
     def initialize(native, subject = nil)
       @native = native
       @subject = subject
-      @cancelled = false
-      @waiters = nil
-      @logger = nil
     end
 
     # The W3C `traceparent` of this handler attempt's span, when tracing is on

@@ -19,7 +19,7 @@ module Prosody
     # Structs member by member, measurably slow with many workers).
     Worker = Struct.new(:task, :task_id, :context, :idle)
 
-    # Entries per call in a batch: task id, native context, completion, message.
+    # Entries per call in a batch: task id, context, completion, message.
     STRIDE = 4
 
     # The batch in hand when there is none.
@@ -27,7 +27,7 @@ module Prosody
     private_constant :NO_CALLS
 
     # @yieldparam worker [Worker] runs the call (sets `worker.context`), reports its outcome
-    # @yieldparam native_context [Object]
+    # @yieldparam context [Context]
     # @yieldparam completion [#complete]
     # @yieldparam message [Message, Timer]
     def initialize(&perform)

@@ -20,7 +20,8 @@ module Prosody
     attr_reader :key
     # @return [Object] the decoded JSON payload (Hashes have String keys)
     attr_reader :payload
-    # @return [Hash{String=>String}] record headers (frozen)
+    # @return [Hash{String=>String}] record headers (frozen, as are their
+    #   values; consecutive messages with the same headers share one Hash)
     attr_reader :headers
 
     # Positional because the native bridge calls it once per record.

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
@@ -166,6 +167,8 @@ struct CallCancellation {
     partition: Arc<CancellationToken>,
     /// Set when the call itself is cancelled (it ran past its timeout).
     stopped: AtomicBool,
+    /// Wakes [`Context::on_cancel`] when `stopped` is set.
+    stop: Notify,
     /// The call's token, once asked for.
     token: OnceLock<CancellationToken>,
 }
@@ -188,6 +191,7 @@ impl Context {
             call: Arc::new(CallCancellation {
                 partition,
                 stopped: AtomicBool::new(false),
+                stop: Notify::new(),
                 token: OnceLock::new(),
             }),
             timers,
@@ -209,6 +213,7 @@ impl Context {
         // SeqCst pairs with `cancellation_token`: either it sees `stopped`, or
         // this sees its token.
         self.call.stopped.store(true, Ordering::SeqCst);
+        self.call.stop.notify_waiters();
         if let Some(token) = self.call.token.get() {
             token.cancel();
         }
@@ -264,9 +269,21 @@ impl Context {
         self.call.stopped.load(Ordering::SeqCst) || self.call.partition.is_cancelled()
     }
 
-    /// Resolves when the call should stop.
+    /// Resolves when the call should stop. Needs no token of its own (see
+    /// [`cancellation_token`](Self::cancellation_token)), so it is the cheap
+    /// way to wait for cancellation beside a call's work.
     pub async fn on_cancel(&self) {
-        self.cancellation_token().cancelled().await;
+        let call = &*self.call;
+        // Made before `stopped` is read: `cancel` stores it, then notifies
+        // every `Notified` made so far, polled or not.
+        let stopped = call.stop.notified();
+        if call.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        tokio::select! {
+            () = call.partition.cancelled() => {}
+            () = stopped => {}
+        }
     }
 
     /// The token behind [`should_cancel`](Self::should_cancel), for `select!` and child tasks.
@@ -318,5 +335,39 @@ mod tests {
         assert!(!other.should_cancel() && !partition.is_cancelled());
         partition.cancel();
         assert!(other.should_cancel() && other.cancellation_token().is_cancelled());
+    }
+
+    /// `on_cancel` makes no token of its own, so it must hear both ways a
+    /// call is cancelled by itself, whether it waits already or comes late.
+    #[tokio::test]
+    async fn on_cancel_wakes_on_the_calls_own_stop_and_on_its_partitions() {
+        let within = |context: &Context| {
+            let context = context.clone();
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(5), context.on_cancel()).await
+            })
+        };
+        let partition = Arc::new(CancellationToken::new());
+        let stopped = Context::new(Arc::clone(&partition), None);
+        let other = Context::new(Arc::clone(&partition), None);
+        let (waiting_stopped, waiting_other) = (within(&stopped), within(&other));
+        tokio::task::yield_now().await;
+        stopped.cancel();
+        assert!(
+            waiting_stopped.await.expect("task").is_ok(),
+            "a stop wakes its call"
+        );
+        assert!(
+            !waiting_other.is_finished(),
+            "another call of the partition waits on"
+        );
+        partition.cancel();
+        assert!(
+            waiting_other.await.expect("task").is_ok(),
+            "the partition's cancel wakes it"
+        );
+        // Asked after the fact: resolves at once.
+        assert!(within(&stopped).await.expect("task").is_ok());
+        assert!(stopped.call.token.get().is_none(), "no token was made");
     }
 }

@@ -3,7 +3,7 @@
 //! that every message without headers shares.
 //!
 //! lib/prosody.rb requires the Ruby files that define them (errors, Message,
-//! Timer, Logging) before the extension. Each class is registered as a mark
+//! Timer, Context, Logging) before the extension. Each class is registered as a mark
 //! object, so the GC neither frees nor moves it.
 
 use std::sync::OnceLock;
@@ -17,6 +17,7 @@ struct Classes {
     prosody: Opaque<RModule>,
     message: Opaque<RClass>,
     timer: Opaque<RClass>,
+    context: Opaque<RClass>,
     permanent_error: Opaque<ExceptionClass>,
     /// A frozen empty Hash: the headers of every message that has none.
     empty_headers: Opaque<RHash>,
@@ -38,6 +39,7 @@ pub(crate) fn init(ruby: &Ruby) -> Result<(), Error> {
     let prosody: RModule = ruby.class_object().const_get("Prosody")?;
     let message: RClass = prosody.const_get("Message")?;
     let timer: RClass = prosody.const_get("Timer")?;
+    let context: RClass = prosody.const_get("Context")?;
     let permanent_error: ExceptionClass = prosody.const_get("PermanentError")?;
     let mut errors = Vec::with_capacity(Kind::ALL.len());
     for kind in Kind::ALL {
@@ -45,7 +47,12 @@ pub(crate) fn init(ruby: &Ruby) -> Result<(), Error> {
         magnus::gc::register_mark_object(class);
         errors.push((kind, Opaque::from(class)));
     }
-    for value in [prosody.as_value(), message.as_value(), timer.as_value()] {
+    for value in [
+        prosody.as_value(),
+        message.as_value(),
+        timer.as_value(),
+        context.as_value(),
+    ] {
         magnus::gc::register_mark_object(value);
     }
     magnus::gc::register_mark_object(permanent_error);
@@ -56,6 +63,7 @@ pub(crate) fn init(ruby: &Ruby) -> Result<(), Error> {
         prosody: Opaque::from(prosody),
         message: Opaque::from(message),
         timer: Opaque::from(timer),
+        context: Opaque::from(context),
         permanent_error: Opaque::from(permanent_error),
         empty_headers: Opaque::from(empty_headers),
         errors,
@@ -76,6 +84,11 @@ pub(crate) fn message(ruby: &Ruby) -> RClass {
 /// `Prosody::Timer`.
 pub(crate) fn timer(ruby: &Ruby) -> RClass {
     classes().timer.get_inner_with(ruby)
+}
+
+/// `Prosody::Context`.
+pub(crate) fn context(ruby: &Ruby) -> RClass {
+    classes().context.get_inner_with(ruby)
 }
 
 /// `Prosody::PermanentError`.

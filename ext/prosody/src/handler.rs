@@ -27,7 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use magnus::error::ErrorType;
 use magnus::value::{LazyId, ReprValue};
 use magnus::{
-    function, method, prelude::*, Error, IntoValue, RArray, RModule, RObject, Ruby, Value,
+    function, method, prelude::*, Error, IntoValue, RArray, RHash, RModule, RObject, Ruby, Value,
 };
 use prosody::{ClassifyError, Context, EventHandler, FailureKind, Message, Timer};
 use tokio::sync::oneshot;
@@ -158,9 +158,9 @@ impl Subject {
         }
     }
 
-    fn to_ruby(&self, ruby: &Ruby) -> Result<Value, Error> {
+    fn to_ruby(&self, ruby: &Ruby, headers: &mut SharedHeaders) -> Result<Value, Error> {
         match self {
-            Self::Message(message) => ruby_message(ruby, message),
+            Self::Message(message) => ruby_message(ruby, message, headers),
             Self::Timer(timer) => ruby_timer(ruby, timer),
         }
     }
@@ -292,9 +292,9 @@ impl InboxHandle {
         self.inbox.wake_read.as_raw_fd()
     }
 
-    /// Up to [`TAKE`] queued entries: an Array of calls (`task_id, native
-    /// context, completion, message`, the native context being its own
-    /// completion), with the task ids of queued cancellations pushed onto
+    /// Up to [`TAKE`] queued entries: an Array of calls (`task_id, context,
+    /// completion, message`: a `Prosody::Context` and its `Native::Context`,
+    /// which is also the call's completion), with the task ids of queued cancellations pushed onto
     /// `cancels`. An empty Array when nothing is queued (the next push then
     /// wakes the reader), `nil` once closed and empty.
     fn take(ruby: &Ruby, rb_self: &Self, cancels: RArray) -> Result<Option<RArray>, Error> {
@@ -313,6 +313,7 @@ impl InboxHandle {
             state.queue.drain(..count).collect()
         };
         let calls = ruby.ary_new_capa(taken.len() * 4);
+        let mut shared_headers = None;
         for pending in taken {
             match pending {
                 Pending::Cancel(task_id) => cancels.push(task_id)?,
@@ -321,7 +322,7 @@ impl InboxHandle {
                     context,
                     subject,
                     sender,
-                } => match subject.to_ruby(ruby) {
+                } => match subject.to_ruby(ruby, &mut shared_headers) {
                     Ok(subject) => {
                         let native = NativeContext {
                             context,
@@ -329,7 +330,7 @@ impl InboxHandle {
                         }
                         .into_value_with(ruby);
                         calls.push(task_id)?;
-                        calls.push(native)?;
+                        calls.push(ruby_context(ruby, native, subject)?)?;
                         calls.push(native)?;
                         calls.push(subject)?;
                     }
@@ -432,7 +433,8 @@ impl RubyHandler {
     async fn call(&self, context: Context, subject: Subject) -> Outcome {
         let (sender, mut receiver) = oneshot::channel();
         let task_id = self.next_task.fetch_add(1, Ordering::Relaxed);
-        let token = context.cancellation_token().clone();
+        // A handle on the call's cancellation; waiting on it makes no token.
+        let cancellation = context.clone();
         let pushed = self.inbox.push(Pending::Call {
             task_id,
             context,
@@ -459,7 +461,7 @@ impl RubyHandler {
         };
         tokio::select! {
             outcome = &mut receiver => return outcome.unwrap_or_else(|_| unreported()),
-            () = token.cancelled() => {}
+            () = cancellation.on_cancel() => {}
         }
         // Refused once the processor stopped taking calls: it finishes or
         // abandons the calls it has either way.
@@ -499,7 +501,18 @@ static HEADERS: LazyId = LazyId::new("@headers");
 
 /// Builds a frozen `Prosody::Message` directly (allocate, set its instance
 /// variables, freeze), without a Ruby-level `initialize` per message.
-fn ruby_message(ruby: &Ruby, message: &Message) -> Result<Value, Error> {
+/// The last message of a batch that had headers, and its frozen headers Hash:
+/// the next messages with the same headers share that Hash (the core shares
+/// their list too, see `prosody::consumer::fetched_after`). Messages from one
+/// producer usually carry the same headers, so this saves a Hash and a String
+/// per header for most messages. The Hash is referenced by the batch's Array.
+type SharedHeaders = Option<(Message, RHash)>;
+
+fn ruby_message(
+    ruby: &Ruby,
+    message: &Message,
+    shared_headers: &mut SharedHeaders,
+) -> Result<Value, Error> {
     // Nanoseconds since the epoch (a Fixnum until 2116): `Message#timestamp`
     // builds the Time when read, which most handlers never do.
     let timestamp = match message
@@ -513,39 +526,97 @@ fn ruby_message(ruby: &Ruby, message: &Message) -> Result<Value, Error> {
     };
     let headers = if message.headers().is_empty() {
         classes::empty_headers(ruby)
+    } else if let Some((_, headers)) = shared_headers
+        .as_ref()
+        .filter(|(last, _)| last.headers() == message.headers())
+    {
+        *headers
     } else {
         let headers = ruby.hash_new();
         for (name, value) in message.headers() {
             let value = match value {
                 None => ruby.qnil().as_value(),
-                Some(bytes) => match std::str::from_utf8(bytes) {
-                    Ok(text) => ruby.str_new(text).as_value(),
-                    Err(_) => ruby.str_from_slice(bytes).as_value(),
-                },
+                // Frozen: messages with the same headers share them.
+                Some(bytes) => {
+                    let value = match std::str::from_utf8(bytes) {
+                        Ok(text) => ruby.str_new(text),
+                        Err(_) => ruby.str_from_slice(bytes),
+                    };
+                    value.freeze();
+                    value.as_value()
+                }
             };
             // Hash keys are frozen and deduplicated by Ruby anyway: intern at once.
             headers.aset(interned(ruby, name), value)?;
         }
         headers.freeze();
+        *shared_headers = Some((message.clone(), headers));
         headers
     };
     let payload = from_json(ruby, message.payload())?;
-    let allocated = classes::message(ruby).obj_alloc()?;
-    let Some(object) = RObject::from_value(allocated) else {
-        return Err(Error::new(
-            ruby.exception_type_error(),
-            "Prosody::Message did not allocate a plain object",
-        ));
-    };
-    object.ivar_set(*TOPIC, interned(ruby, message.topic()))?;
-    object.ivar_set(*PARTITION, message.partition())?;
-    object.ivar_set(*OFFSET, message.offset())?;
-    object.ivar_set(*KEY, message.key())?;
-    object.ivar_set(*TIMESTAMP, timestamp)?;
-    object.ivar_set(*PAYLOAD, payload)?;
-    object.ivar_set(*HEADERS, headers)?;
+    let object = allocate(ruby, classes::message(ruby))?;
+    set_ivars(
+        ruby,
+        object,
+        &[
+            (*TOPIC, interned(ruby, message.topic()).as_value()),
+            (*PARTITION, message.partition().into_value_with(ruby)),
+            (*OFFSET, message.offset().into_value_with(ruby)),
+            (*KEY, ruby.str_new(message.key()).as_value()),
+            (*TIMESTAMP, timestamp),
+            (*PAYLOAD, payload),
+            (*HEADERS, headers.as_value()),
+        ],
+    )?;
     object.freeze();
     Ok(object.as_value())
+}
+
+// The instance variables a `Prosody::Context` starts with (the others are
+// set when first used).
+static NATIVE: LazyId = LazyId::new("@native");
+static SUBJECT: LazyId = LazyId::new("@subject");
+
+/// Builds a `Prosody::Context` for a call directly, as `Context.new(native,
+/// subject)` would, without a Ruby-level `initialize` per call.
+fn ruby_context(ruby: &Ruby, native: Value, subject: Value) -> Result<Value, Error> {
+    let object = allocate(ruby, classes::context(ruby))?;
+    set_ivars(ruby, object, &[(*NATIVE, native), (*SUBJECT, subject)])?;
+    Ok(object.as_value())
+}
+
+/// A new instance of `class`, a plain Ruby class, without calling `initialize`.
+fn allocate(ruby: &Ruby, class: magnus::RClass) -> Result<RObject, Error> {
+    RObject::from_value(class.obj_alloc()?).ok_or_else(|| {
+        Error::new(
+            ruby.exception_type_error(),
+            format!("{} did not allocate a plain object", class.inspect()),
+        )
+    })
+}
+
+/// Sets instance variables of `object`, just allocated and not frozen, in one
+/// protected call (magnus's `ivar_set` protects each one: a measurable cost
+/// per message).
+fn set_ivars(
+    ruby: &Ruby,
+    object: RObject,
+    ivars: &[(magnus::value::OpaqueId, Value)],
+) -> Result<(), Error> {
+    use magnus::rb_sys::{AsRawId, AsRawValue};
+    use magnus::value::IntoId;
+    magnus::rb_sys::protect(|| {
+        for &(id, value) in ivars {
+            let id = id.into_id_with(ruby);
+            // SAFETY: on a Ruby thread holding the GVL (every caller is a method
+            // called from Ruby); `object` and the values are live, referenced
+            // from this stack where the GC sees them. What Ruby may raise here
+            // (NoMemoryError, FrozenError) is caught by `protect`.
+            unsafe { rb_sys::rb_ivar_set(object.as_raw(), id.as_raw(), value.as_raw()) };
+        }
+        object.as_raw()
+    })?;
+    Ok(())
 }
 
 /// `Prosody::Native::Context`: the core's per-call context, seen from Ruby, and
@@ -699,7 +770,7 @@ pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     native.define_module_function("defer_completions", function!(defer_completions, 1))?;
     native.define_module_function("flush_completions", function!(flush_completions, 0))?;
     for id in [
-        &TOPIC, &PARTITION, &OFFSET, &KEY, &TIMESTAMP, &PAYLOAD, &HEADERS,
+        &TOPIC, &PARTITION, &OFFSET, &KEY, &TIMESTAMP, &PAYLOAD, &HEADERS, &NATIVE, &SUBJECT,
     ] {
         LazyId::force(id, ruby);
     }

@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::Consumer as _;
-use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Headers as _, Message as _};
 use rdkafka::Offset;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -430,13 +430,34 @@ fn close(consumer: Arc<KafkaConsumer>, deadline: Instant) {
 }
 
 /// The header list of a message without headers.
-fn no_headers() -> &'static Arc<[Header]> {
+pub(crate) fn no_headers() -> &'static Arc<[Header]> {
     static EMPTY: OnceLock<Arc<[Header]>> = OnceLock::new();
     EMPTY.get_or_init(|| Arc::from([]))
 }
 
+/// Whether librdkafka's `headers` are, in order, those of `list`.
+fn same_headers(headers: &BorrowedHeaders, list: &[Header]) -> bool {
+    headers.count() == list.len()
+        && headers
+            .iter()
+            .zip(list)
+            .all(|(header, (key, value))| header.key == key && header.value == value.as_deref())
+}
+
 /// Copies what the handler needs out of librdkafka's buffer.
 pub(crate) fn fetched(message: &BorrowedMessage<'_>) -> Fetched {
+    fetched_after(message, &mut Arc::clone(no_headers()))
+}
+
+/// [`fetched`], for a message read after one whose headers were `previous`:
+/// equal headers share that list, which then stays `previous`. Messages from
+/// one producer usually carry the same headers (its `source-system`, say), so
+/// a batch copies them once rather than once per message, and the Ruby side
+/// builds one Hash for them (`Arc::ptr_eq`).
+pub(crate) fn fetched_after(
+    message: &BorrowedMessage<'_>,
+    previous: &mut Arc<[Header]>,
+) -> Fetched {
     let key = match message.key() {
         None => Err(UnusableKey {
             problem: "it has no key",
@@ -450,10 +471,15 @@ pub(crate) fn fetched(message: &BorrowedMessage<'_>) -> Fetched {
             }),
     };
     let headers: Arc<[Header]> = match message.headers() {
-        Some(headers) => headers
-            .iter()
-            .map(|header| (header.key.to_owned(), header.value.map(<[u8]>::to_vec)))
-            .collect(),
+        Some(headers) if same_headers(&headers, previous) => Arc::clone(previous),
+        Some(headers) => {
+            let copied: Arc<[Header]> = headers
+                .iter()
+                .map(|header| (header.key.to_owned(), header.value.map(<[u8]>::to_vec)))
+                .collect();
+            *previous = Arc::clone(&copied);
+            copied
+        }
         // One shared empty list rather than an allocation per message.
         None => Arc::clone(no_headers()),
     };

@@ -84,6 +84,7 @@ impl PartitionManager {
         let max = self.shared.config.max_uncommitted;
         let mut taken = 0;
         let mut batch = Vec::new();
+        let mut headers = Arc::clone(crate::consumer::no_headers());
         loop {
             let room = {
                 let state = self.state();
@@ -106,7 +107,9 @@ impl PartitionManager {
                     Some(Err(error)) => {
                         warn!(topic = %self.topic, partition = self.partition, "fetch error: {error}")
                     }
-                    Some(Ok(message)) => batch.push(crate::consumer::fetched(&message)),
+                    Some(Ok(message)) => {
+                        batch.push(crate::consumer::fetched_after(&message, &mut headers));
+                    }
                 }
             }
             let mut kick = Kick::None;
