@@ -16,7 +16,7 @@ RSpec.describe "Process exit while handlers fail and log" do
   exit_deadline = 5
 
   # Runs the fixture; returns its exit status (nil if it had to be killed after
-  # `exit_deadline`) and its stderr.
+  # `exit_deadline`), its stderr, and then its threads (see kill_hung).
   define_method(:run_fixture) do |behaviour|
     Open3.popen3(RbConfig.ruby, fixture, behaviour) do |stdin, stdout, stderr, process|
       stdin.close
@@ -32,17 +32,30 @@ RSpec.describe "Process exit while handlers fail and log" do
       raise "the fixture ended before it got ready (status #{process.value.inspect})" unless ready
 
       ended = process.join(exit_deadline)
-      Process.kill("KILL", process.pid) unless ended
+      threads = ended ? "" : kill_hung(process.pid)
       slow_reader.join
-      [ended && process.value, ready + stderr.read]
+      [ended && process.value, ready + stderr.read, threads]
     end
+  end
+
+  # The native stack of every thread of a process that did not end, so a hang
+  # that shows up once in CI says which thread held the process (gdb is
+  # installed by script/setup).
+  # Returns the dump, having killed the process.
+  define_method(:kill_hung) do |pid|
+    dump, = Open3.capture2e("gdb", "-p", pid.to_s, "-batch", "-ex", "thread apply all bt 30")
+    "\nthreads of the process still alive:\n#{dump}"
+  rescue SystemCallError => e
+    "\n(no thread dump: #{e.message})"
+  ensure
+    Process.kill("KILL", pid)
   end
 
   # Runs the fixture `runs` times; each must end in time, without a Ruby [BUG], with `status`.
   define_method(:expect_runs) do |behaviour, runs:, status:, moment:|
     runs.times do |run|
-      ended, errors = run_fixture(behaviour)
-      expect(ended).not_to be_nil, "run #{run + 1} was still alive #{exit_deadline}s after #{moment}"
+      ended, errors, threads = run_fixture(behaviour)
+      expect(ended).not_to be_nil, "run #{run + 1} was still alive #{exit_deadline}s after #{moment}#{threads}"
       expect(errors).not_to include("[BUG]")
       expect(ended.exitstatus).to eq(status)
     end

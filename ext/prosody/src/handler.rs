@@ -329,10 +329,11 @@ impl InboxHandle {
                             sender: Mutex::new(Some(sender)),
                         }
                         .into_value_with(ruby);
-                        calls.push(task_id)?;
-                        calls.push(ruby_context(ruby, native, subject)?)?;
-                        calls.push(native)?;
-                        calls.push(subject)?;
+                        let context = ruby_context(ruby, native, subject)?;
+                        push_all(
+                            calls,
+                            &[task_id.into_value_with(ruby), context, native, subject],
+                        )?;
                     }
                     Err(error) => {
                         let _ = sender.send(Err(HandlerFailure::internal(&error.to_string())));
@@ -583,6 +584,22 @@ fn ruby_context(ruby: &Ruby, native: Value, subject: Value) -> Result<Value, Err
     let object = allocate(ruby, classes::context(ruby))?;
     set_ivars(ruby, object, &[(*NATIVE, native), (*SUBJECT, subject)])?;
     Ok(object.as_value())
+}
+
+/// Appends `values` to `array` in one protected call (magnus's `push`
+/// protects each one).
+fn push_all(array: RArray, values: &[Value]) -> Result<(), Error> {
+    use magnus::rb_sys::AsRawValue;
+    magnus::rb_sys::protect(|| {
+        for value in values {
+            // SAFETY: on a Ruby thread holding the GVL (called from Ruby);
+            // `array` and the values are live, referenced from this stack. What
+            // Ruby may raise here (NoMemoryError) is caught by `protect`.
+            unsafe { rb_sys::rb_ary_push(array.as_raw(), value.as_raw()) };
+        }
+        array.as_raw()
+    })?;
+    Ok(())
 }
 
 /// A new instance of `class`, a plain Ruby class, without calling `initialize`.
