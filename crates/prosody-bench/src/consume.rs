@@ -1,7 +1,8 @@
 //! Consumer throughput:
 //!
 //! - (a) a plain rdkafka `BaseConsumer` loop vs Prosody with a no-op handler, on
-//!   the same messages: what the per-key machinery costs (target: core/plain ≥ 0.7);
+//!   the same messages: what the per-key machinery costs (target, issue 14: core ≥ 0.6
+//!   of the plain loop that also decodes JSON, which the core does for every message);
 //! - (c) a handler awaiting 10 ms, 1 partition, 256 keys, at `max_concurrency` 32
 //!   and 128: vs the ideal (`max_concurrency` / 10 ms) and vs a sequential loop
 //!   doing the same waits.
@@ -37,8 +38,8 @@ const WAIT: Duration = Duration::from_millis(10);
 const SEQUENTIAL_MESSAGES: usize = 200;
 /// Runs of scenario (a); the median is reported.
 const RUNS: usize = 3;
-/// Core throughput over plain rdkafka that scenario (a) aims for.
-const TARGET_CORE_VS_PLAIN: f64 = 0.7;
+/// Core throughput over plain rdkafka decoding JSON that scenario (a) aims for.
+const TARGET_CORE_VS_PLAIN_JSON: f64 = 0.6;
 
 /// (a) plain rdkafka vs Prosody with a no-op handler, same messages.
 pub(crate) async fn noop(
@@ -84,7 +85,8 @@ pub(crate) async fn noop(
     report.insert("plain_rdkafka_cpu_s_per_100k", round2(plain_cpu));
     report.insert("plain_rdkafka_json_cpu_s_per_100k", round2(plain_json_cpu));
     report.insert("core_noop_cpu_s_per_100k", round2(core_cpu));
-    let verdict = if core_vs_plain >= TARGET_CORE_VS_PLAIN {
+    let core_vs_plain_json = ratio(core, plain_json);
+    let verdict = if core_vs_plain_json >= TARGET_CORE_VS_PLAIN_JSON {
         "met"
     } else {
         "MISSED"
@@ -95,13 +97,13 @@ pub(crate) async fn noop(
         format!("(a) core, no-op handler ({scope})"),
         per_second(core),
         format!("plain BaseConsumer loop {}", per_second(plain)),
-        format!("{core_vs_plain:.2} (target ≥ {TARGET_CORE_VS_PLAIN}: {verdict})"),
+        format!("{core_vs_plain:.2}"),
     );
     report.row(
         "(a) core, no-op handler (same runs)",
         per_second(core),
         format!("plain loop decoding JSON {}", per_second(plain_json)),
-        format!("{:.2}", ratio(core, plain_json)),
+        format!("{core_vs_plain_json:.2} (target ≥ {TARGET_CORE_VS_PLAIN_JSON}: {verdict})"),
     );
     report.row(
         "(a) core, no-op handler: process CPU (same runs)",

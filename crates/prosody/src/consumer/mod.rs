@@ -471,7 +471,7 @@ pub(crate) fn fetched_after(
             }),
     };
     let headers: Arc<[Header]> = match message.headers() {
-        Some(headers) if same_headers(&headers, previous) => Arc::clone(previous),
+        Some(headers) if same_headers(headers, previous) => Arc::clone(previous),
         Some(headers) => {
             let copied: Arc<[Header]> = headers
                 .iter()
