@@ -294,9 +294,10 @@ impl InboxHandle {
 
     /// Up to [`TAKE`] queued entries: an Array of calls (`task_id, context,
     /// completion, message`: a `Prosody::Context` and its `Native::Context`,
-    /// which is also the call's completion), with the task ids of queued cancellations pushed onto
-    /// `cancels`. An empty Array when nothing is queued (the next push then
-    /// wakes the reader), `nil` once closed and empty.
+    /// which is also the call's completion), with the task ids of queued
+    /// cancellations pushed onto `cancels`. An empty Array when nothing is
+    /// queued (the next push then wakes the reader), `nil` once closed and
+    /// empty.
     fn take(ruby: &Ruby, rb_self: &Self, cancels: RArray) -> Result<Option<RArray>, Error> {
         let Some(inbox) = rb_self.inbox() else {
             return Ok(None);
@@ -500,8 +501,6 @@ static TIMESTAMP: LazyId = LazyId::new("@timestamp");
 static PAYLOAD: LazyId = LazyId::new("@payload");
 static HEADERS: LazyId = LazyId::new("@headers");
 
-/// Builds a frozen `Prosody::Message` directly (allocate, set its instance
-/// variables, freeze), without a Ruby-level `initialize` per message.
 /// The last message of a batch that had headers, and its frozen headers Hash:
 /// the next messages with the same headers share that Hash (the core shares
 /// their list too, see `prosody::consumer::fetched_after`). Messages from one
@@ -509,6 +508,8 @@ static HEADERS: LazyId = LazyId::new("@headers");
 /// per header for most messages. The Hash is referenced by the batch's Array.
 type SharedHeaders = Option<(Message, RHash)>;
 
+/// Builds a frozen `Prosody::Message` directly (allocate, set its instance
+/// variables, freeze), without a Ruby-level `initialize` per message.
 fn ruby_message(
     ruby: &Ruby,
     message: &Message,
