@@ -452,8 +452,8 @@ pub(crate) fn fetched(message: &BorrowedMessage<'_>) -> Fetched {
 /// [`fetched`], for a message read after one whose headers were `previous`:
 /// equal headers share that list, which then stays `previous`. Messages from
 /// one producer usually carry the same headers (its `source-system`, say), so
-/// a batch copies them once rather than once per message, and the Ruby side
-/// builds one Hash for them (`Arc::ptr_eq`).
+/// a batch copies them once rather than once per message (the Ruby side
+/// likewise builds one Hash for a run of equal headers).
 pub(crate) fn fetched_after(
     message: &BorrowedMessage<'_>,
     previous: &mut Arc<[Header]>,
