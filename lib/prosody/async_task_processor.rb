@@ -67,7 +67,8 @@ module Prosody
       @on_death = on_death
       @blocking_threshold = blocking_threshold
       @intake = Intake.new
-      @pool = FiberPool.new { |worker, context, completion, message| perform(worker, context, completion, message) }
+      @pool = FiberPool.new(self)
+      @traced = false
       @thread = nil
       @watchdog = nil
       @stopping = false
@@ -163,9 +164,44 @@ module Prosody
       !@thread.nil? && @thread.equal?(thread)
     end
 
+    # Runs one call on `worker`'s fiber and reports its outcome. Called by {FiberPool}.
+    #
+    # @api private
+    # @param worker [FiberPool::Worker]
+    # @param context [Context]
+    # @param completion [#complete]
+    # @param message [Message, Timer]
+    # @return [void]
+    def perform(worker, context, completion, message)
+      worker.context = context
+      ReactorWatchdog.working_on(message)
+      outcome = UNFINISHED
+      begin
+        @traced ? TraceContext.within(context) { invoke(context, message) } : invoke(context, message)
+        outcome = nil
+      rescue Async::Stop
+        raise # cancellation: reported as such below, and the worker stops
+      rescue SystemExit => e
+        outcome = exited(message, e)
+      rescue Exception => e # rubocop:disable Lint/RescueException -- a handler must not kill the processor
+        # Anything a handler raises (Interrupt, NoMemoryError, ScriptError...)
+        # fails this call only; the thread goes on serving the others.
+        outcome = e
+        log_failure(message, e)
+      ensure
+        # Async::Stop (cancellation) skips the branches above and lands here.
+        report(completion, UNFINISHED.equal?(outcome) ? cancelled(message) : outcome)
+        # Outside a batch (resumed after waiting, or stopped): send it now.
+        Native.flush_completions unless @pool.dispatching?
+      end
+    end
+
     private
 
     def run
+      # Only with spans to continue does a call need to be the fiber's current
+      # one (TraceContext); tracing is set up from the environment, once.
+      @traced = Native.tracing?
       Native.defer_completions(true)
       Async { |root| serve(root) }
     rescue Exception => e # rubocop:disable Lint/RescueException -- reported below, then re-raised
@@ -201,30 +237,6 @@ module Prosody
       @pool.start(root, calls)
     ensure
       Native.flush_completions
-    end
-
-    def perform(worker, context, completion, message)
-      worker.context = context
-      ReactorWatchdog.working_on(message)
-      outcome = UNFINISHED
-      begin
-        TraceContext.within(context) { invoke(context, message) }
-        outcome = nil
-      rescue Async::Stop
-        raise # cancellation: reported as such below, and the worker stops
-      rescue SystemExit => e
-        outcome = exited(message, e)
-      rescue Exception => e # rubocop:disable Lint/RescueException -- a handler must not kill the processor
-        # Anything a handler raises (Interrupt, NoMemoryError, ScriptError...)
-        # fails this call only; the thread goes on serving the others.
-        outcome = e
-        log_failure(message, e)
-      ensure
-        # Async::Stop (cancellation) skips the branches above and lands here.
-        report(completion, UNFINISHED.equal?(outcome) ? cancelled(message) : outcome)
-        # Outside a batch (resumed after waiting, or stopped): send it now.
-        Native.flush_completions unless @pool.dispatching?
-      end
     end
 
     def invoke(context, message)

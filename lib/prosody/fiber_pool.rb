@@ -26,12 +26,11 @@ module Prosody
     NO_CALLS = [].freeze
     private_constant :NO_CALLS
 
-    # @yieldparam worker [Worker] runs the call (sets `worker.context`), reports its outcome
-    # @yieldparam context [Context]
-    # @yieldparam completion [#complete]
-    # @yieldparam message [Message, Timer]
-    def initialize(&perform)
-      @perform = perform
+    # @param runner [#perform] `perform(worker, context, completion, message)`
+    #   runs a call (sets `worker.context`) and reports its outcome; a method
+    #   call rather than a block, one frame less per call
+    def initialize(runner)
+      @runner = runner
       @workers = [] # every worker, idle or busy
       @idle = [] # workers parked, waiting for calls
       @batch = NO_CALLS # the calls being started, STRIDE entries each
@@ -116,7 +115,7 @@ module Prosody
 
     def perform(worker, index)
       worker.task_id = @batch[index]
-      @perform.call(worker, @batch[index + 1], @batch[index + 2], @batch[index + 3])
+      @runner.perform(worker, @batch[index + 1], @batch[index + 2], @batch[index + 3])
     ensure
       # Also when the call was stopped (Async::Stop ends this worker).
       worker.task_id = nil

@@ -127,9 +127,16 @@ fn flush_completions() -> usize {
         );
     }
     // One completion, or an interrupt was pending and the batch did not run.
-    for (sender, outcome) in batch {
+    for (sender, outcome) in batch.drain(..) {
         let _ = sender.send(outcome);
     }
+    // Keep the emptied buffer for the next batch rather than grow a new one.
+    DEFERRED.with(|deferred| {
+        let mut deferred = deferred.borrow_mut();
+        if deferred.is_empty() {
+            *deferred = batch;
+        }
+    });
     count
 }
 
@@ -250,6 +257,9 @@ impl Inbox {
 pub(crate) struct InboxHandle {
     inbox: ManuallyDrop<Arc<Inbox>>,
     born: u64,
+    /// An empty queue with room, swapped for the inbox's queue by `take`, so
+    /// neither side allocates per batch. Only the processor's thread uses it.
+    spare: Mutex<std::collections::VecDeque<Pending>>,
 }
 
 impl Drop for InboxHandle {
@@ -276,6 +286,7 @@ impl InboxHandle {
             .map(|inbox| Self {
                 inbox: ManuallyDrop::new(Arc::new(inbox)),
                 born: process::generation(),
+                spare: Mutex::default(),
             })
             .map_err(|error| {
                 errors::error(
@@ -302,7 +313,13 @@ impl InboxHandle {
         let Some(inbox) = rb_self.inbox() else {
             return Ok(None);
         };
-        let taken: Vec<Pending> = {
+        let mut taken = std::mem::take(
+            &mut *rb_self
+                .spare
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        {
             let mut state = inbox.state();
             let count = state.queue.len().min(TAKE);
             if count == 0 {
@@ -311,11 +328,15 @@ impl InboxHandle {
                     return Ok(None);
                 }
             }
-            state.queue.drain(..count).collect()
-        };
+            if count == state.queue.len() {
+                std::mem::swap(&mut state.queue, &mut taken);
+            } else {
+                taken.extend(state.queue.drain(..count));
+            }
+        }
         let calls = ruby.ary_new_capa(taken.len() * 4);
         let mut shared_headers = None;
-        for pending in taken {
+        for pending in taken.drain(..) {
             match pending {
                 Pending::Cancel(task_id) => cancels.push(task_id)?,
                 Pending::Call {
@@ -349,6 +370,10 @@ impl InboxHandle {
                 },
             }
         }
+        *rb_self
+            .spare
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = taken;
         Ok(Some(calls))
     }
 

@@ -17,10 +17,12 @@
 //!   the earlier arrival. Short waits barely change the order, so fairness
 //!   holds at the scale of single calls; a call that has waited
 //!   `scheduler_max_wait` ranks 0, ahead of everything that arrived after it:
-//!   nothing starves. The queue is an ordered map (O(log n) per call) whose
-//!   ranks are recomputed from the keys' current virtual time every 10 ms
-//!   while calls wait (less often for long queues, and at least every
-//!   `max_wait / 1000`, so the boost is never more than 0.1% stale).
+//!   nothing starves. The queue is a binary heap (O(log n) per call, no
+//!   allocation once grown) whose ranks are recomputed in place from the keys'
+//!   current virtual time every 10 ms while calls wait (less often for long
+//!   queues, and at least every `max_wait / 1000`, so the boost is never more
+//!   than 0.1% stale). A waiting call's state (its waker, then its grant) sits
+//!   in a slab beside the heap: granting a slot allocates nothing.
 //! - **Pools**: fresh calls and retries (second and later attempts) queue
 //!   apart. When both have waiters, a slot goes to a retry only while retries
 //!   have had less than `scheduler_failure_share` of the execution time granted
@@ -33,13 +35,12 @@
 //! it reads the same per-key run time, and a call of a key over its limit is
 //! refused before it takes a slot.
 
-use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
-
-use tokio::sync::oneshot;
 
 use super::monopoly::{MonopolySettings, Usage};
 use crate::config::{Config, Mode};
@@ -221,32 +222,12 @@ impl Scheduler {
         key: &'a Arc<str>,
         pool: Pool,
     ) -> Result<Permit<'a>, Rejected> {
-        let waiting = {
-            let mut core = self.core();
-            if core.monopolized > 0 {
-                core.check(key, self.now())?;
-            }
-            if core.free > 0 {
-                core.free -= 1;
-                None
-            } else {
-                Some(core.enqueue(key, pool, self.now()))
-            }
+        let mut waiting = Waiting {
+            scheduler: self,
+            ticket: None,
+            done: false,
         };
-        let shared_at = match waiting {
-            None => None,
-            Some((slot, reranks, grants)) => {
-                let mut waiting = Waiting {
-                    scheduler: self,
-                    pool,
-                    slot,
-                    reranks,
-                    grants,
-                    granted: false,
-                };
-                waiting.granted().await
-            }
-        };
+        let shared_at = std::future::poll_fn(|cx| waiting.poll(cx, key, pool)).await?;
         Ok(Permit {
             scheduler: self,
             key,
@@ -288,52 +269,93 @@ impl Drop for Permit<'_> {
     fn drop(&mut self) {
         let now = self.scheduler.now();
         let ran = (now - self.started).max(0.0);
-        self.scheduler
+        let granted = self
+            .scheduler
             .core()
             .release(self.key, self.pool, ran, self.shared_at, now);
+        // Outside the lock: waking may unpark a worker thread.
+        if let Some(waker) = granted {
+            waker.wake();
+        }
     }
 }
 
-/// A queued call; leaving the queue early (cancellation) hands on a slot
-/// granted meanwhile.
+/// A call getting a slot: it takes a free one at once, or queues until one is
+/// granted. Dropped while queued (cancellation), it leaves the queue, handing
+/// on a slot granted meanwhile.
 struct Waiting<'a> {
     scheduler: &'a Scheduler,
-    pool: Pool,
-    /// Where the call queued; valid while the queue was not re-ranked since.
-    slot: Slot,
-    reranks: u64,
-    grants: oneshot::Receiver<Grant>,
-    granted: bool,
+    /// Where the call waits, once queued.
+    ticket: Option<Ticket>,
+    /// It got its slot (or was refused): nothing to undo on drop.
+    done: bool,
 }
 
 impl Waiting<'_> {
-    async fn granted(&mut self) -> Option<f64> {
-        // The sender is only dropped after sending: a waiter leaves the queue
-        // by being granted a slot or by this guard's drop.
-        let grant = (&mut self.grants).await;
-        self.granted = true;
-        grant.ok().and_then(|grant| grant.shared_at)
+    /// A slot (and when it was granted under both pools' contention), or the
+    /// refusal of a monopolizing key.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        key: &Arc<str>,
+        pool: Pool,
+    ) -> Poll<Result<Option<f64>, Rejected>> {
+        let mut core = self.scheduler.core();
+        let Some(ticket) = self.ticket else {
+            if core.monopolized > 0 {
+                if let Err(rejected) = core.check(key, self.scheduler.now()) {
+                    self.done = true;
+                    return Poll::Ready(Err(rejected));
+                }
+            }
+            if core.free > 0 {
+                core.free -= 1;
+                self.done = true;
+                return Poll::Ready(Ok(None));
+            }
+            let ticket = core.enqueue(key, pool, self.scheduler.now(), cx.waker().clone());
+            self.ticket = Some(ticket);
+            return Poll::Pending;
+        };
+        match core.take_grant(ticket) {
+            Some(shared_at) => {
+                self.done = true;
+                Poll::Ready(Ok(shared_at))
+            }
+            None => {
+                core.rewake(ticket, cx.waker());
+                Poll::Pending
+            }
+        }
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if self.granted {
+        let (Some(ticket), false) = (self.ticket, self.done) else {
             return;
-        }
+        };
         let now = self.scheduler.now();
-        let mut core = self.scheduler.core();
-        // Grants are sent under the lock: either one is here, or the call still queues.
-        if let Ok(grant) = self.grants.try_recv() {
-            core.abandon(self.pool, grant, now);
-        } else {
-            core.leave(self.pool, self.slot, self.reranks);
+        let granted = self.scheduler.core().leave(ticket, now);
+        if let Some(waker) = granted {
+            waker.wake();
         }
     }
 }
 
-/// A queued call's place: rank, then arrival order.
-type Slot = (Rank, u64);
+/// A queued call's handle: its entry in the slab, and its arrival number,
+/// which tells it from a later call reusing the entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ticket {
+    index: usize,
+    seq: u64,
+}
+
+/// A queue's entry: the call's rank, then its arrival number (ties go to the
+/// earlier arrival), then its slab entry. A call that left the queue stays in
+/// the heap until popped or re-ranked, and is then skipped (its entry is gone
+/// or reused: the arrival number no longer matches).
+type Queued = Reverse<(Rank, u64, usize)>;
 
 /// An `f64` rank with a total order.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -353,19 +375,24 @@ impl Ord for Rank {
     }
 }
 
-/// A queued call.
+/// A queued call's entry in the slab.
 #[derive(Debug)]
 struct Waiter {
-    grant: oneshot::Sender<Grant>,
+    seq: u64,
     key: Arc<str>,
+    pool: Pool,
     /// When it queued.
     since: f64,
+    state: WaitState,
 }
 
-/// What a waiting call is sent when it gets a slot.
 #[derive(Debug)]
-struct Grant {
-    shared_at: Option<f64>,
+enum WaitState {
+    /// In its pool's queue; woken when granted.
+    Queued(Waker),
+    /// Given a slot (with when, if granted under both pools' contention),
+    /// not yet taken by its call.
+    Granted(Option<f64>),
 }
 
 #[derive(Debug, Default)]
@@ -394,17 +421,22 @@ impl Running {
 struct Core {
     settings: QosSettings,
     free: usize,
-    /// Waiting calls by pool ([`Pool::index`]).
-    waiting: [BTreeMap<Slot, Waiter>; 2],
+    /// Waiting calls by pool ([`Pool::index`]), possibly with some that left.
+    queues: [BinaryHeap<Queued>; 2],
+    /// How many calls really wait in each pool.
+    queued: [usize; 2],
+    /// Waiting and granted calls' state, by [`Ticket::index`].
+    waiters: Vec<Option<Waiter>>,
+    /// Free entries of `waiters`.
+    vacant: Vec<usize>,
     keys: HashMap<Arc<str>, KeyEntry, BuildHasherDefault<KeyHasher>>,
     /// Execution time granted to each pool under contention, inflated like `vt`.
     pool_time: [f64; 2],
     running: [Running; 2],
     half_life: f64,
     max_wait: f64,
-    /// When waiting calls are ranked again, and how many times they were.
+    /// When waiting calls are ranked again.
     next_rerank: f64,
-    reranks: u64,
     /// Time at which the inflation factor is 1.
     epoch: f64,
     next_sweep: f64,
@@ -423,14 +455,16 @@ impl Core {
         Self {
             free: settings.slots,
             settings,
-            waiting: [BTreeMap::new(), BTreeMap::new()],
+            queues: [BinaryHeap::new(), BinaryHeap::new()],
+            queued: [0; 2],
+            waiters: Vec::new(),
+            vacant: Vec::new(),
             keys: HashMap::default(),
             pool_time: [0.0; 2],
             running: [Running::default(); 2],
             half_life,
             max_wait,
             next_rerank: 0.0,
-            reranks: 0,
             epoch: 0.0,
             next_sweep: half_life / 4.0,
             seq: 0,
@@ -477,37 +511,88 @@ impl Core {
         })
     }
 
-    /// Queues a call; returns its place (valid until the `reranks`-th re-ranking)
-    /// and where its grant arrives.
-    fn enqueue(
-        &mut self,
-        key: &Arc<str>,
-        pool: Pool,
-        now: f64,
-    ) -> (Slot, u64, oneshot::Receiver<Grant>) {
+    /// Queues a call, to be woken through `waker` when granted a slot.
+    fn enqueue(&mut self, key: &Arc<str>, pool: Pool, now: f64, waker: Waker) -> Ticket {
         let vt = self.virtual_time(key, now);
         self.seq += 1;
-        let slot = (Rank(vt), self.seq);
-        let (grant, grants) = oneshot::channel();
+        let seq = self.seq;
         let waiter = Waiter {
-            grant,
+            seq,
             key: Arc::clone(key),
+            pool,
             since: now,
+            state: WaitState::Queued(waker),
         };
-        self.waiting[pool.index()].insert(slot, waiter);
+        let index = match self.vacant.pop() {
+            Some(index) => {
+                self.waiters[index] = Some(waiter);
+                index
+            }
+            None => {
+                self.waiters.push(Some(waiter));
+                self.waiters.len() - 1
+            }
+        };
+        self.queues[pool.index()].push(Reverse((Rank(vt), seq, index)));
+        self.queued[pool.index()] += 1;
         self.waited += 1;
         self.max_waiting = self.max_waiting.max(self.waiting());
-        (slot, self.reranks, grants)
+        Ticket { index, seq }
     }
 
-    /// Takes a call that gave up waiting out of its queue.
-    fn leave(&mut self, pool: Pool, slot: Slot, reranks: u64) {
-        let queue = &mut self.waiting[pool.index()];
-        if reranks == self.reranks {
-            queue.remove(&slot);
-        } else if let Some(current) = queue.keys().find(|(_, seq)| *seq == slot.1).copied() {
-            // Re-ranked since it queued: only its arrival number still identifies it.
-            queue.remove(&current);
+    /// The ticket's waiter, if it is still there.
+    fn waiter(&mut self, ticket: Ticket) -> Option<&mut Waiter> {
+        self.waiters
+            .get_mut(ticket.index)
+            .and_then(Option::as_mut)
+            .filter(|waiter| waiter.seq == ticket.seq)
+    }
+
+    /// Frees a waiter's entry.
+    fn remove(&mut self, ticket: Ticket) -> Option<Waiter> {
+        self.waiter(ticket)?;
+        self.vacant.push(ticket.index);
+        self.waiters[ticket.index].take()
+    }
+
+    /// The grant of a queued call, taking it out of the slab, or `None` while
+    /// it still waits.
+    fn take_grant(&mut self, ticket: Ticket) -> Option<Option<f64>> {
+        match self.waiter(ticket)?.state {
+            WaitState::Granted(shared_at) => {
+                self.remove(ticket);
+                Some(shared_at)
+            }
+            WaitState::Queued(_) => None,
+        }
+    }
+
+    /// Keeps the waker of a still-queued call current.
+    fn rewake(&mut self, ticket: Ticket, waker: &Waker) {
+        if let Some(Waiter {
+            state: WaitState::Queued(current),
+            ..
+        }) = self.waiter(ticket)
+        {
+            current.clone_from(waker);
+        }
+    }
+
+    /// A call gave up waiting: out of its queue, or, if it was granted a slot
+    /// meanwhile, the slot goes to the next (whose waker is returned).
+    fn leave(&mut self, ticket: Ticket, now: f64) -> Option<Waker> {
+        let waiter = self.remove(ticket)?;
+        match waiter.state {
+            WaitState::Granted(shared_at) => self.abandon(waiter.pool, shared_at, now),
+            WaitState::Queued(_) => {
+                let pool = waiter.pool.index();
+                self.queued[pool] -= 1;
+                if self.queued[pool] == 0 {
+                    // Only calls that left are in there.
+                    self.queues[pool].clear();
+                }
+                None
+            }
         }
     }
 
@@ -527,23 +612,40 @@ impl Core {
         if waiting == 0 {
             return;
         }
-        self.reranks += 1;
         let growth = self.growth(now);
-        for pool in 0..self.waiting.len() {
-            let waiters = std::mem::take(&mut self.waiting[pool]);
-            for ((_, seq), waiter) in waiters {
+        for pool in 0..self.queues.len() {
+            // In place: the heap's buffer is re-ranked and re-heapified, and
+            // calls that left are dropped.
+            let mut queue = std::mem::take(&mut self.queues[pool]).into_vec();
+            queue.retain_mut(|Reverse((rank, seq, index))| {
+                let Some(waiter) = self.waiters[*index]
+                    .as_ref()
+                    .filter(|waiter| waiter.seq == *seq)
+                else {
+                    return false;
+                };
                 let vt = self
                     .keys
                     .get(&waiter.key)
                     .map_or(0.0, |entry| entry.vt / growth);
                 let left = (1.0 - (now - waiter.since) / self.max_wait).max(0.0);
-                self.waiting[pool].insert((Rank(vt * left), seq), waiter);
-            }
+                *rank = Rank(vt * left);
+                true
+            });
+            self.queues[pool] = BinaryHeap::from(queue);
         }
     }
 
-    /// A call of `key` ran `ran` seconds until `now`: charge it, hand the slot on.
-    fn release(&mut self, key: &Arc<str>, pool: Pool, ran: f64, shared_at: Option<f64>, now: f64) {
+    /// A call of `key` ran `ran` seconds until `now`: charge it, hand the slot
+    /// on; returns the waker of the call it went to.
+    fn release(
+        &mut self,
+        key: &Arc<str>,
+        pool: Pool,
+        ran: f64,
+        shared_at: Option<f64>,
+        now: f64,
+    ) -> Option<Waker> {
         if now >= self.next_sweep {
             self.sweep(now);
         }
@@ -557,7 +659,7 @@ impl Core {
             self.finish_shared(pool, at);
             self.pool_time[pool.index()] += (now - at) * growth;
         }
-        self.hand_off(now);
+        self.hand_off(now)
     }
 
     /// Adds `ran` seconds ending at `now` to `key`'s virtual time and window.
@@ -588,11 +690,11 @@ impl Core {
     }
 
     /// A waiter left after being granted a slot: give the slot to the next.
-    fn abandon(&mut self, pool: Pool, grant: Grant, now: f64) {
-        if let Some(at) = grant.shared_at {
+    fn abandon(&mut self, pool: Pool, shared_at: Option<f64>, now: f64) -> Option<Waker> {
+        if let Some(at) = shared_at {
             self.finish_shared(pool, at);
         }
-        self.hand_off(now);
+        self.hand_off(now)
     }
 
     fn finish_shared(&mut self, pool: Pool, at: f64) {
@@ -605,44 +707,46 @@ impl Core {
     }
 
     /// Gives a freed slot to the first-ranked waiter of the pool whose turn it
-    /// is, or marks it free.
-    fn hand_off(&mut self, now: f64) {
+    /// is (returning its waker), or marks it free.
+    fn hand_off(&mut self, now: f64) -> Option<Waker> {
         if now >= self.next_rerank {
             self.rerank(now);
         }
-        loop {
-            let fresh = !self.waiting[0].is_empty();
-            let retry = !self.waiting[1].is_empty();
-            let (pool, shared) = match (fresh, retry) {
-                (false, false) => {
-                    self.free += 1;
-                    return;
-                }
-                (true, false) => (Pool::Fresh, false),
-                (false, true) => (Pool::Retry, false),
-                (true, true) if self.retries_turn(now) => (Pool::Retry, true),
-                (true, true) => (Pool::Fresh, true),
+        let (pool, shared) = match (self.queued[0] > 0, self.queued[1] > 0) {
+            (false, false) => {
+                self.free += 1;
+                return None;
+            }
+            (true, false) => (Pool::Fresh, false),
+            (false, true) => (Pool::Retry, false),
+            (true, true) if self.retries_turn(now) => (Pool::Retry, true),
+            (true, true) => (Pool::Fresh, true),
+        };
+        let shared_at = shared.then_some(now);
+        // `queued` counts a live entry in this heap: the loop ends at it.
+        while let Some(Reverse((_, seq, index))) = self.queues[pool.index()].pop() {
+            let Some(waiter) = self.waiters[index]
+                .as_mut()
+                .filter(|waiter| waiter.seq == seq && matches!(waiter.state, WaitState::Queued(_)))
+            else {
+                continue; // it left
             };
-            let Some((_, waiter)) = self.waiting[pool.index()].pop_first() else {
+            let WaitState::Queued(waker) =
+                std::mem::replace(&mut waiter.state, WaitState::Granted(shared_at))
+            else {
                 continue;
             };
-            let shared_at = shared.then_some(now);
+            self.queued[pool.index()] -= 1;
             if let Some(at) = shared_at {
                 let running = &mut self.running[pool.index()];
                 running.count += 1;
                 running.since += at;
             }
-            match waiter.grant.send(Grant { shared_at }) {
-                Ok(()) => return,
-                // Cannot happen (a waiter leaves the queue before it goes), but
-                // a slot must never be lost.
-                Err(grant) => {
-                    if let Some(at) = grant.shared_at {
-                        self.finish_shared(pool, at);
-                    }
-                }
-            }
+            return Some(waker);
         }
+        // Unreachable while the counts are right; a slot must never be lost.
+        self.queued[pool.index()] = 0;
+        self.hand_off(now)
     }
 
     /// Whether retries are under their share of contended execution time.
@@ -683,13 +787,13 @@ impl Core {
     }
 
     fn waiting(&self) -> usize {
-        self.waiting[0].len() + self.waiting[1].len()
+        self.queued[0] + self.queued[1]
     }
 
     fn stats(&self) -> QosStats {
         QosStats {
             waiting: self.waiting(),
-            waiting_retries: self.waiting[1].len(),
+            waiting_retries: self.queued[1],
             max_waiting: self.max_waiting,
             waited: self.waited,
             tracked_keys: self.keys.len(),
@@ -715,7 +819,7 @@ mod tests {
     /// A core driven by hand: `take` a slot (or queue), `finish` a call.
     struct Harness {
         core: Core,
-        queued: Vec<(Arc<str>, Pool, oneshot::Receiver<Grant>)>,
+        queued: Vec<(Arc<str>, Pool, Ticket)>,
     }
 
     impl Harness {
@@ -732,8 +836,10 @@ mod tests {
                 self.core.free -= 1;
                 return true;
             }
-            let (_, _, grants) = self.core.enqueue(&Arc::from(key), pool, now);
-            self.queued.push((Arc::from(key), pool, grants));
+            let ticket = self
+                .core
+                .enqueue(&Arc::from(key), pool, now, Waker::noop().clone());
+            self.queued.push((Arc::from(key), pool, ticket));
             false
         }
 
@@ -747,14 +853,17 @@ mod tests {
             shared_at: Option<f64>,
             now: f64,
         ) -> Option<(Arc<str>, Pool, Option<f64>)> {
-            self.core
+            let woken = self
+                .core
                 .release(&Arc::from(key), pool, ran, shared_at, now);
             for index in 0..self.queued.len() {
-                if let Ok(grant) = self.queued[index].2.try_recv() {
+                if let Some(shared_at) = self.core.take_grant(self.queued[index].2) {
+                    assert!(woken.is_some(), "the granted call is woken");
                     let (key, pool, _) = self.queued.remove(index);
-                    return Some((key, pool, grant.shared_at));
+                    return Some((key, pool, shared_at));
                 }
             }
+            assert!(woken.is_none(), "only a granted call is woken");
             None
         }
     }
@@ -921,13 +1030,28 @@ mod tests {
         let mut core = Core::new(settings(0));
         core.release(&Arc::from("a"), Pool::Fresh, 1.0, None, 0.0);
         core.free = 0;
-        let (slot_a, reranks_a, _grants_a) = core.enqueue(&Arc::from("a"), Pool::Fresh, 1.0);
-        let (slot_b, reranks_b, _grants_b) = core.enqueue(&Arc::from("b"), Pool::Fresh, 1.0);
+        let waker = Waker::noop();
+        let a = core.enqueue(&Arc::from("a"), Pool::Fresh, 1.0, waker.clone());
+        let b = core.enqueue(&Arc::from("b"), Pool::Fresh, 1.0, waker.clone());
+        let c = core.enqueue(&Arc::from("c"), Pool::Fresh, 1.0, waker.clone());
         core.rerank(5.0);
-        assert_ne!(reranks_a, core.reranks);
-        core.leave(Pool::Fresh, slot_a, reranks_a);
-        core.leave(Pool::Fresh, slot_b, reranks_b);
-        assert_eq!(core.stats().waiting, 0);
+        assert!(core.leave(a, 5.0).is_none());
+        assert!(core.leave(b, 5.0).is_none());
+        assert_eq!(core.stats().waiting, 1);
+        // A later call reuses b's entry; b's stale place in the heap is skipped.
+        let d = core.enqueue(&Arc::from("d"), Pool::Fresh, 6.0, waker.clone());
+        assert_eq!(d.index, b.index);
+        assert!(core
+            .release(&Arc::from("x"), Pool::Fresh, 0.0, None, 7.0)
+            .is_some());
+        assert_eq!(core.take_grant(c), Some(None), "c queued first");
+        assert_eq!(core.take_grant(d), None);
+        // d leaves after being granted the next slot: it goes back to the free ones.
+        assert!(core
+            .release(&Arc::from("x"), Pool::Fresh, 0.0, None, 8.0)
+            .is_some());
+        assert!(core.leave(d, 8.0).is_none());
+        assert_eq!((core.stats().waiting, core.free), (0, 1));
     }
 
     #[test]

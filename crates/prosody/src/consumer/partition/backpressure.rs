@@ -15,8 +15,20 @@ use std::time::Duration;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use tracing::warn;
 
-use super::{Accepted, Kick, PartitionManager, State};
+use super::{Accepted, Fetched, Kick, PartitionManager, State};
 use crate::consumer::hooks::Hooks;
+
+/// The most messages moved per state-lock hold: bounds the kept batch buffer.
+const FILL_CHUNK: usize = 1024;
+
+/// librdkafka's prefetch queue for one partition, and the batch buffer that
+/// [`PartitionManager::fill`] moves messages through (kept between fills: a
+/// fresh one per fill grew by reallocation every time).
+#[derive(Default)]
+pub(super) struct Prefetch {
+    pub(super) queue: Option<PartitionQueue<Hooks>>,
+    batch: Vec<Fetched>,
+}
 
 /// The buffer's fill state and its counters (see [`super::PartitionStats`]).
 #[derive(Debug, Default)]
@@ -42,20 +54,20 @@ impl Backpressure {
 impl PartitionManager {
     /// Gives the manager its own prefetch queue (see [`fill`](Self::fill)).
     pub(crate) fn attach_queue(&self, queue: PartitionQueue<Hooks>) {
-        *self
-            .queue
+        self.queue
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(queue);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .queue = Some(queue);
     }
 
     /// Moves messages from librdkafka's prefetch queue into key queues while the
     /// buffer has room. Returns how many were taken.
     pub(crate) fn fill(self: &Arc<Self>) -> usize {
-        let queue = self
+        let mut prefetch = self
             .queue
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        queue.as_ref().map_or(0, |queue| self.fill_from(queue))
+        self.fill_from(&mut prefetch)
     }
 
     /// Refills from a runner once a full buffer has drained a quarter, so in
@@ -64,10 +76,9 @@ impl PartitionManager {
     /// prefetched, it is woken to take over instead.
     pub(super) fn refill(self: &Arc<Self>) {
         let taken = match self.queue.try_lock() {
-            Ok(queue) => queue.as_ref().map_or(0, |queue| self.fill_from(queue)),
+            Ok(mut prefetch) => self.fill_from(&mut prefetch),
             Err(std::sync::TryLockError::Poisoned(poisoned)) => {
-                let queue = poisoned.into_inner();
-                queue.as_ref().map_or(0, |queue| self.fill_from(queue))
+                self.fill_from(&mut poisoned.into_inner())
             }
             Err(std::sync::TryLockError::WouldBlock) => 0,
         };
@@ -76,14 +87,17 @@ impl PartitionManager {
         }
     }
 
-    /// Copies up to the buffer's room out of librdkafka's queue, then takes
-    /// them under one state lock and kicks the driver once, so the driver
-    /// starts with the batch rather than per message. Loops while the room
-    /// grew meanwhile.
-    fn fill_from(self: &Arc<Self>, queue: &PartitionQueue<Hooks>) -> usize {
+    /// Copies up to the buffer's room (at most [`FILL_CHUNK`]) out of
+    /// librdkafka's queue, then takes them under one state lock and kicks the
+    /// driver once, so the driver starts with the batch rather than per
+    /// message. Loops while there is room and the queue has messages.
+    fn fill_from(self: &Arc<Self>, prefetch: &mut Prefetch) -> usize {
+        let Prefetch { queue, batch } = prefetch;
+        let Some(queue) = queue.as_ref() else {
+            return 0;
+        };
         let max = self.shared.config.max_uncommitted;
         let mut taken = 0;
-        let mut batch = Vec::new();
         let mut headers = Arc::clone(crate::consumer::no_headers());
         loop {
             let room = {
@@ -98,7 +112,7 @@ impl PartitionManager {
                 return taken;
             }
             let mut exhausted = false;
-            while batch.len() < room {
+            while batch.len() < room.min(FILL_CHUNK) {
                 match queue.poll(Duration::ZERO) {
                     None => {
                         exhausted = true;

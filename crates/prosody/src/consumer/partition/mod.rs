@@ -21,13 +21,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::task::AtomicWaker;
-use rdkafka::consumer::base_consumer::PartitionQueue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::defer::DeferQueue;
-use super::hooks::Hooks;
 use super::offsets::{Admission, OffsetTracker};
 use super::scheduler::{clock, KeyHasher};
 use super::shared::Shared;
@@ -36,7 +34,7 @@ use crate::events::{Event, EventKind};
 use crate::message::Header;
 use crate::metrics::{PartitionLabels, PartitionMetrics};
 use crate::timers::PartitionScope;
-use backpressure::Backpressure;
+use backpressure::{Backpressure, Prefetch};
 use runner::{Kick, Starting};
 
 /// A fetched message, copied out of librdkafka's buffer, payload not yet decoded.
@@ -151,7 +149,7 @@ pub(crate) struct PartitionManager {
     /// Wakes the driver task that runs the runners (see `runner`).
     driver: AtomicWaker,
     /// librdkafka's prefetch queue for this partition (see `backpressure`).
-    queue: Mutex<Option<PartitionQueue<Hooks>>>,
+    queue: Mutex<Prefetch>,
     /// This partition's timers, when a timer store is configured.
     timers: Option<Arc<TimerQueue>>,
     /// This partition's deferred messages, when deferral is on.
@@ -210,7 +208,7 @@ impl PartitionManager {
             cancellation,
             runners: TaskTracker::new(),
             driver: AtomicWaker::new(),
-            queue: Mutex::new(None),
+            queue: Mutex::new(Prefetch::default()),
         });
         if let Some(timers) = &manager.timers {
             let run =
@@ -339,6 +337,7 @@ impl PartitionManager {
             self.queue
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .queue
                 .take(),
         );
         let mut state = self.state();
