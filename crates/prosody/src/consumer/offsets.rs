@@ -6,7 +6,7 @@
 //! finished offsets above it into the commit's metadata, so a consumer that takes
 //! the partition over skips them instead of running them again.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt::Write as _;
 
 /// Metadata prefix; the version lets a later format coexist with this one.
@@ -26,10 +26,14 @@ pub(crate) enum Admission {
 
 #[derive(Debug, Default)]
 pub(crate) struct OffsetTracker {
-    /// Accepted and not yet finished.
-    pending: BTreeSet<i64>,
-    /// Finished at or above the watermark (the watermark itself is never in here).
-    finished: BTreeSet<i64>,
+    /// Accepted offsets at or above the watermark, ascending, each with whether
+    /// it finished. The front is the watermark itself (unfinished): finished
+    /// offsets reaching the front are dropped. Fetches come in offset order, so
+    /// admitting appends, and the window is reused: no allocation per message,
+    /// unlike the ordered sets this replaced.
+    window: VecDeque<(i64, bool)>,
+    /// Unfinished offsets in `window`.
+    pending: usize,
     /// Finished by a previous owner and not fetched yet (from commit metadata).
     inherited: BTreeSet<i64>,
     /// One past the highest offset seen.
@@ -55,57 +59,85 @@ impl OffsetTracker {
                 .map_or(offset + 1, |next| next.max(offset + 1)),
         );
         if self.inherited.remove(&offset) {
-            self.finished.insert(offset);
+            self.record(offset, true);
             self.prune();
             Admission::AlreadyDone
         } else {
-            self.pending.insert(offset);
+            self.record(offset, false);
             Admission::Run
+        }
+    }
+
+    /// Puts `offset` in the window, finished or not; an offset already there
+    /// (fetched again) keeps its place and is unfinished again unless `done`.
+    fn record(&mut self, offset: i64, done: bool) {
+        let index = match self.window.back() {
+            Some(&(last, _)) if last < offset => self.window.len(),
+            None => 0,
+            Some(_) => match self.window.binary_search_by_key(&offset, |&(at, _)| at) {
+                Ok(found) => {
+                    let entry = &mut self.window[found];
+                    if entry.1 && !done {
+                        entry.1 = false;
+                        self.pending += 1;
+                    }
+                    return;
+                }
+                Err(index) => index,
+            },
+        };
+        self.window.insert(index, (offset, done));
+        if !done {
+            self.pending += 1;
         }
     }
 
     /// Records that the handler finished `offset`.
     pub(crate) fn finish(&mut self, offset: i64) {
-        if self.pending.remove(&offset) {
-            self.finished.insert(offset);
-            self.prune();
+        let Ok(index) = self.window.binary_search_by_key(&offset, |&(at, _)| at) else {
+            return;
+        };
+        let entry = &mut self.window[index];
+        if !entry.1 {
+            entry.1 = true;
+            self.pending -= 1;
+            if index == 0 {
+                self.prune();
+            }
         }
     }
 
     /// Accepted offsets not finished yet.
     pub(crate) fn pending(&self) -> usize {
-        self.pending.len()
+        self.pending
     }
 
     /// The offset to commit: everything below it is finished.
     pub(crate) fn watermark(&self) -> Option<i64> {
-        self.pending.first().copied().or(self.next_unseen)
+        self.window
+            .front()
+            .map(|&(offset, _)| offset)
+            .or(self.next_unseen)
     }
 
     /// The offset to commit and the metadata naming finished offsets above it.
     pub(crate) fn commit_point(&self) -> Option<(i64, String)> {
         let watermark = self.watermark()?;
         let above = self
-            .finished
+            .window
             .iter()
-            .chain(self.inherited.iter())
-            .copied()
+            .filter(|&&(_, done)| done)
+            .map(|&(offset, _)| offset)
+            .chain(self.inherited.iter().copied())
             .filter(|&offset| offset > watermark)
             .collect::<BTreeSet<_>>();
         Some((watermark, encode(watermark, &above)))
     }
 
-    /// Forgets finished offsets below the watermark (popping them: splitting
-    /// the set would build a new one per finished message).
+    /// Drops finished offsets from the front: the watermark moves past them.
     fn prune(&mut self) {
-        if let Some(watermark) = self.watermark() {
-            while self
-                .finished
-                .first()
-                .is_some_and(|&first| first < watermark)
-            {
-                self.finished.pop_first();
-            }
+        while self.window.front().is_some_and(|&(_, done)| done) {
+            self.window.pop_front();
         }
     }
 }
@@ -221,6 +253,30 @@ mod tests {
             partial.commit_point(),
             Some((0, "prosody1:1-3,5".to_owned()))
         );
+    }
+
+    #[test]
+    fn offsets_fetched_out_of_order_or_again_keep_the_watermark_right() {
+        let mut tracker = OffsetTracker::default();
+        for offset in [5, 7, 6] {
+            tracker.admit(offset);
+        }
+        assert_eq!(tracker.pending(), 3);
+        tracker.finish(5);
+        tracker.finish(7);
+        assert_eq!(tracker.watermark(), Some(6));
+        // Fetched again after finishing (a seek back): it must finish again.
+        tracker.admit(7);
+        tracker.admit(6);
+        assert_eq!(tracker.pending(), 2);
+        tracker.finish(6);
+        assert_eq!(tracker.watermark(), Some(7));
+        tracker.finish(7);
+        tracker.finish(7);
+        assert_eq!((tracker.watermark(), tracker.pending()), (Some(8), 0));
+        // An offset below the window finishes nothing it does not know.
+        tracker.finish(1);
+        assert_eq!(tracker.commit_point(), Some((8, "prosody1:".to_owned())));
     }
 
     #[test]

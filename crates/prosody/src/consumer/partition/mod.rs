@@ -118,7 +118,7 @@ struct State {
     /// Hashed like the scheduler's keys (looked up twice per message).
     queues: HashMap<Arc<str>, VecDeque<Work>, BuildHasherDefault<KeyHasher>>,
     /// Keys that got work while idle, for the driver to start (see `runner`).
-    starting: Vec<Starting>,
+    starting: VecDeque<Starting>,
     /// Whether the partition's driver task is alive.
     driving: bool,
     offsets: OffsetTracker,
@@ -194,7 +194,7 @@ impl PartitionManager {
             shared,
             state: Mutex::new(State {
                 queues: HashMap::default(),
-                starting: Vec::new(),
+                starting: VecDeque::new(),
                 driving: false,
                 offsets,
                 buffer: Backpressure::default(),

@@ -12,6 +12,10 @@
 //! the keys that got work since (a batch per wake-up) and ends once every
 //! runner has. Runners still run concurrently, interleaving at their `await`s,
 //! and different partitions' drivers run in parallel on the runtime's workers.
+//! A runner whose key ran dry takes on the next key waiting to start, if one
+//! is there already, instead of ending: the driver then need not allocate a
+//! runner (a few KB, moved into place) for that key. A key is still run by
+//! one runner at a time, so its order holds.
 
 use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
@@ -71,7 +75,7 @@ impl PartitionManager {
             Entry::Vacant(slot) => {
                 let key = Arc::clone(slot.key());
                 slot.insert(VecDeque::new());
-                state.starting.push(Starting {
+                state.starting.push_back(Starting {
                     key,
                     work,
                     token: self.runners.token(),
@@ -101,19 +105,21 @@ impl PartitionManager {
     /// until none is left and no key is waiting to start.
     async fn drive(self: Arc<Self>) {
         let mut running = pin!(FuturesUnordered::new());
+        // Swapped with the state's list: neither is reallocated per wake-up.
+        let mut starting = VecDeque::new();
         std::future::poll_fn(|cx| loop {
             // Register before looking, so work handed over after the look wakes us.
             self.driver.register(cx.waker());
-            let starting = {
+            {
                 let mut state = self.state();
                 if state.starting.is_empty() && running.is_empty() {
                     // Under the lock: an enqueue from now on starts a new driver.
                     state.driving = false;
                     return Poll::Ready(());
                 }
-                std::mem::take(&mut state.starting)
-            };
-            for Starting { key, work, token } in starting {
+                std::mem::swap(&mut state.starting, &mut starting);
+            }
+            for Starting { key, work, token } in starting.drain(..) {
                 running.push(Arc::clone(&self).run_key(key, work, token));
             }
             loop {
@@ -129,7 +135,9 @@ impl PartitionManager {
         .await;
     }
 
-    /// Drains one key's queue in order; exits when it is empty or the partition stops.
+    /// Drains one key's queue in order, then takes on a key waiting to start,
+    /// if any (which saves the driver allocating a runner for it); exits when
+    /// there is none or the partition stops.
     ///
     /// A failing message stays at the head of its key's queue while it waits to be
     /// retried, so later messages of that key wait too, but no permit is held
@@ -137,7 +145,9 @@ impl PartitionManager {
     /// unfinished, so the committed offset never passes it.
     ///
     /// `_token` counts the runner in [`PartitionManager::is_idle`] until it ends.
-    async fn run_key(self: Arc<Self>, key: Arc<str>, first: Work, _token: TaskTrackerToken) {
+    async fn run_key(self: Arc<Self>, key: Arc<str>, first: Work, token: TaskTrackerToken) {
+        let mut key = key;
+        let mut _token = token;
         {
             let mut next = first;
             loop {
@@ -163,13 +173,20 @@ impl PartitionManager {
                     }
                     state.last_progress = clock();
                     let drained = self.drained(&mut state);
-                    let queued = if self.draining.is_cancelled() {
+                    let mut queued = if self.draining.is_cancelled() {
                         None
                     } else {
                         state.queues.get_mut(&key).and_then(VecDeque::pop_front)
                     };
                     if queued.is_none() {
                         state.queues.remove(&key);
+                        if !self.draining.is_cancelled() {
+                            if let Some(starting) = state.starting.pop_front() {
+                                key = starting.key;
+                                _token = starting.token;
+                                queued = Some(starting.work);
+                            }
+                        }
                     }
                     (queued, drained)
                 };
