@@ -509,16 +509,22 @@ pub(crate) struct HandlerRun<'a> {
 impl HandlerRun<'_> {
     /// Ends the run now (rather than when dropped) and says how long it took.
     pub(crate) fn finish(self) -> Duration {
-        self.started.elapsed()
+        let took = self.started.elapsed();
+        self.record(took);
+        // Recorded: the drop must not count it again.
+        std::mem::forget(self);
+        took
+    }
+
+    fn record(&self, took: Duration) {
+        self.partition.in_flight.dec();
+        self.partition.handler_seconds.observe(took.as_secs_f64());
     }
 }
 
 impl Drop for HandlerRun<'_> {
     fn drop(&mut self) {
-        self.partition.in_flight.dec();
-        self.partition
-            .handler_seconds
-            .observe(self.started.elapsed().as_secs_f64());
+        self.record(self.started.elapsed());
     }
 }
 

@@ -94,7 +94,7 @@ impl OffsetTracker {
 
     /// Records that the handler finished `offset`.
     pub(crate) fn finish(&mut self, offset: i64) {
-        let Ok(index) = self.window.binary_search_by_key(&offset, |&(at, _)| at) else {
+        let Some(index) = self.position(offset) else {
             return;
         };
         let entry = &mut self.window[index];
@@ -105,6 +105,19 @@ impl OffsetTracker {
                 self.prune();
             }
         }
+    }
+
+    /// Where `offset` is in the window. Offsets are usually consecutive, so
+    /// its distance from the front is tried first.
+    fn position(&self, offset: i64) -> Option<usize> {
+        let front = self.window.front()?.0;
+        let guess = usize::try_from(offset - front).ok()?;
+        if self.window.get(guess).is_some_and(|&(at, _)| at == offset) {
+            return Some(guess);
+        }
+        self.window
+            .binary_search_by_key(&offset, |&(at, _)| at)
+            .ok()
     }
 
     /// Accepted offsets not finished yet.
