@@ -42,6 +42,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
+
 use super::monopoly::{MonopolySettings, Usage};
 use crate::config::{Config, Mode};
 
@@ -216,25 +218,56 @@ impl Scheduler {
     }
 
     /// Waits for a handler slot for a call of `key`; the slot is held until
-    /// the permit drops. Refused at once when `key` monopolizes handler time.
+    /// the permit drops. Refused at once when `key` monopolizes handler time;
+    /// `None` once `draining` (the call's partition stops starting calls) is
+    /// cancelled before a slot is granted.
+    ///
+    /// A waiting call registers nothing with `draining`: a registration on a
+    /// partition's token, shared by all its waiting calls, took a contended
+    /// lock twice per call. Instead, whoever cancels a partition's `draining`
+    /// calls [`wake_all`](Self::wake_all), and a woken call checks its token.
     pub(crate) async fn acquire<'a>(
         &'a self,
         key: &'a Arc<str>,
         pool: Pool,
-    ) -> Result<Permit<'a>, Rejected> {
+        draining: &CancellationToken,
+    ) -> Option<Result<Permit<'a>, Rejected>> {
         let mut waiting = Waiting {
             scheduler: self,
             ticket: None,
             done: false,
         };
-        let shared_at = std::future::poll_fn(|cx| waiting.poll(cx, key, pool)).await?;
-        Ok(Permit {
+        let shared_at = match std::future::poll_fn(|cx| waiting.poll(cx, key, pool, draining)).await
+        {
+            Grant::Slot(shared_at) => shared_at,
+            Grant::Refused(rejected) => return Some(Err(rejected)),
+            Grant::Draining => return None,
+        };
+        Some(Ok(Permit {
             scheduler: self,
             key,
             pool,
             started: self.now(),
             shared_at,
-        })
+        }))
+    }
+
+    /// Wakes every waiting call, to look at its partition's `draining` token:
+    /// called after one was cancelled (rarely: a rebalance or a shutdown).
+    pub(crate) fn wake_all(&self) {
+        let wakers: Vec<Waker> = self
+            .core()
+            .waiters
+            .iter()
+            .flatten()
+            .filter_map(|waiter| match &waiter.state {
+                WaitState::Queued(waker) => Some(waker.clone()),
+                WaitState::Granted(_) => None,
+            })
+            .collect();
+        for waker in wakers {
+            waker.wake();
+        }
     }
 
     pub(crate) fn stats(&self) -> QosStats {
@@ -291,42 +324,64 @@ struct Waiting<'a> {
     done: bool,
 }
 
+/// How [`Waiting`] ends.
+enum Grant {
+    /// A slot, with when it was granted if under both pools' contention.
+    Slot(Option<f64>),
+    /// Refused: the key monopolizes handler time.
+    Refused(Rejected),
+    /// The partition stopped starting calls first.
+    Draining,
+}
+
 impl Waiting<'_> {
-    /// A slot (and when it was granted under both pools' contention), or the
-    /// refusal of a monopolizing key.
+    /// Takes a free slot or queues for one. `draining` is read under the lock,
+    /// which [`Scheduler::wake_all`] takes after it is cancelled: a call either
+    /// sees it cancelled or is queued in time to be woken.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         key: &Arc<str>,
         pool: Pool,
-    ) -> Poll<Result<Option<f64>, Rejected>> {
+        draining: &CancellationToken,
+    ) -> Poll<Grant> {
         let mut core = self.scheduler.core();
         let Some(ticket) = self.ticket else {
             if core.monopolized > 0 {
                 if let Err(rejected) = core.check(key, self.scheduler.now()) {
                     self.done = true;
-                    return Poll::Ready(Err(rejected));
+                    return Poll::Ready(Grant::Refused(rejected));
                 }
             }
             if core.free > 0 {
                 core.free -= 1;
                 self.done = true;
-                return Poll::Ready(Ok(None));
+                return Poll::Ready(Grant::Slot(None));
+            }
+            if draining.is_cancelled() {
+                self.done = true;
+                return Poll::Ready(Grant::Draining);
             }
             let ticket = core.enqueue(key, pool, self.scheduler.now(), cx.waker().clone());
             self.ticket = Some(ticket);
             return Poll::Pending;
         };
-        match core.take_grant(ticket) {
-            Some(shared_at) => {
-                self.done = true;
-                Poll::Ready(Ok(shared_at))
-            }
-            None => {
-                core.rewake(ticket, cx.waker());
-                Poll::Pending
-            }
+        // A slot granted meanwhile is taken even when draining, as a free one is.
+        if let Some(shared_at) = core.take_grant(ticket) {
+            self.done = true;
+            return Poll::Ready(Grant::Slot(shared_at));
         }
+        if draining.is_cancelled() {
+            self.done = true;
+            let granted = core.leave(ticket, self.scheduler.now());
+            drop(core);
+            if let Some(waker) = granted {
+                waker.wake();
+            }
+            return Poll::Ready(Grant::Draining);
+        }
+        core.rewake(ticket, cx.waker());
+        Poll::Pending
     }
 }
 
@@ -889,11 +944,12 @@ mod tests {
         let scheduler = Scheduler::new(settings);
         let keys: Vec<Arc<str>> = (0..1_000).map(|n| Arc::from(format!("key-{n}"))).collect();
         let semaphore = Arc::new(tokio::sync::Semaphore::new(32));
+        let draining = CancellationToken::new();
         for round in 0..3 {
             let started = Instant::now();
             for n in 0..CALLS {
                 let key = &keys[n as usize % keys.len()];
-                let permit = scheduler.acquire(key, Pool::Fresh).await;
+                let permit = scheduler.acquire(key, Pool::Fresh, &draining).await;
                 drop(std::hint::black_box(permit));
             }
             let ours = started.elapsed() / CALLS;
@@ -1052,6 +1108,68 @@ mod tests {
             .is_some());
         assert!(core.leave(d, 8.0).is_none());
         assert_eq!((core.stats().waiting, core.free), (0, 1));
+    }
+
+    /// A call waiting for a slot ends once its partition drains (and
+    /// `wake_all` runs); a call of another partition keeps waiting and gets
+    /// the slot; no slot is lost.
+    #[tokio::test]
+    async fn a_waiting_call_ends_when_its_partition_drains() {
+        let scheduler = Arc::new(Scheduler::new(settings(1)));
+        let (key, other_key): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let (draining, other) = (CancellationToken::new(), CancellationToken::new());
+        let held = scheduler
+            .acquire(&key, Pool::Fresh, &draining)
+            .await
+            .expect("not draining")
+            .expect("not monopolizing");
+        let waiter = {
+            let (scheduler, key, draining) =
+                (Arc::clone(&scheduler), Arc::clone(&key), draining.clone());
+            tokio::spawn(async move {
+                scheduler
+                    .acquire(&key, Pool::Fresh, &draining)
+                    .await
+                    .map(|permit| permit.is_ok())
+            })
+        };
+        let bystander = {
+            let (scheduler, key, other) = (
+                Arc::clone(&scheduler),
+                Arc::clone(&other_key),
+                other.clone(),
+            );
+            tokio::spawn(async move {
+                scheduler
+                    .acquire(&key, Pool::Fresh, &other)
+                    .await
+                    .map(|permit| permit.is_ok())
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while scheduler.stats().waiting < 2 {
+            assert!(Instant::now() < deadline, "both calls queue");
+            tokio::task::yield_now().await;
+        }
+        draining.cancel();
+        scheduler.wake_all();
+        let drained = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the drained call ends")
+            .expect("no panic");
+        assert_eq!(drained, None);
+        assert_eq!(
+            scheduler.stats().waiting,
+            1,
+            "the other partition's call still waits"
+        );
+        drop(held);
+        let granted = tokio::time::timeout(Duration::from_secs(5), bystander)
+            .await
+            .expect("the other call gets the slot")
+            .expect("no panic");
+        assert_eq!(granted, Some(true));
+        assert_eq!(scheduler.core().free, 1, "the slot came back");
     }
 
     #[test]

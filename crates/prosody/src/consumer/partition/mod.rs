@@ -210,6 +210,16 @@ impl PartitionManager {
             driver: AtomicWaker::new(),
             queue: Mutex::new(Prefetch::default()),
         });
+        // Calls waiting for a slot look at `draining` only when woken (see
+        // `Scheduler::acquire`): one watcher per partition wakes them.
+        let draining = manager.draining.clone();
+        let shared = Arc::downgrade(&manager.shared);
+        manager.shared.runtime.spawn(async move {
+            draining.cancelled().await;
+            if let Some(shared) = shared.upgrade() {
+                shared.scheduler.wake_all();
+            }
+        });
         if let Some(timers) = &manager.timers {
             let run =
                 Arc::clone(timers).run(Arc::downgrade(&manager), manager.cancellation.clone());

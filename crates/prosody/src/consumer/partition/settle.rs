@@ -388,15 +388,13 @@ impl PartitionManager {
         if self.draining.is_cancelled() {
             return None;
         }
-        // The slot first: when one is free (the common case) no cancellation
-        // waiter is registered with the partition's token, and then dropped,
-        // which takes its lock twice per call.
-        let permit = tokio::select! {
-            biased;
-            permit = self.shared.scheduler.acquire(key, pool) => permit,
-            () = self.draining.cancelled() => return None,
-        };
-        let permit = match permit {
+        // Waiting registers nothing with `draining` (see `Scheduler::acquire`).
+        let permit = match self
+            .shared
+            .scheduler
+            .acquire(key, pool, &self.draining)
+            .await?
+        {
             Ok(permit) => permit,
             Err(rejected) => return Some((Outcome::Failed(self.rejected(key, &rejected)), true)),
         };
