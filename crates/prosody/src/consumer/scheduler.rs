@@ -372,12 +372,7 @@ impl Waiting<'_> {
             return Poll::Ready(Grant::Slot(shared_at));
         }
         if draining.is_cancelled() {
-            self.done = true;
-            let granted = core.leave(ticket, self.scheduler.now());
-            drop(core);
-            if let Some(waker) = granted {
-                waker.wake();
-            }
+            // Not done: the drop leaves the queue.
             return Poll::Ready(Grant::Draining);
         }
         core.rewake(ticket, cx.waker());

@@ -145,9 +145,12 @@ impl PartitionManager {
     /// unfinished, so the committed offset never passes it.
     ///
     /// `_token` counts the runner in [`PartitionManager::is_idle`] until it ends.
-    async fn run_key(self: Arc<Self>, key: Arc<str>, first: Work, token: TaskTrackerToken) {
-        let mut key = key;
-        let mut _token = token;
+    async fn run_key(
+        self: Arc<Self>,
+        mut key: Arc<str>,
+        first: Work,
+        mut _token: TaskTrackerToken,
+    ) {
         {
             let mut next = first;
             loop {
@@ -173,19 +176,23 @@ impl PartitionManager {
                     }
                     state.last_progress = clock();
                     let drained = self.drained(&mut state);
-                    let mut queued = if self.draining.is_cancelled() {
+                    let draining = self.draining.is_cancelled();
+                    let mut queued = if draining {
                         None
                     } else {
                         state.queues.get_mut(&key).and_then(VecDeque::pop_front)
                     };
                     if queued.is_none() {
                         state.queues.remove(&key);
-                        if !self.draining.is_cancelled() {
-                            if let Some(starting) = state.starting.pop_front() {
-                                key = starting.key;
-                                _token = starting.token;
-                                queued = Some(starting.work);
-                            }
+                        let next = if draining {
+                            None
+                        } else {
+                            state.starting.pop_front()
+                        };
+                        if let Some(starting) = next {
+                            key = starting.key;
+                            _token = starting.token;
+                            queued = Some(starting.work);
                         }
                     }
                     (queued, drained)
