@@ -5,17 +5,20 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fmt::Debug;
 use std::io::Write as _;
+use std::os::unix::ffi::OsStrExt as _;
 use std::process::{Command, Output, Stdio};
 
-use prosody::{Config, SOURCE_SYSTEM_HEADER};
+use prosody::{Config, Header, SOURCE_SYSTEM_HEADER};
 use serde_json::{json, Value};
 use support::Seen;
 
 /// Runs kcat with `args`, feeding it `input`; fails the test when kcat is missing.
-fn kcat(args: &[&str], input: &str) -> Output {
+fn kcat(args: &[impl AsRef<OsStr> + Debug], input: &str) -> Output {
     let mut child = Command::new("kcat")
-        .args(args)
+        .args(args.iter().map(AsRef::as_ref))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -68,6 +71,55 @@ async fn prosody_consumes_what_kcat_produces() {
         .map(|message| (message.key().to_owned(), message.payload().clone()))
         .collect();
     assert_eq!(received, sent);
+}
+
+/// Headers arrive in order with their values, runs of equal headers included
+/// (the fetch shares one copy between them). A header name that is not UTF-8
+/// (brokers pass any bytes) arrives with U+FFFD in place of the bad bytes, as
+/// the Java client shows it, rather than failing the fetch: rdkafka's own
+/// header accessor panics on it, which once stopped the partition's reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prosody_reads_kcat_headers_even_with_a_name_that_is_not_utf8() {
+    let topic = support::topic("kcat-headers", 1);
+    let bootstrap = prosody::mock::bootstrap_servers().expect("mock cluster");
+    let plain = ["-P", "-b", &bootstrap, "-t", &topic, "-K:"].map(OsStr::new);
+    let with = |headers: &[&'static [u8]]| -> Vec<&OsStr> {
+        let mut args = plain.to_vec();
+        for header in headers {
+            args.extend([OsStr::new("-H"), OsStr::from_bytes(header)]);
+        }
+        args
+    };
+    kcat(
+        &with(&[b"a=1", b"b=", b"a=2"]),
+        "k-0:{\"n\":0}\nk-1:{\"n\":1}\n",
+    );
+    kcat(&with(&[b"bad\xffname=x"]), "k-2:{\"n\":2}\n");
+    kcat(&with(&[]), "k-3:{\"n\":3}\n");
+
+    let seen = Seen::default();
+    let client = support::client(support::config(&support::unique("kcat-headers"), &topic));
+    client.subscribe(seen.recorder()).expect("subscribe");
+    support::wait_until("every kcat message handled", || seen.len() >= 4).await;
+    client.unsubscribe().await.expect("unsubscribe");
+
+    let mut messages = seen.messages();
+    messages.sort_by_key(|message| message.offset());
+    let headers: Vec<(&str, Vec<Header>)> = messages
+        .iter()
+        .map(|message| (message.key(), message.headers().to_vec()))
+        .collect();
+    let pair = |name: &str, value: &[u8]| (name.to_owned(), Some(value.to_vec()));
+    let first = vec![pair("a", b"1"), pair("b", b""), pair("a", b"2")];
+    assert_eq!(
+        headers,
+        [
+            ("k-0", first.clone()),
+            ("k-1", first),
+            ("k-2", vec![pair("bad\u{fffd}name", b"x")]),
+            ("k-3", Vec::new()),
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 use super::commit::{commit_by, commit_reserve, is_retriable, CommitError};
 use super::offsets::OffsetTracker;
 use super::partition::PartitionManager;
+use super::prefetch_queue::PrefetchQueue;
 use super::shared::Shared;
 use crate::config::Config;
 use crate::events::{Event, EventKind};
@@ -341,12 +342,10 @@ fn start_partitions(shared: &Arc<Shared>, committed: &TopicPartitionList) {
             tracker,
         );
         // Messages already on the main queue still arrive there; the poll loop handles both.
-        if let Some(mut queue) = owner
-            .as_ref()
-            .and_then(|owner| owner.split_partition_queue(&topic, element.partition()))
-        {
+        if let Some(queue) = owner.as_ref().and_then(|owner| {
             let waker = Arc::clone(shared);
-            queue.set_nonempty_callback(move || waker.wake());
+            PrefetchQueue::split(owner, &topic, element.partition(), move || waker.wake())
+        }) {
             manager.attach_queue(queue);
         }
         let partition = element.partition();

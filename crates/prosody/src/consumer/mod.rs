@@ -17,6 +17,7 @@ mod hooks;
 mod monopoly;
 mod offsets;
 mod partition;
+mod prefetch_queue;
 mod scheduler;
 mod settings;
 mod shared;
@@ -28,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::Consumer as _;
-use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Headers as _, Message as _};
+use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::Offset;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -48,6 +49,7 @@ use crate::producer::Producer;
 use commit::{commit_finally, commit_reserve, PeriodicCommit};
 use hooks::Hooks;
 use partition::{Accepted, Fetched, UnusableKey};
+use prefetch_queue::RawRecord;
 use shared::{KafkaConsumer, Shared};
 
 /// Where the consumer is in its life.
@@ -435,29 +437,30 @@ pub(crate) fn no_headers() -> &'static Arc<[Header]> {
     EMPTY.get_or_init(|| Arc::from([]))
 }
 
-/// Whether librdkafka's `headers` are, in order, those of `list`.
-fn same_headers(headers: &BorrowedHeaders, list: &[Header]) -> bool {
-    headers.count() == list.len()
-        && headers
-            .iter()
-            .zip(list)
-            .all(|(header, (key, value))| header.key == key && header.value == value.as_deref())
+/// Whether a record's `headers` are, in order, those of `list`.
+fn same_headers<'a>(
+    headers: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    list: &[Header],
+) -> bool {
+    headers.len() == list.len()
+        && headers.zip(list).all(|((key, value), (name, copied))| {
+            key == name.as_bytes() && value == copied.as_deref()
+        })
 }
 
-/// Copies what the handler needs out of librdkafka's buffer.
+/// Copies what the handler needs out of librdkafka's buffer. The record is
+/// read directly rather than through rdkafka's accessors, whose header reader
+/// panics on a name that is not UTF-8.
 pub(crate) fn fetched(message: &BorrowedMessage<'_>) -> Fetched {
-    fetched_after(message, &mut Arc::clone(no_headers()))
+    fetched_after(&RawRecord::borrowed(message), &mut Arc::clone(no_headers()))
 }
 
-/// [`fetched`], for a message read after one whose headers were `previous`:
+/// [`fetched`], for a record read after one whose headers were `previous`:
 /// equal headers share that list, which then stays `previous`. Messages from
 /// one producer usually carry the same headers (its `source-system`, say), so
 /// a batch copies them once rather than once per message (the Ruby side
 /// likewise builds one Hash for a run of equal headers).
-pub(crate) fn fetched_after(
-    message: &BorrowedMessage<'_>,
-    previous: &mut Arc<[Header]>,
-) -> Fetched {
+pub(crate) fn fetched_after(message: &RawRecord<'_>, previous: &mut Arc<[Header]>) -> Fetched {
     let key = match message.key() {
         None => Err(UnusableKey {
             problem: "it has no key",
@@ -471,11 +474,15 @@ pub(crate) fn fetched_after(
             }),
     };
     let headers: Arc<[Header]> = match message.headers() {
-        Some(headers) if same_headers(headers, previous) => Arc::clone(previous),
+        Some(headers) if same_headers(headers.clone(), previous) => Arc::clone(previous),
         Some(headers) => {
             let copied: Arc<[Header]> = headers
-                .iter()
-                .map(|header| (header.key.to_owned(), header.value.map(<[u8]>::to_vec)))
+                .map(|(key, value)| {
+                    (
+                        String::from_utf8_lossy(key).into_owned(),
+                        value.map(<[u8]>::to_vec),
+                    )
+                })
                 .collect();
             *previous = Arc::clone(&copied);
             copied
@@ -484,8 +491,7 @@ pub(crate) fn fetched_after(
         None => Arc::clone(no_headers()),
     };
     let timestamp = message
-        .timestamp()
-        .to_millis()
+        .timestamp_millis()
         .and_then(|millis| u64::try_from(millis).ok())
         .map(|millis| UNIX_EPOCH + Duration::from_millis(millis));
     Fetched {

@@ -10,13 +10,11 @@
 //! drained it refills it at once (see [`PartitionManager::refill`]).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use rdkafka::consumer::base_consumer::PartitionQueue;
 use tracing::warn;
 
 use super::{Accepted, Fetched, Kick, PartitionManager, State};
-use crate::consumer::hooks::Hooks;
+use crate::consumer::prefetch_queue::PrefetchQueue;
 
 /// The most messages moved per state-lock hold: bounds the kept batch buffer.
 const FILL_CHUNK: usize = 1024;
@@ -26,7 +24,7 @@ const FILL_CHUNK: usize = 1024;
 /// fresh one per fill grew by reallocation every time).
 #[derive(Default)]
 pub(super) struct Prefetch {
-    pub(super) queue: Option<PartitionQueue<Hooks>>,
+    pub(super) queue: Option<PrefetchQueue>,
     batch: Vec<Fetched>,
 }
 
@@ -53,7 +51,7 @@ impl Backpressure {
 
 impl PartitionManager {
     /// Gives the manager its own prefetch queue (see [`fill`](Self::fill)).
-    pub(crate) fn attach_queue(&self, queue: PartitionQueue<Hooks>) {
+    pub(crate) fn attach_queue(&self, queue: PrefetchQueue) {
         self.queue
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -111,21 +109,10 @@ impl PartitionManager {
             if room == 0 {
                 return taken;
             }
-            let mut exhausted = false;
-            while batch.len() < room.min(FILL_CHUNK) {
-                match queue.poll(Duration::ZERO) {
-                    None => {
-                        exhausted = true;
-                        break;
-                    }
-                    Some(Err(error)) => {
-                        warn!(topic = %self.topic, partition = self.partition, "fetch error: {error}")
-                    }
-                    Some(Ok(message)) => {
-                        batch.push(crate::consumer::fetched_after(&message, &mut headers));
-                    }
-                }
-            }
+            let wanted = room.min(FILL_CHUNK).saturating_sub(batch.len());
+            let exhausted = queue.read(wanted, &mut headers, batch, |error| {
+                warn!(topic = %self.topic, partition = self.partition, "fetch error: {error}");
+            }) < wanted;
             let mut kick = Kick::None;
             {
                 let mut state = self.state();
