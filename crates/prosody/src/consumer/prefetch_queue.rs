@@ -155,9 +155,7 @@ impl<'a> RawRecord<'a> {
         (err == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && !headers.is_null())
             .then_some(headers)
     }
-}
 
-impl RawRecord<'_> {
     pub(crate) fn key(&self) -> Option<&[u8]> {
         // SAFETY: `key` and `key_len` describe the message's key buffer, which
         // lives as long as the message.
