@@ -6,6 +6,9 @@
 # CPU seconds per 100k (the process, every thread), from the first handler
 # start to the last handler end. The extension and lib/ it loads come from the
 # load path (-I), so the same script measures any version of the gem.
+# With PAUSE_AFTER_FILL=1 the process stops itself (SIGSTOP) once the topic is
+# filled, so a profiler can attach for the consuming phase alone: attach, then
+# `kill -CONT` it.
 
 require "json"
 require "async"
@@ -20,5 +23,6 @@ cluster = Bench::Cluster.new
 topic = Bench.unique("against")
 cluster.create_topics(topic => 4)
 Bench::Consuming.fill(cluster, topic, messages, 1_000)
+Process.kill(:STOP, Process.pid) if ENV["PAUSE_AFTER_FILL"] == "1"
 rate, cpu = Bench::Consuming.consume(cluster, topic, messages)
 puts JSON.generate("msgs_per_sec" => rate.round, "cpu_s_per_100k" => cpu.round(3))

@@ -87,7 +87,8 @@ impl Subscription {
         runtime: Handle,
     ) -> Result<Self> {
         let group_id = config.group_id.clone().unwrap_or_default();
-        let client = settings::consumer_config(&config, bootstrap_servers);
+        let partitions = settings::subscribed_partitions(&config, bootstrap_servers);
+        let client = settings::consumer_config(&config, bootstrap_servers, partitions);
         let stop_deadline = Arc::new(OnceLock::new());
         let mut consumer: KafkaConsumer =
             client.create_with_context(Hooks::new(Arc::clone(&stop_deadline)))?;
@@ -110,7 +111,12 @@ impl Subscription {
             .map(String::as_str)
             .collect();
         consumer.subscribe(&topics)?;
-        info!(group_id, topics = ?topics, "subscribed");
+        info!(
+            group_id,
+            topics = ?topics,
+            prefetch_per_partition = client.get("queued.min.messages").unwrap_or_default(),
+            "subscribed"
+        );
 
         let probe = config.probe_port.and_then(|port| {
             ProbeServer::start(
