@@ -2,8 +2,9 @@
 //! [`Config::client_config`] applies for [`Role::Consumer`].
 //!
 //! Three kinds: defaults the passthrough may override ([`DEFAULTS`]), the
-//! prefetch bound derived from `max_uncommitted`, and settings Prosody owns
-//! because it manages offsets itself (always set, whatever the passthrough says).
+//! prefetch bound derived from `max_uncommitted` and the partition count, and
+//! settings Prosody owns because it manages offsets itself (always set,
+//! whatever the passthrough says).
 
 use std::time::{Duration, Instant};
 
