@@ -188,30 +188,14 @@ mod tests {
     use super::*;
 
     fn config(kafka: &[(&str, &str)]) -> Config {
-        let mut builder = Config::builder().mock(true).group_id("g");
-        for (key, value) in kafka {
-            builder = builder.kafka(key, value);
-        }
-        builder.build_with_env(Vec::new()).unwrap()
+        subscribing(&[], kafka)
     }
 
     #[test]
     fn the_prefetch_grows_with_max_uncommitted_above_its_floor() {
-        let larger = Config::builder()
-            .mock(true)
-            .group_id("g")
-            .max_uncommitted(256)
-            .build_with_env(Vec::new())
-            .unwrap();
-        let client = consumer_config(&larger, "localhost:9092", None);
+        let client = consumer_config(&with_max_uncommitted(256), "localhost:9092", None);
         assert_eq!(client.get("queued.min.messages"), Some("16384"));
-        let smaller = Config::builder()
-            .mock(true)
-            .group_id("g")
-            .max_uncommitted(4)
-            .build_with_env(Vec::new())
-            .unwrap();
-        let client = consumer_config(&smaller, "localhost:9092", None);
+        let client = consumer_config(&with_max_uncommitted(4), "localhost:9092", None);
         assert_eq!(client.get("queued.min.messages"), Some("1024"));
         let passthrough = config(&[("queued.min.messages", "50000")]);
         let client = consumer_config(&passthrough, "localhost:9092", None);
