@@ -199,18 +199,15 @@ async fn run(
     read_lag: bool,
 ) -> BenchResult<Run> {
     let group = unique("poison");
-    let mut config = cluster
+    // `build` reads PROSODY_DATABASE_URL, the store deferral needs outside mock mode.
+    let config = cluster
         .config()?
         .group_id(&group)
         .subscribed_topics([topic])
         .set("defer", OptionValue::Bool(defer))
+        .map_err(|error| error.to_string())?
+        .build()
         .map_err(|error| error.to_string())?;
-    if let Ok(url) = std::env::var("PROSODY_DATABASE_URL") {
-        config = config
-            .set("database_url", OptionValue::Str(url))
-            .map_err(|error| error.to_string())?;
-    }
-    let config = config.build().map_err(|error| error.to_string())?;
     let client = Client::new(config).map_err(|error| error.to_string())?;
     let progress = Arc::new(Progress {
         poisoned,
