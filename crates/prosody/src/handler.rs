@@ -3,12 +3,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::consumer::scheduler::Permit;
 use crate::error::{Error, Result};
 use crate::message::{Message, Timer};
 
@@ -171,6 +172,22 @@ struct CallCancellation {
     stop: Notify,
     /// The call's token, once asked for.
     token: OnceLock<CancellationToken>,
+    /// The call's handler slot while the consumer holds it for the call (see
+    /// [`Context::take_slot`]). Here rather than in an allocation of its own:
+    /// this one is made per call anyway.
+    slot: Mutex<Option<Permit>>,
+}
+
+/// A call's handler slot, one of `max_concurrency`, taken out of its context
+/// with [`Context::take_slot`]. Dropping it gives the slot to the next call
+/// waiting for one, and ends the time charged to the call's key.
+#[must_use = "dropping the slot gives it to the next waiting call"]
+pub struct HandlerSlot(#[allow(dead_code)] Permit);
+
+impl std::fmt::Debug for HandlerSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HandlerSlot")
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -193,10 +210,40 @@ impl Context {
                 stopped: AtomicBool::new(false),
                 stop: Notify::new(),
                 token: OnceLock::new(),
+                slot: Mutex::new(None),
             }),
             timers,
             trace_parent: crate::traces::current_traceparent().map(Arc::from),
         }
+    }
+
+    /// Lends the call the handler slot it runs in, until the call ends or
+    /// [`take_slot`](Self::take_slot) takes it.
+    pub(crate) fn hold(&self, permit: Permit) {
+        *self.slot() = Some(permit);
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Permit>> {
+        // A panic while holding this lock leaves an Option behind; keep going.
+        self.call
+            .slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes this call's handler slot (one of `max_concurrency`), so that the
+    /// next waiting call may start as soon as the slot is dropped, before
+    /// this call's future has been polled to its end.
+    ///
+    /// For handlers whose work runs elsewhere (another thread or runtime) and
+    /// whose future only waits for the result: take the slot when the work
+    /// has finished and drop it where it finished. The time between the work
+    /// finishing and the consumer's task seeing the result then no longer
+    /// holds a slot. Taking it earlier lets more handlers run at once than
+    /// `max_concurrency` allows. `None` once taken, or when the call's slot
+    /// was already given back (the call ended).
+    pub fn take_slot(&self) -> Option<HandlerSlot> {
+        self.slot().take().map(HandlerSlot)
     }
 
     /// The W3C `traceparent` of this handler attempt's span, when tracing is

@@ -50,7 +50,7 @@ pub use config::{Config, ConfigBuilder, Mode, OptionValue, StateStore};
 pub use consumer::{ConsumerState, PartitionStats, QosStats, SkipCounts};
 pub use error::{Error, Result};
 pub use events::{Event, EventKind, Observer};
-pub use handler::{ClassifyError, Context, EventHandler, FailureKind};
+pub use handler::{ClassifyError, Context, EventHandler, FailureKind, HandlerSlot};
 pub use message::{Header, Message, Timer};
 pub use metrics::Format as MetricsFormat;
 pub use producer::{Producer, SOURCE_SYSTEM_HEADER};

@@ -435,3 +435,89 @@ async fn a_key_hogging_handler_time_is_refused_and_warned_once_per_window() {
         "other keys are not refused"
     );
 }
+
+/// A handler whose work finishes elsewhere (the Ruby bridge) gives its slot
+/// back there with `Context::take_slot`: with `max_concurrency` 1, the next
+/// call starts while the first call's future is still pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_giving_its_slot_back_lets_the_next_call_start_before_it_ends() {
+    let topic = topic("slot-back", 1);
+    produce(
+        &topic,
+        ["first", "second"].map(|key| Record::json(key, &json!({ "key": key }))),
+    );
+    let second_started = Arc::new(tokio::sync::Notify::new());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let handler = {
+        let (second_started, seen) = (Arc::clone(&second_started), Arc::clone(&seen));
+        support::FnHandler(move |context: Context, message: Message| {
+            let (second_started, seen) = (Arc::clone(&second_started), Arc::clone(&seen));
+            async move {
+                if message.key() == "second" {
+                    second_started.notify_one();
+                    lock(&seen).push("second ran".to_owned());
+                    return Ok(());
+                }
+                let slot = context.take_slot();
+                let again = context.take_slot();
+                lock(&seen).push(format!(
+                    "first took its slot: {}, twice: {}",
+                    slot.is_some(),
+                    again.is_some()
+                ));
+                drop(slot);
+                let overlapped = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    second_started.notified(),
+                )
+                .await
+                .is_ok();
+                lock(&seen).push(format!("second started while first ran: {overlapped}"));
+                Ok(())
+            }
+        })
+    };
+    let client = client(config(&unique("slot-back"), &topic).max_concurrency(1));
+    client.subscribe(handler).expect("subscribe");
+    wait_until("both calls ended", || lock(&seen).len() >= 3).await;
+    client.unsubscribe().await.expect("unsubscribe");
+
+    let seen = lock(&seen).clone();
+    assert!(
+        seen.contains(&"first took its slot: true, twice: false".to_owned()),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&"second started while first ran: true".to_owned()),
+        "{seen:?}"
+    );
+}
+
+/// A context kept after its call (the Ruby side keeps one until garbage
+/// collection) does not keep the call's slot: with `max_concurrency` 1, every
+/// call still gets to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_context_kept_after_its_call_does_not_hold_its_slot() {
+    const MESSAGES: usize = 20;
+    let topic = topic("slot-kept", 1);
+    produce(
+        &topic,
+        (0..MESSAGES).map(|n| Record::json(&format!("key-{n}"), &json!({ "n": n }))),
+    );
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let handler = {
+        let kept = Arc::clone(&kept);
+        support::FnHandler(move |context: Context, _message: Message| {
+            lock(&kept).push(context);
+            async { Ok(()) }
+        })
+    };
+    let client = client(config(&unique("slot-kept"), &topic).max_concurrency(1));
+    client.subscribe(handler).expect("subscribe");
+    wait_until("every call ran", || lock(&kept).len() >= MESSAGES).await;
+    client.unsubscribe().await.expect("unsubscribe");
+    assert!(
+        lock(&kept).iter().all(|context| context.take_slot().is_none()),
+        "a finished call's context still held a slot"
+    );
+}

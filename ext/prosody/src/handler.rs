@@ -29,7 +29,7 @@ use magnus::value::{LazyId, ReprValue};
 use magnus::{
     function, method, prelude::*, Error, IntoValue, RArray, RHash, RModule, RObject, Ruby, Value,
 };
-use prosody::{ClassifyError, Context, EventHandler, FailureKind, Message, Timer};
+use prosody::{ClassifyError, Context, EventHandler, FailureKind, HandlerSlot, Message, Timer};
 use tokio::sync::oneshot;
 use tracing::warn;
 
@@ -95,11 +95,20 @@ fn deliver(sender: &SharedSender, outcome: Outcome) -> bool {
     }
 }
 
+/// A finished call: its outcome, and its handler slot, given back with it.
+type Completed = (Option<HandlerSlot>, oneshot::Sender<Outcome>, Outcome);
+
+/// Gives the slot back first: the next waiting call gets it at once, and
+/// starts while the finished call's task is still being woken.
+fn send((slot, sender, outcome): Completed) {
+    drop(slot);
+    let _ = sender.send(outcome);
+}
+
 thread_local! {
     /// Set on the processor's thread: its completions wait for `flush_completions`.
     static DEFERRING: Cell<bool> = const { Cell::new(false) };
-    static DEFERRED: RefCell<Vec<(oneshot::Sender<Outcome>, Outcome)>> =
-        const { RefCell::new(Vec::new()) };
+    static DEFERRED: RefCell<Vec<Completed>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `Prosody::Native.defer_completions(on)`: while on, completions made on the
@@ -117,19 +126,10 @@ fn flush_completions() -> usize {
     let count = batch.len();
     if count > 1 {
         // Waking tokio tasks touches no Ruby; nothing to interrupt, it is quick.
-        let _ = without_gvl(
-            || {
-                for (sender, outcome) in batch.drain(..) {
-                    let _ = sender.send(outcome);
-                }
-            },
-            || {},
-        );
+        let _ = without_gvl(|| batch.drain(..).for_each(send), || {});
     }
     // One completion, or an interrupt was pending and the batch did not run.
-    for (sender, outcome) in batch.drain(..) {
-        let _ = sender.send(outcome);
-    }
+    batch.drain(..).for_each(send);
     // Keep the emptied buffer for the next batch rather than grow a new one.
     DEFERRED.with(|deferred| {
         let mut deferred = deferred.borrow_mut();
@@ -691,10 +691,12 @@ impl NativeContext {
         let Some(sender) = take_sender(&rb_self.sender) else {
             return Ok(false);
         };
+        // The handler is done: its slot need not wait for the tokio task.
+        let completed = (rb_self.context.take_slot(), sender, outcome);
         if DEFERRING.with(Cell::get) {
-            DEFERRED.with(|deferred| deferred.borrow_mut().push((sender, outcome)));
+            DEFERRED.with(|deferred| deferred.borrow_mut().push(completed));
         } else {
-            let _ = sender.send(outcome);
+            send(completed);
         }
         Ok(true)
     }

@@ -18,7 +18,7 @@ mod monopoly;
 mod offsets;
 mod partition;
 mod prefetch_queue;
-mod scheduler;
+pub(crate) mod scheduler;
 mod settings;
 mod shared;
 mod stall_watch;

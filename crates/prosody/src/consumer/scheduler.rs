@@ -226,12 +226,12 @@ impl Scheduler {
     /// partition's token, shared by all its waiting calls, took a contended
     /// lock twice per call. Instead, whoever cancels a partition's `draining`
     /// calls [`wake_all`](Self::wake_all), and a woken call checks its token.
-    pub(crate) async fn acquire<'a>(
-        &'a self,
-        key: &'a Arc<str>,
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        key: &Arc<str>,
         pool: Pool,
         draining: &CancellationToken,
-    ) -> Option<Result<Permit<'a>, Rejected>> {
+    ) -> Option<Result<Permit, Rejected>> {
         let mut waiting = Waiting {
             scheduler: self,
             ticket: None,
@@ -244,8 +244,8 @@ impl Scheduler {
             Grant::Draining => return None,
         };
         Some(Ok(Permit {
-            scheduler: self,
-            key,
+            scheduler: Arc::clone(self),
+            key: Arc::clone(key),
             pool,
             started: self.now(),
             shared_at,
@@ -288,9 +288,11 @@ impl Scheduler {
 }
 
 /// A handler slot, given back (and its run time charged to its key) on drop.
-pub(crate) struct Permit<'a> {
-    scheduler: &'a Scheduler,
-    key: &'a Arc<str>,
+/// Owned, so that a handler finishing on another thread can give it back
+/// there (see [`crate::Context::take_slot`]).
+pub(crate) struct Permit {
+    scheduler: Arc<Scheduler>,
+    key: Arc<str>,
     pool: Pool,
     /// When the call started, in [`Scheduler::now`] seconds.
     started: f64,
@@ -298,14 +300,14 @@ pub(crate) struct Permit<'a> {
     shared_at: Option<f64>,
 }
 
-impl Drop for Permit<'_> {
+impl Drop for Permit {
     fn drop(&mut self) {
         let now = self.scheduler.now();
         let ran = (now - self.started).max(0.0);
         let granted = self
             .scheduler
             .core()
-            .release(self.key, self.pool, ran, self.shared_at, now);
+            .release(&self.key, self.pool, ran, self.shared_at, now);
         // Outside the lock: waking may unpark a worker thread.
         if let Some(waker) = granted {
             waker.wake();
@@ -936,7 +938,7 @@ mod tests {
         const CALLS: u32 = 1_000_000;
         let mut settings = settings(32);
         settings.monopolization = Some(MonopolySettings::new(Duration::from_secs(300), 0.9));
-        let scheduler = Scheduler::new(settings);
+        let scheduler = Arc::new(Scheduler::new(settings));
         let keys: Vec<Arc<str>> = (0..1_000).map(|n| Arc::from(format!("key-{n}"))).collect();
         let semaphore = Arc::new(tokio::sync::Semaphore::new(32));
         let draining = CancellationToken::new();

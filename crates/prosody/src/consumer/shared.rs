@@ -46,7 +46,7 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     /// Bounds running handlers across all partitions to `max_concurrency`,
     /// deciding who runs next when they are all busy.
-    pub(crate) scheduler: Scheduler,
+    pub(crate) scheduler: Arc<Scheduler>,
     pub(crate) runtime: Handle,
     /// Parent of every partition's cancellation token.
     pub(crate) cancellation: CancellationToken,
@@ -84,7 +84,7 @@ impl Shared {
             reloader,
             waker,
             wakeups,
-            scheduler: Scheduler::new(QosSettings::new(&config)),
+            scheduler: Arc::new(Scheduler::new(QosSettings::new(&config))),
             config,
             handler,
             dead_letters,

@@ -23,7 +23,7 @@ use super::{Fetched, PartitionManager};
 use crate::consumer::dispatch::{Failure, FailureKind, Outcome};
 use crate::consumer::failure::{backoff, dead_letter_headers, decide, Decision};
 use crate::consumer::filter::{is_own, is_unwanted_type, Skip};
-use crate::consumer::scheduler::{Pool, Rejected};
+use crate::consumer::scheduler::{Permit, Pool, Rejected};
 use crate::dedup::message_id;
 use crate::events::{Event, EventKind};
 use crate::handler::{from_millis, Context, KeyTimers};
@@ -45,6 +45,18 @@ macro_rules! traced {
             None => $future.await,
         }
     };
+}
+
+/// A call's context, whose handler slot goes back to the scheduler when the
+/// attempt ends however it ends (its future dropped too), unless the handler
+/// gave it back already: a clone of the context may outlive the call (the Ruby
+/// side keeps one until garbage collection).
+struct Lent(Context);
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        drop(self.0.take_slot());
+    }
 }
 
 /// One handler invocation.
@@ -398,9 +410,7 @@ impl PartitionManager {
             Ok(permit) => permit,
             Err(rejected) => return Some((Outcome::Failed(self.rejected(key, &rejected)), true)),
         };
-        let outcome = self.attempt(key, call).await;
-        drop(permit);
-        Some((outcome, false))
+        Some((self.attempt(key, call, permit).await, false))
     }
 
     /// The transient failure of a call refused for monopolizing handler time,
@@ -434,14 +444,17 @@ impl PartitionManager {
         }
     }
 
-    /// One handler call, cancelled once it overruns `timeout`.
-    async fn attempt(&self, key: &Arc<str>, work: Call) -> Outcome {
+    /// One handler call in the slot `permit`, cancelled once it overruns
+    /// `timeout`. The handler may give the slot back before it ends
+    /// ([`Context::take_slot`]); otherwise it goes back once the call ends.
+    async fn attempt(&self, key: &Arc<str>, work: Call, permit: Permit) -> Outcome {
         let timers = self
             .timers
             .as_ref()
             .map(|timers| (Arc::clone(timers) as Arc<dyn KeyTimers>, Arc::clone(key)));
         let context = Context::new(Arc::clone(&self.calls_cancellation), timers);
-        let call = context.clone();
+        context.hold(permit);
+        let call = Lent(context.clone());
         let running = self.metrics.handler_running();
         let offset = work.offset();
         let handler = match work {
@@ -456,7 +469,7 @@ impl PartitionManager {
             biased;
             outcome = &mut handler => outcome,
             () = async { tokio::time::sleep(timeout).await } => {
-                call.cancel();
+                call.0.cancel();
                 // The handler should stop promptly now; one that ignores cancellation
                 // holds its key until the partition is released and abandons it.
                 handler.await;
@@ -467,6 +480,7 @@ impl PartitionManager {
                 })
             }
         };
+        drop(call);
         let took = running.finish();
         if let Some(offset) = offset {
             self.observe_attempt(key, offset, &outcome, took);
