@@ -466,12 +466,10 @@ async fn a_handler_giving_its_slot_back_lets_the_next_call_start_before_it_ends(
                     again.is_some()
                 ));
                 drop(slot);
-                let overlapped = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    second_started.notified(),
-                )
-                .await
-                .is_ok();
+                let overlapped =
+                    tokio::time::timeout(Duration::from_secs(10), second_started.notified())
+                        .await
+                        .is_ok();
                 lock(&seen).push(format!("second started while first ran: {overlapped}"));
                 Ok(())
             }
@@ -517,7 +515,9 @@ async fn a_context_kept_after_its_call_does_not_hold_its_slot() {
     wait_until("every call ran", || lock(&kept).len() >= MESSAGES).await;
     client.unsubscribe().await.expect("unsubscribe");
     assert!(
-        lock(&kept).iter().all(|context| context.take_slot().is_none()),
+        lock(&kept)
+            .iter()
+            .all(|context| context.take_slot().is_none()),
         "a finished call's context still held a slot"
     );
 }
