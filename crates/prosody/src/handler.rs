@@ -182,7 +182,10 @@ struct CallCancellation {
 /// with [`Context::take_slot`]. Dropping it gives the slot to the next call
 /// waiting for one, and ends the time charged to the call's key.
 #[must_use = "dropping the slot gives it to the next waiting call"]
-pub struct HandlerSlot(#[allow(dead_code)] Permit);
+pub struct HandlerSlot {
+    /// Held for its `Drop`, which gives the slot back.
+    _permit: Permit,
+}
 
 impl std::fmt::Debug for HandlerSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -243,7 +246,9 @@ impl Context {
     /// `max_concurrency` allows. `None` once taken, or when the call's slot
     /// was already given back (the call ended).
     pub fn take_slot(&self) -> Option<HandlerSlot> {
-        self.slot().take().map(HandlerSlot)
+        self.slot()
+            .take()
+            .map(|permit| HandlerSlot { _permit: permit })
     }
 
     /// The W3C `traceparent` of this handler attempt's span, when tracing is
