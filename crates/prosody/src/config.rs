@@ -4,11 +4,11 @@
 //! [`OptionValue`] through [`ConfigBuilder::set`] (what the Ruby bridge uses), or
 //! the environment variable `PROSODY_<UPPER_NAME>`. Validation errors name the option.
 //!
-//! Each option is described once, as a row of the table in [`options!`]: its name,
+//! Each option is described once, as a row of the table in `options!`: its name,
 //! field type, the kind of value it takes (which picks its parser, and which the
 //! Ruby `Configuration` checks against [`OPTION_KINDS`]), its default, the getter's
 //! type and any extra checks. Rules that relate two options live in
-//! [`Config::check_combinations`].
+//! `Config::check_combinations`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
