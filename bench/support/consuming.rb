@@ -31,16 +31,34 @@ module Bench
       topic = Bench.unique("noop")
       partitions = cluster.create_topics(topic => [(messages / 20_000.0).ceil, 1].max).fetch(topic)
       fill(cluster, topic, messages, 1_000)
-      rate, cpu = consume(cluster, topic, messages)
+      rate, cpu, processor_cpu = consume(cluster, topic, messages)
+      scenario = "(b) Ruby no-op handler (#{messages} msgs, #{partitions} partitions, 1000 keys)"
+      noop_report(report, scenario, messages, rate, cpu)
+      processor_ceiling(report, scenario, processor_cpu)
+    end
+
+    def noop_report(report, scenario, messages, rate, cpu)
       report["ruby_noop_messages"] = messages
       report["ruby_noop_msgs_per_sec"] = rate.round
       report["ruby_noop_cpu_s_per_100k"] = cpu.round(2)
       report["ruby_noop_rss_mb"] = Bench.rss_mb&.round(1)
-      scenario = "(b) Ruby no-op handler (#{messages} msgs, #{partitions} partitions, 1000 keys)"
       report.compare(scenario, rate, Bench.per_second(rate),
                      key: "core_noop_msgs_per_sec", baseline: "core no-op", ratio_key: "ruby_vs_core_noop_ratio")
       report.compare("#{scenario}: CPU", cpu, format("%.2f CPU s/100k", cpu),
                      key: "core_noop_cpu_s_per_100k", baseline: "core no-op", ratio_key: "ruby_vs_core_noop_cpu_ratio")
+    end
+
+    # Every Ruby handler call runs on the processor's one thread, under the
+    # GVL: the rate that thread could sustain with every other cost gone (its
+    # CPU per message, inverted) bounds the Ruby path, whatever the rest does.
+    def processor_ceiling(report, scenario, processor_cpu)
+      ceiling = 100_000 / processor_cpu
+      report["ruby_noop_processor_cpu_s_per_100k"] = processor_cpu.round(2)
+      report["ruby_noop_processor_ceiling_msgs_per_sec"] = ceiling.round
+      report.compare("#{scenario}: processor thread alone (#{format("%.2f CPU s/100k", processor_cpu)}), " \
+                     "at most", ceiling, Bench.per_second(ceiling),
+                     key: "core_noop_msgs_per_sec", baseline: "core no-op",
+                     ratio_key: "ruby_processor_ceiling_vs_core_noop_ratio")
     end
 
     # (c)
@@ -98,8 +116,9 @@ module Bench
 
     # Consumes `count` messages of `topic`, calling `work` in each handler;
     # returns messages per second from the first handler start to the last
-    # handler end (joining the group is not counted), and the process's CPU
-    # seconds per 100k messages over the same span.
+    # handler end (joining the group is not counted), the process's CPU
+    # seconds per 100k messages over the same span, and the processor
+    # thread's own (where handlers run).
     def consume(cluster, topic, count, **options, &work)
       span = Span.new(count)
       handler = Class.new(Prosody::EventHandler) do
@@ -114,16 +133,17 @@ module Bench
       client.subscribe(handler.new)
       Bench.wait_until(DEADLINE, "#{count} messages") { span.done? }
       client.unsubscribe
-      [span.rate, span.cpu_per_100k]
+      [span.rate, span.cpu_per_100k, span.thread_cpu_per_100k]
     end
 
-    # Wall clock and process CPU from the first handler start to the last
-    # handler end. The processor thread runs handlers one fiber at a time.
+    # Wall clock, process CPU and the processor thread's CPU from the first
+    # handler start to the last handler end. Called from the handlers, so on
+    # the processor thread, which runs them one fiber at a time.
     class Span
       def initialize(count)
         @count = count
         @handled = 0
-        @first = @last = @cpu_first = @cpu_last = nil
+        @first = @last = @cpu_first = @cpu_last = @thread_cpu_first = @thread_cpu_last = nil
       end
 
       def start
@@ -131,6 +151,7 @@ module Bench
 
         @first = Bench.now
         @cpu_first = Bench.cpu_now
+        @thread_cpu_first = Bench.thread_cpu_now
       end
 
       def handled
@@ -139,6 +160,7 @@ module Bench
 
         @last = Bench.now
         @cpu_last = Bench.cpu_now
+        @thread_cpu_last = Bench.thread_cpu_now
       end
 
       def done? = !@last.nil?
@@ -146,6 +168,8 @@ module Bench
       def rate = @count / (@last - @first)
 
       def cpu_per_100k = (@cpu_last - @cpu_first) * 100_000.0 / @count
+
+      def thread_cpu_per_100k = (@thread_cpu_last - @thread_cpu_first) * 100_000.0 / @count
     end
   end
 end

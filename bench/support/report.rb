@@ -92,6 +92,9 @@ module Bench
   # CPU seconds this process has used, every thread together.
   def cpu_now = Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
 
+  # CPU seconds the calling thread has used.
+  def thread_cpu_now = Process.clock_gettime(Process::CLOCK_THREAD_CPUTIME_ID)
+
   # This process's resident set size in MB (Linux), or nil where /proc is missing.
   def rss_mb
     status = File.read("/proc/self/status")
