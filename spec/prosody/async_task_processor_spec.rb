@@ -82,6 +82,25 @@ RSpec.describe Prosody::AsyncTaskProcessor do
     expect(Array.new(3) { order.pop }).to eq([2, 3, 1])
   end
 
+  # Each call queues the next before it ends, so the processor never finds
+  # itself without work: only the reactor turns it takes between batches let
+  # the waiting call resume.
+  it "resumes a waiting call while calls that never wait keep coming" do
+    resumed = Queue.new
+    stream_until = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 15
+    processor = start(handler do |_context, msg|
+      if msg.offset.zero?
+        sleep(0.01) # yields to the reactor
+        resumed << :resumed
+      elsif resumed.empty? && Process.clock_gettime(Process::CLOCK_MONOTONIC) < stream_until
+        submit(processor, msg.offset + 1)
+      end
+    end)
+    waiting = submit(processor, 0)
+    submit(processor, 1)
+    expect(waiting.outcome(timeout: 5)).to be_nil
+  end
+
   it "lets tasks a call started outlive it, while later calls run" do
     child_done = Queue.new
     release = Queue.new
