@@ -44,7 +44,7 @@ module Prosody
     # Under a steady stream of calls the main task gives the reactor a turn
     # (waiting handlers, timers, the heartbeat) at most this often, in seconds,
     # rather than after every batch: a turn polls for I/O, and one per batch
-    # cost this thread about a tenth of its time per no-op call.
+    # took ~6% of this thread's CPU on no-op calls (~11 calls per batch).
     REACTOR_TURN = 0.001
     private_constant :REACTOR_TURN
 
