@@ -17,11 +17,13 @@ pub(crate) enum Kind {
     MockCluster,
     Store,
     Bridge,
+    /// A handler call that did not run to its end (the processor stopped).
+    Cancelled,
 }
 
 impl Kind {
     /// Every kind, so `classes::init` can resolve them all at load.
-    pub(crate) const ALL: [Self; 10] = [
+    pub(crate) const ALL: [Self; 11] = [
         Self::Base,
         Self::Configuration,
         Self::InvalidMessage,
@@ -32,6 +34,7 @@ impl Kind {
         Self::MockCluster,
         Self::Store,
         Self::Bridge,
+        Self::Cancelled,
     ];
 
     pub(crate) fn class_name(self) -> &'static str {
@@ -46,6 +49,7 @@ impl Kind {
             Self::MockCluster => "MockClusterError",
             Self::Store => "StoreError",
             Self::Bridge => "BridgeError",
+            Self::Cancelled => "CancelledError",
         }
     }
 }

@@ -473,7 +473,7 @@ impl RubyHandler {
                 return Err(HandlerFailure::internal("the processor refused the call"));
             };
             return Err(HandlerFailure {
-                class: CANCELLED_CLASS.to_owned(),
+                class: errors::qualified_name(errors::Kind::Cancelled),
                 message: format!(
                     "the processor has stopped; {} was not handled",
                     subject.summary()
@@ -496,9 +496,6 @@ impl RubyHandler {
         receiver.await.unwrap_or_else(|_| unreported())
     }
 }
-
-/// The class of a call refused because the processor has stopped.
-const CANCELLED_CLASS: &str = "Prosody::CancelledError";
 
 fn ruby_time(ruby: &Ruby, time: SystemTime) -> Result<Value, Error> {
     match time.duration_since(UNIX_EPOCH) {
