@@ -8,25 +8,13 @@ mod support;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use prosody::{ClassifyError, Client, ConfigBuilder, Context, EventHandler, Message, OptionValue};
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use prosody::{Client, ConfigBuilder, Context, EventHandler, Message, OptionValue};
 use serde_json::json;
 use support::{
-    client, config, lock, log_lines_with, produce, topic, unique, wait_until, Record, Seen,
+    client, committed, config, lock, log_lines_with, produce, topic, unique, wait_until, with,
+    Record, Refused, Seen,
 };
-
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Failed(&'static str, bool);
-
-impl ClassifyError for Failed {
-    fn is_permanent(&self) -> bool {
-        self.1
-    }
-}
 
 /// Fails keys that start with `failing` (transiently, or permanently when
 /// `permanent`) until healed, and records every success in order.
@@ -53,22 +41,16 @@ impl Poisoned {
 }
 
 impl EventHandler for Poisoned {
-    type Error = Failed;
+    type Error = Refused;
 
-    async fn on_message(&self, _context: Context, message: Message) -> Result<(), Failed> {
+    async fn on_message(&self, _context: Context, message: Message) -> Result<(), Refused> {
         *lock(&self.attempts).entry(message.offset()).or_default() += 1;
         if message.key().starts_with(self.failing) && !self.healed.load(Ordering::SeqCst) {
-            return Err(Failed("downstream refused", self.permanent));
+            return Err(Refused("downstream refused", self.permanent));
         }
         self.seen.push(message);
         Ok(())
     }
-}
-
-fn with(builder: ConfigBuilder, pairs: &[(&str, OptionValue)]) -> ConfigBuilder {
-    pairs.iter().fold(builder, |builder, (name, value)| {
-        builder.set(name, value.clone()).expect("known option")
-    })
 }
 
 fn fast_retries(builder: ConfigBuilder) -> ConfigBuilder {
@@ -80,24 +62,6 @@ fn fast_retries(builder: ConfigBuilder) -> ConfigBuilder {
             ("max_uncommitted", OptionValue::Int(100)),
         ],
     )
-}
-
-/// The group's committed offset for partition 0, read by a client outside the group.
-fn committed(consumer: &Client, topic: &str) -> Option<i64> {
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", consumer.bootstrap_servers())
-        .set("group.id", consumer.config().group_id().expect("group"))
-        .create()
-        .expect("offset reader");
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, 0);
-    let committed = reader
-        .committed_offsets(list, Duration::from_secs(5))
-        .ok()?;
-    match committed.find_partition(topic, 0)?.offset() {
-        Offset::Offset(offset) => Some(offset),
-        _ => None,
-    }
 }
 
 fn deferred(consumer: &Client) -> (usize, usize) {

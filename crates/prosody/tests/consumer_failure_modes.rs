@@ -9,26 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prosody::{
-    ClassifyError, Client, ConfigBuilder, Context, EventHandler, FailureKind, Message, OptionValue,
-};
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use prosody::{Client, ConfigBuilder, Context, EventHandler, FailureKind, Message, OptionValue};
 use serde_json::json;
 use support::{
-    client, config, lock, log_lines_with, produce, topic, unique, wait_until, Record, Seen,
+    client, committed, config, lock, log_lines_with, produce, topic, unique, wait_until, with,
+    Record, Refused, Seen,
 };
-
-/// A handler error whose class the test chooses.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Failed(&'static str, bool);
-
-impl ClassifyError for Failed {
-    fn is_permanent(&self) -> bool {
-        self.1
-    }
-}
 
 /// Fails every message of `bad` keys (permanently when `permanent`), fails the
 /// first `flaky_failures` attempts of `flaky` keys, and records successes.
@@ -53,9 +39,9 @@ impl Scripted {
 }
 
 impl EventHandler for Scripted {
-    type Error = Failed;
+    type Error = Refused;
 
-    async fn on_message(&self, _context: Context, message: Message) -> Result<(), Failed> {
+    async fn on_message(&self, _context: Context, message: Message) -> Result<(), Refused> {
         let attempt = {
             let mut attempts = lock(&self.attempts);
             let count = attempts.entry(message.offset()).or_default();
@@ -63,20 +49,14 @@ impl EventHandler for Scripted {
             *count
         };
         if message.key().starts_with("bad") && !self.healed.load(Ordering::SeqCst) {
-            return Err(Failed("bad key refused", self.bad_permanent));
+            return Err(Refused("bad key refused", self.bad_permanent));
         }
         if message.key().starts_with("flaky") && attempt <= self.flaky_failures {
-            return Err(Failed("flaky dependency", false));
+            return Err(Refused("flaky dependency", false));
         }
         self.seen.push(message);
         Ok(())
     }
-}
-
-fn with(builder: ConfigBuilder, pairs: &[(&str, OptionValue)]) -> ConfigBuilder {
-    pairs.iter().fold(builder, |builder, (name, value)| {
-        builder.set(name, value.clone()).expect("known option")
-    })
 }
 
 fn fast_retries(builder: ConfigBuilder) -> ConfigBuilder {
@@ -147,7 +127,7 @@ async fn low_latency_dead_letters_after_max_retries() {
     );
     assert_eq!(header(letter, "prosody-failure-kind"), "transient");
     assert_eq!(header(letter, "prosody-error-message"), "bad key refused");
-    assert!(header(letter, "prosody-error-class").contains("Failed"));
+    assert!(header(letter, "prosody-error-class").contains("Refused"));
     assert_eq!(lock(&attempts).get(&7), Some(&3));
     consumer.unsubscribe().await.expect("unsubscribe");
     reader.unsubscribe().await.expect("unsubscribe reader");
@@ -160,9 +140,9 @@ struct NamesItsFailures {
 }
 
 impl EventHandler for NamesItsFailures {
-    type Error = Failed;
+    type Error = Refused;
 
-    async fn on_message(&self, context: Context, message: Message) -> Result<(), Failed> {
+    async fn on_message(&self, context: Context, message: Message) -> Result<(), Refused> {
         if message.key() == "slow" {
             context.on_cancel().await;
             return Ok(());
@@ -334,23 +314,4 @@ async fn a_failing_key_does_not_block_others_and_holds_the_commit() {
     })
     .await;
     consumer.unsubscribe().await.expect("unsubscribe");
-}
-
-/// The group's committed offset for partition 0, read by a separate client that does not join the group.
-fn committed(consumer: &Client, topic: &str) -> Option<i64> {
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", consumer.bootstrap_servers())
-        .set("group.id", consumer.config().group_id().expect("group"))
-        .create()
-        .expect("offset reader");
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, 0);
-    let committed = reader
-        .committed_offsets(list, Duration::from_secs(5))
-        .ok()?;
-    let offset = committed.find_partition(topic, 0)?.offset();
-    match offset {
-        Offset::Offset(offset) => Some(offset),
-        _ => None,
-    }
 }

@@ -14,9 +14,11 @@ use prosody::{
     ClassifyError, Client, Config, ConfigBuilder, Context, EventHandler, Message, OptionValue,
 };
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
 
 /// How long any single wait in a test may take before the test fails.
 pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
@@ -52,6 +54,13 @@ pub(crate) fn config(group: &str, topic: &str) -> ConfigBuilder {
         // Tests run side by side: none of them may hold the default probe port.
         .set("probe_port", OptionValue::Bool(false))
         .expect("probe_port is an option")
+}
+
+/// `builder` with each named option set to its value.
+pub(crate) fn with(builder: ConfigBuilder, pairs: &[(&str, OptionValue)]) -> ConfigBuilder {
+    pairs.iter().fold(builder, |builder, (name, value)| {
+        builder.set(name, value.clone()).expect("known option")
+    })
 }
 
 /// Builds a client from `builder`.
@@ -169,6 +178,36 @@ pub(crate) enum TestError {
 }
 
 impl ClassifyError for TestError {}
+
+/// A handler's refusal: its message, and whether it is permanent.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Refused(pub(crate) &'static str, pub(crate) bool);
+
+impl ClassifyError for Refused {
+    fn is_permanent(&self) -> bool {
+        self.1
+    }
+}
+
+/// The offset `consumer`'s group committed for partition 0 of `topic`, read
+/// by a client outside the group.
+pub(crate) fn committed(consumer: &Client, topic: &str) -> Option<i64> {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", consumer.bootstrap_servers())
+        .set("group.id", consumer.config().group_id().expect("group"))
+        .create()
+        .expect("offset reader");
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, 0);
+    let committed = reader
+        .committed_offsets(list, Duration::from_secs(5))
+        .ok()?;
+    match committed.find_partition(topic, 0)?.offset() {
+        Offset::Offset(offset) => Some(offset),
+        _ => None,
+    }
+}
 
 /// An [`EventHandler`] made from an async closure.
 pub(crate) struct FnHandler<F>(pub(crate) F);
