@@ -4,8 +4,10 @@
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
 use serde_json::{json, Value};
 
 use crate::cluster::Cluster;
@@ -73,18 +75,12 @@ pub(crate) async fn fill(
                 Payload::Padded => padded_payload(n).to_string(),
             };
             bytes += u64::try_from(key.len() + payload.len()).unwrap_or(u64::MAX);
-            let mut record = BaseRecord::to(&topic).key(&key).payload(&payload);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                        // The local queue is full: serve delivery reports to make room.
-                        producer.poll(Duration::from_millis(5));
-                        record = returned;
-                    }
-                    Err((error, _)) => return Err(format!("produce: {error}")),
-                }
-            }
+            queue(
+                &producer,
+                BaseRecord::to(&topic)
+                    .key(key.as_str())
+                    .payload(payload.as_str()),
+            )?;
         }
         producer
             .flush(FLUSH_DEADLINE)
@@ -93,4 +89,45 @@ pub(crate) async fn fill(
     })
     .await
     .map_err(|error| error.to_string())?
+}
+
+/// Queues `record` on `producer`, waiting for room while its local queue is full.
+pub(crate) fn queue(
+    producer: &BaseProducer,
+    mut record: BaseRecord<'_, str, str>,
+) -> BenchResult<()> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                // Serving delivery reports makes room.
+                producer.poll(Duration::from_millis(5));
+                record = returned;
+            }
+            Err((error, _)) => return Err(format!("produce: {error}")),
+        }
+    }
+}
+
+/// Sends one message with a plain rdkafka producer, marked as the bench
+/// producer's (see [`PRODUCER_SOURCE`]), and waits for its acknowledgement.
+pub(crate) async fn send_plain(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &str,
+) -> BenchResult<()> {
+    let headers = OwnedHeaders::new().insert(Header {
+        key: prosody::SOURCE_SYSTEM_HEADER,
+        value: Some(PRODUCER_SOURCE),
+    });
+    let record = FutureRecord::to(topic)
+        .key(key)
+        .payload(payload)
+        .headers(headers);
+    producer
+        .send(record, Timeout::Never)
+        .await
+        .map(|_| ())
+        .map_err(|(error, _)| format!("send: {error}"))
 }

@@ -21,12 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prosody::{ClassifyError, Client, Context, EventHandler, Message, OptionValue};
-use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
-use rdkafka::types::RDKafkaErrorCode;
 
 use crate::cluster::Cluster;
-use crate::data::unique;
+use crate::data::{queue, unique};
 use crate::report::{median, percentile, ratio, round2, round3, Report};
 use crate::{BenchResult, DEADLINE};
 
@@ -343,20 +341,11 @@ async fn produce(cluster: &Cluster, topic: &str, hot: bool) -> BenchResult<()> {
         for (key, partition, n) in cold.chain(hot) {
             let payload = format!("{{\"n\":{n}}}");
             let partition = i32::try_from(partition).map_err(|_| "too many partitions")?;
-            let mut record = BaseRecord::to(&topic)
-                .key(&key)
-                .payload(&payload)
+            let record = BaseRecord::to(&topic)
+                .key(key.as_str())
+                .payload(payload.as_str())
                 .partition(partition);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                        producer.poll(Duration::from_millis(5));
-                        record = returned;
-                    }
-                    Err((error, _)) => return Err(format!("produce: {error}")),
-                }
-            }
+            queue(&producer, record)?;
         }
         producer
             .flush(DEADLINE)

@@ -18,14 +18,12 @@ use std::time::{Duration, Instant};
 
 use prosody::{Client, Context, EventHandler, Message};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::message::{Header, Message as _, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
-use rdkafka::util::Timeout;
+use rdkafka::message::Message as _;
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
 use crate::cluster::Cluster;
-use crate::data::{key, unique, PRODUCER_SOURCE};
+use crate::data::{key, send_plain, unique, PRODUCER_SOURCE};
 use crate::report::{percentile, ratio, round3, Report};
 use crate::BenchResult;
 
@@ -305,21 +303,7 @@ async fn plain_latency(cluster: &Cluster) -> BenchResult<Latency> {
             let producer = producer.clone();
             let topic = topic.clone();
             async move {
-                let payload = payload(n).to_string();
-                let key = key(n, KEYS);
-                let headers = OwnedHeaders::new().insert(Header {
-                    key: prosody::SOURCE_SYSTEM_HEADER,
-                    value: Some(PRODUCER_SOURCE),
-                });
-                let record = FutureRecord::to(&topic)
-                    .key(&key)
-                    .payload(&payload)
-                    .headers(headers);
-                producer
-                    .send(record, Timeout::Never)
-                    .await
-                    .map(|_| ())
-                    .map_err(|(error, _)| format!("send: {error}"))
+                send_plain(&producer, &topic, &key(n, KEYS), &payload(n).to_string()).await
             }
         })
         .await?;

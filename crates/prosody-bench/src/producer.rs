@@ -19,13 +19,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prosody::Client;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
+use rdkafka::producer::FutureProducer;
 use tokio::task::JoinSet;
 
 use crate::cluster::Cluster;
-use crate::data::{key, padded_payload, unique, PRODUCER_SOURCE};
+use crate::data::{key, padded_payload, send_plain, unique, PRODUCER_SOURCE};
 use crate::report::{per_second, rate, ratio, round0, round1, round3, Report};
 use crate::BenchResult;
 
@@ -105,21 +103,13 @@ async fn plain_rate(cluster: &Cluster, messages: usize, in_flight: usize) -> Ben
     let send = move |n: usize| {
         let (producer, topic) = (producer.clone(), topic.clone());
         async move {
-            let payload = padded_payload(n).to_string();
-            let key = key(n, KEYS);
-            let headers = OwnedHeaders::new().insert(Header {
-                key: prosody::SOURCE_SYSTEM_HEADER,
-                value: Some(PRODUCER_SOURCE),
-            });
-            let record = FutureRecord::to(&topic)
-                .key(&key)
-                .payload(&payload)
-                .headers(headers);
-            producer
-                .send(record, Timeout::Never)
-                .await
-                .map(|_| ())
-                .map_err(|(error, _)| format!("send: {error}"))
+            send_plain(
+                &producer,
+                &topic,
+                &key(n, KEYS),
+                &padded_payload(n).to_string(),
+            )
+            .await
         }
     };
     measure(messages, in_flight, send).await
