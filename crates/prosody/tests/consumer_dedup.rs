@@ -17,7 +17,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
-use support::{client, config, lock, produce, topic, unique, wait_until, Record};
+use support::{client, config, database_url, lock, produce, topic, unique, wait_until, Record};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -184,15 +184,6 @@ async fn mock_mode_remembers_across_clients() {
     let client = consume(config(&group, &topic), &second, 0, 1).await;
     client.unsubscribe().await.expect("unsubscribe");
     assert_eq!(second.count(), 0, "redelivered message skipped");
-}
-
-fn database_url() -> String {
-    std::env::var("PROSODY_TEST_DATABASE_URL").unwrap_or_else(|_| {
-        panic!(
-            "PROSODY_TEST_DATABASE_URL is not set: run through ./script/test, \
-             or export PROSODY_TEST_DATABASE_URL=\"$(./script/postgres)\" first"
-        )
-    })
 }
 
 fn durable(builder: ConfigBuilder) -> ConfigBuilder {

@@ -10,24 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prosody::{ClassifyError, Client, ConfigBuilder, Context, EventHandler, Message, OptionValue};
+use prosody::{Client, ConfigBuilder, Context, EventHandler, Message, OptionValue};
 use serde_json::json;
-use support::{client, config, produce, topic, unique, wait_until, Record, Seen};
-
-fn database_url() -> String {
-    std::env::var("PROSODY_TEST_DATABASE_URL").unwrap_or_else(|_| {
-        panic!(
-            "PROSODY_TEST_DATABASE_URL is not set: run through ./script/test, \
-             or export PROSODY_TEST_DATABASE_URL=\"$(./script/postgres)\" first"
-        )
-    })
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("downstream refused")]
-struct Refused;
-
-impl ClassifyError for Refused {}
+use support::{
+    client, config, database_url, produce, topic, unique, wait_until, Record, Refused, Seen,
+};
 
 /// Fails keys starting with "poison" transiently unless healed; records successes.
 #[derive(Clone, Default)]
@@ -59,7 +46,7 @@ impl EventHandler for Poisoned {
 
     async fn on_message(&self, _context: Context, message: Message) -> Result<(), Refused> {
         if message.key().starts_with("poison") && !self.healed.load(Ordering::SeqCst) {
-            return Err(Refused);
+            return Err(Refused("downstream refused", false));
         }
         self.seen.push(message);
         Ok(())

@@ -14,16 +14,7 @@ use prosody::{
     ClassifyError, Client, ConfigBuilder, Context, EventHandler, Message, OptionValue, Timer,
 };
 use serde_json::json;
-use support::{client, config, lock, produce, topic, unique, wait_until, Record};
-
-fn database_url() -> String {
-    std::env::var("PROSODY_TEST_DATABASE_URL").unwrap_or_else(|_| {
-        panic!(
-            "PROSODY_TEST_DATABASE_URL is not set: run through ./script/test, \
-             or export PROSODY_TEST_DATABASE_URL=\"$(./script/postgres)\" first"
-        )
-    })
-}
+use support::{client, config, database_url, lock, produce, topic, unique, wait_until, Record};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

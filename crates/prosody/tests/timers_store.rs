@@ -7,25 +7,18 @@
 //! sets (it starts a private cluster with `./script/postgres`); they fail rather
 //! than skip without it. The outage test starts and stops a cluster of its own.
 
+mod support;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
 use prosody::{MemoryStore, PartitionScope, PostgresStore, StoreError, TimerStore};
+use support::database_url;
 use tokio::task::JoinSet;
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
-}
-
-/// The test database's URL, or a failure that says how to get one.
-fn database_url() -> String {
-    std::env::var("PROSODY_TEST_DATABASE_URL").unwrap_or_else(|_| {
-        panic!(
-            "PROSODY_TEST_DATABASE_URL is not set: run the PostgreSQL tests through ./script/test, \
-             or export PROSODY_TEST_DATABASE_URL=\"$(./script/postgres)\" first"
-        )
-    })
 }
 
 /// `url` with its database name replaced by `database`.

@@ -63,6 +63,17 @@ pub(crate) fn with(builder: ConfigBuilder, pairs: &[(&str, OptionValue)]) -> Con
     })
 }
 
+/// The PostgreSQL database of the tests that need one. `./script/test` starts a
+/// private cluster and sets it; without it those tests fail rather than skip.
+pub(crate) fn database_url() -> String {
+    std::env::var("PROSODY_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!(
+            "PROSODY_TEST_DATABASE_URL is not set: run the PostgreSQL tests through ./script/test, \
+             or export PROSODY_TEST_DATABASE_URL=\"$(./script/postgres)\" first"
+        )
+    })
+}
+
 /// Builds a client from `builder`.
 pub(crate) fn client(builder: ConfigBuilder) -> Arc<Client> {
     Arc::new(Client::new(builder.build().expect("valid config")).expect("client"))
