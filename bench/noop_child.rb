@@ -4,8 +4,9 @@
 # fills a topic with MESSAGES messages over 1000 keys (4 partitions), consumes
 # them with a no-op handler and prints one JSON line: messages per second, and
 # CPU seconds per 100k of the process (every thread) and of the processor
-# thread alone, from the first handler start to the last handler end. The extension and lib/ it loads come from the
-# load path (-I), so the same script measures any version of the gem.
+# thread alone, from the first handler start to the last handler end. The
+# extension and lib/ it loads come from the load path (-I), so the same script
+# measures any version of the gem.
 # With PAUSE_AFTER_FILL=1 the process stops itself (SIGSTOP) once the topic is
 # filled, so a profiler can attach for the consuming phase alone: attach, then
 # `kill -CONT` it.
