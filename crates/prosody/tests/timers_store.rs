@@ -14,12 +14,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use prosody::{MemoryStore, PartitionScope, PostgresStore, StoreError, TimerStore};
-use support::database_url;
+use support::{database_url, unique};
 use tokio::task::JoinSet;
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:016x}", rand::random::<u64>())
-}
 
 /// `url` with its database name replaced by `database`.
 fn with_database(url: &str, database: &str) -> String {
