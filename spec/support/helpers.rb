@@ -121,23 +121,6 @@ module ProsodySpec
       Prosody.logger = previous
     end
 
-    # Waits until `output` (from {#capture_logs}) has a line matching
-    # `pattern`. Native log lines reach Prosody.logger through the bridge
-    # thread, a little after the event they describe.
-    #
-    # @return [void]
-    def await_log(output, pattern, timeout: 10)
-      deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
-      until output.string.match?(pattern)
-        if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
-          raise RSpec::Expectations::ExpectationNotMetError,
-                "no log line matching #{pattern.inspect} within #{timeout}s; logged:\n#{output.string}"
-        end
-
-        sleep 0.01
-      end
-    end
-
     # Sends `count` messages from as many fibers at once, inside Async; keys
     # cycle through `keys`. Returns once every send was acknowledged.
     #
