@@ -105,7 +105,8 @@ impl EventHandler for Recording {
     }
 }
 
-fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
+/// The value at `fraction` of the way through `sorted` (nearest rank).
+fn percentile<T: Copy + Default>(sorted: &[T], fraction: f64) -> T {
     let last = sorted.len().saturating_sub(1);
     // Rounded index into a short list.
     #[allow(
@@ -197,7 +198,7 @@ async fn a_hot_key_gets_no_more_than_its_share_while_cold_keys_wait() {
         "cold waits: p50 {p50:?} p99 {p99:?} (work {work:?}); hot calls between two cold calls: \
          p50 {} p90 {} max {}; hot share while cold keys waited: {hot_share:.2} ({hot_during}/{})",
         hot_between[hot_between.len() / 2],
-        percentile_count(&hot_between, 0.9),
+        percentile(&hot_between, 0.9),
         hot_between.last().copied().unwrap_or_default(),
         during.len()
     );
@@ -211,7 +212,7 @@ async fn a_hot_key_gets_no_more_than_its_share_while_cold_keys_wait() {
     // not found; 26 local runs, some under load, never did). FIFO puts about
     // 8 hot calls in most gaps, so p90 still tells the two apart.
     assert!(
-        percentile_count(&hot_between, 0.9) <= 3,
+        percentile(&hot_between, 0.9) <= 3,
         "cold messages waited behind hot calls: {hot_between:?}"
     );
     // Fair: 1 to 2 calls' time (up to 4 keys ahead on 2 slots); FIFO: about 5.5.
@@ -219,17 +220,6 @@ async fn a_hot_key_gets_no_more_than_its_share_while_cold_keys_wait() {
         p50 < work * 3,
         "cold median wait {p50:?} with {work:?} handlers on 2 slots"
     );
-}
-
-fn percentile_count(sorted: &[usize], fraction: f64) -> usize {
-    let last = sorted.len().saturating_sub(1);
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss
-    )]
-    let index = ((last as f64) * fraction).round() as usize;
-    sorted.get(index).copied().unwrap_or_default()
 }
 
 const FAILING_KEYS: usize = 60;
