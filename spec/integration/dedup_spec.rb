@@ -10,15 +10,6 @@
 RSpec.describe "message-id deduplication" do
   let(:topic) { unique_name("dedup") }
 
-  def handled_until(handled, last)
-    seen = []
-    wait_for(description: "#{last.inspect} handled") do
-      seen.concat(drain(handled))
-      seen.include?(last)
-    end
-    seen
-  end
-
   it "handles an id once per key, and the same id under another key" do
     client = mock_consumer(topic)
     handled = Queue.new

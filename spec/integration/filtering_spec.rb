@@ -16,15 +16,6 @@
 RSpec.describe "message filtering" do
   let(:topic) { unique_name("filtering") }
 
-  def handled_until(handled, last)
-    seen = []
-    wait_for(description: "#{last.inspect} handled") do
-      seen.concat(drain(handled))
-      seen.include?(last)
-    end
-    seen
-  end
-
   describe "allowed_events" do
     it "handles only payloads whose type starts with an allowed prefix, or that have no type" do
       client = mock_consumer(topic, allowed_events: ["user."])

@@ -5,10 +5,6 @@
 # scheduled fire. Mock mode keeps timers in memory; with database_url they live
 # in PostgreSQL and survive the consumer.
 RSpec.describe "timers" do
-  def drain(queue)
-    Array.new(queue.size) { queue.pop }
-  end
-
   it "fires scheduled timers through on_timer and never the cleared ones" do
     topic = unique_name("timers")
     client = mock_consumer(topic)

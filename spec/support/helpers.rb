@@ -101,6 +101,18 @@ module ProsodySpec
       Array.new(queue.size) { queue.pop }
     end
 
+    # What `handled` received until `last` arrived (waits for it), in order.
+    #
+    # @return [Array]
+    def handled_until(handled, last)
+      seen = []
+      wait_for(description: "#{last.inspect} handled") do
+        seen.concat(drain(handled))
+        seen.include?(last)
+      end
+      seen
+    end
+
     # A handler that runs the block for each message.
     #
     # @return [ProsodySpec::BlockHandler]
