@@ -19,11 +19,13 @@ pub(crate) enum Kind {
     Bridge,
     /// A handler call that did not run to its end (the processor stopped).
     Cancelled,
+    /// A handler call that ran past its `timeout`.
+    Timeout,
 }
 
 impl Kind {
     /// Every kind, so `classes::init` can resolve them all at load.
-    pub(crate) const ALL: [Self; 11] = [
+    pub(crate) const ALL: [Self; 12] = [
         Self::Base,
         Self::Configuration,
         Self::InvalidMessage,
@@ -35,6 +37,7 @@ impl Kind {
         Self::Store,
         Self::Bridge,
         Self::Cancelled,
+        Self::Timeout,
     ];
 
     pub(crate) fn class_name(self) -> &'static str {
@@ -50,6 +53,7 @@ impl Kind {
             Self::Store => "StoreError",
             Self::Bridge => "BridgeError",
             Self::Cancelled => "CancelledError",
+            Self::Timeout => "TimeoutError",
         }
     }
 }
@@ -88,7 +92,7 @@ fn kind_of(error: &prosody::Error) -> Kind {
 /// `EventHandler::failure_class`).
 pub(crate) fn failure_class(kind: prosody::FailureKind) -> String {
     let name = match kind {
-        prosody::FailureKind::Timeout => "TimeoutError",
+        prosody::FailureKind::Timeout => Kind::Timeout.class_name(),
         prosody::FailureKind::BadInput => Kind::InvalidMessage.class_name(),
         _ => Kind::Base.class_name(),
     };
