@@ -17,6 +17,8 @@ module Bench
     FILL_FIBERS = 64
     # Seconds a consumer may take over its messages.
     DEADLINE = 300
+    # (b)'s second run: max_concurrency with room for the round trip.
+    DEEP = 128
 
     # The 10 ms scenario's wait.
     WAIT = 0.010
@@ -35,6 +37,21 @@ module Bench
       scenario = "(b) Ruby no-op handler (#{messages} msgs, #{partitions} partitions, 1000 keys)"
       noop_report(report, scenario, messages, rate, cpu)
       processor_ceiling(report, scenario, processor_cpu)
+      noop_deep(cluster, report, topic, messages)
+    end
+
+    # No-op calls are so short that a call's round trip through both sides
+    # (tokio task -> processor -> completion -> the next call granted its slot)
+    # bounds the rate at the default max_concurrency: the same messages again,
+    # with room for DEEP calls in flight, show how much (a tuning hint, not a
+    # default: the option also bounds handlers that wait on I/O).
+    def noop_deep(cluster, report, topic, messages)
+      rate, cpu, = consume(cluster, topic, messages, max_concurrency: DEEP)
+      report["ruby_noop_deep_msgs_per_sec"] = rate.round
+      report["ruby_noop_deep_cpu_s_per_100k"] = cpu.round(2)
+      report.compare("(b) the same at max_concurrency #{DEEP} (#{format("%.2f CPU s/100k", cpu)})", rate,
+                     Bench.per_second(rate), key: "core_noop_msgs_per_sec", baseline: "core no-op",
+                     ratio_key: "ruby_noop_deep_vs_core_noop_ratio")
     end
 
     def noop_report(report, scenario, messages, rate, cpu)
