@@ -12,8 +12,8 @@ use std::time::Duration;
 use prosody::{Client, ConfigBuilder, Context, EventHandler, FailureKind, Message, OptionValue};
 use serde_json::json;
 use support::{
-    client, committed, config, lock, log_lines_with, produce, topic, unique, wait_until, with,
-    Record, Refused, Seen,
+    client, commits, committed, config, lock, log_lines_with, produce, topic, unique, wait_until,
+    with, Record, Refused, Seen,
 };
 
 /// Fails every message of `bad` keys (permanently when `permanent`), fails the
@@ -299,8 +299,10 @@ async fn a_failing_key_does_not_block_others_and_holds_the_commit() {
         lock(&handler_attempts).get(&0).copied().unwrap_or(0) >= 5
     })
     .await;
-    // Give the commit timer several ticks: it must stay at the failing offset.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Two more commits of every commit point (sent even when unmoved): the
+    // commit must stay at the failing offset.
+    let sent = commits(&consumer);
+    wait_until("two more commits", || commits(&consumer) >= sent + 2.0).await;
     assert_eq!(
         committed(&consumer, &source),
         Some(0),

@@ -220,6 +220,22 @@ pub(crate) fn committed(consumer: &Client, topic: &str) -> Option<i64> {
     }
 }
 
+/// Commits `consumer` has sent so far (`prosody_commits_total`). The periodic
+/// commit sends every commit point each `FULL_COMMIT_EVERY` ticks, moved or
+/// not, so a test checking what the commit does *not* do waits for this to
+/// grow instead of sleeping.
+pub(crate) fn commits(consumer: &Client) -> f64 {
+    consumer
+        .metrics_text(prosody::MetricsFormat::Classic)
+        .lines()
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let name = series.split_once('{').map_or(series, |(name, _)| name);
+            (name == "prosody_commits_total").then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
 /// An [`EventHandler`] made from an async closure.
 pub(crate) struct FnHandler<F>(pub(crate) F);
 
