@@ -132,9 +132,18 @@ async fn scheduled_timers_fire_and_unscheduled_ones_do_not() {
         ],
     );
     wait_until("the due timers fire", || handler.fired_keys().len() >= 3).await;
-    // Long enough for anything wrongly left scheduled to fire as well.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // A timer due after everything above: once it fired, anything wrongly left
+    // scheduled (due by 600 ms) had its turn to fire as well.
+    produce(
+        &source,
+        [op("sentinel", json!({"op": "schedule", "in_ms": 300}))],
+    );
+    wait_until("the later timer fires", || {
+        handler.fired_keys().iter().any(|key| key == "sentinel")
+    })
+    .await;
     let mut fired = handler.fired_keys();
+    fired.retain(|key| key != "sentinel");
     fired.sort();
     assert_eq!(
         fired,
@@ -208,8 +217,17 @@ async fn a_timer_survives_a_restart_and_fires_once() {
         second.fired_keys() == vec!["later"]
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(second.fired_keys(), vec!["later"], "fired more than once");
+    // A second firing would come before a timer scheduled 500 ms after the first.
+    produce(
+        &source,
+        [op("sentinel", json!({"op": "schedule", "in_ms": 500}))],
+    );
+    wait_until("the later timer fires", || second.fired_keys().len() >= 2).await;
+    assert_eq!(
+        second.fired_keys(),
+        vec!["later", "sentinel"],
+        "fired more than once"
+    );
     assert!(first.fired_keys().is_empty());
     restarted.unsubscribe().await.expect("unsubscribe");
 }
