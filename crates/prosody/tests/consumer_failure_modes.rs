@@ -7,7 +7,6 @@ mod support;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use prosody::{Client, ConfigBuilder, Context, EventHandler, FailureKind, Message, OptionValue};
 use serde_json::json;
