@@ -2,8 +2,8 @@
 
 # Ruby-side benchmarks, each against a baseline measured in the same run (the
 # Rust bench's figures come from its JSON, --core):
-#   (b), (c) consumer throughput: a no-op handler vs the core's; a 10 ms handler
-#            vs the ideal and a sequential loop (support/consuming.rb);
+#   (b), (c) consumer throughput: a no-op handler vs the core's (support/noop.rb);
+#            a 10 ms handler vs the ideal and a sequential loop (support/consuming.rb);
 #   (d) latency from send_message to on_message at a steady 1k msg/s, p50 and
 #       p99, vs plain rdkafka and vs the core (support/latency.rb);
 #   (e) send_message throughput from 1 thread with 100 fibers and from 8 threads
@@ -24,6 +24,7 @@ require "prosody"
 require_relative "support/report"
 require_relative "support/cluster"
 require_relative "support/consuming"
+require_relative "support/noop"
 require_relative "support/latency"
 require_relative "support/producing"
 require_relative "support/memory"
@@ -48,7 +49,7 @@ core = options[:core] && File.exist?(options[:core]) ? JSON.parse(File.read(opti
 report = Bench::Report.new(core)
 report["ruby_cluster"] = cluster.describe
 only = options[:only]
-Bench::Consuming.noop(cluster, report, options[:messages]) if only.include?("b")
+Bench::Noop.run(cluster, report, options[:messages]) if only.include?("b")
 Bench::Consuming.io(cluster, report) if only.include?("c")
 Bench::Latency.run(cluster, report) if only.include?("d")
 if only.include?("e")

@@ -1,9 +1,7 @@
 # frozen_string_literal: true
 
 module Bench
-  # Consumer throughput:
-  #   (b) a no-op Ruby handler vs the core's no-op figure: the cost of crossing
-  #       into Ruby per message;
+  # Consumer throughput (the no-op scenario (b) is in noop.rb):
   #   (c) a handler that waits 10 ms (fiber-friendly), 1 partition, 256 keys, at
   #       max_concurrency 32 and 128: vs the ideal (max_concurrency / 10 ms) and
   #       vs a sequential loop doing the same waits.
@@ -17,8 +15,6 @@ module Bench
     FILL_FIBERS = 64
     # Seconds a consumer may take over its messages.
     DEADLINE = 300
-    # (b)'s second run: max_concurrency with room for the round trip.
-    DEEP = 128
 
     # The 10 ms scenario's wait.
     WAIT = 0.010
@@ -27,56 +23,6 @@ module Bench
     IO_CASES = [[32, {}], [128, {}], [128, { max_uncommitted: 256 }]].freeze
 
     module_function
-
-    # (b)
-    def noop(cluster, report, messages)
-      topic = Bench.unique("noop")
-      partitions = cluster.create_topics(topic => [(messages / 20_000.0).ceil, 1].max).fetch(topic)
-      fill(cluster, topic, messages, 1_000)
-      rate, cpu, processor_cpu = consume(cluster, topic, messages)
-      scenario = "(b) Ruby no-op handler (#{messages} msgs, #{partitions} partitions, 1000 keys)"
-      noop_report(report, scenario, messages, rate, cpu)
-      processor_ceiling(report, scenario, processor_cpu)
-      noop_deep(cluster, report, topic, messages)
-    end
-
-    # No-op calls are so short that a call's round trip through both sides
-    # (tokio task -> processor -> completion -> the next call granted its slot)
-    # bounds the rate at the default max_concurrency: the same messages again,
-    # with room for DEEP calls in flight, show how much (a tuning hint, not a
-    # default: the option also bounds handlers that wait on I/O).
-    def noop_deep(cluster, report, topic, messages)
-      rate, cpu, = consume(cluster, topic, messages, max_concurrency: DEEP)
-      report["ruby_noop_deep_msgs_per_sec"] = rate.round
-      report["ruby_noop_deep_cpu_s_per_100k"] = cpu.round(2)
-      report.compare("(b) the same at max_concurrency #{DEEP} (#{format("%.2f CPU s/100k", cpu)})", rate,
-                     Bench.per_second(rate), key: "core_noop_msgs_per_sec", baseline: "core no-op",
-                     ratio_key: "ruby_noop_deep_vs_core_noop_ratio")
-    end
-
-    def noop_report(report, scenario, messages, rate, cpu)
-      report["ruby_noop_messages"] = messages
-      report["ruby_noop_msgs_per_sec"] = rate.round
-      report["ruby_noop_cpu_s_per_100k"] = cpu.round(2)
-      report["ruby_noop_rss_mb"] = Bench.rss_mb&.round(1)
-      report.compare(scenario, rate, Bench.per_second(rate),
-                     key: "core_noop_msgs_per_sec", baseline: "core no-op", ratio_key: "ruby_vs_core_noop_ratio")
-      report.compare("#{scenario}: CPU", cpu, format("%.2f CPU s/100k", cpu),
-                     key: "core_noop_cpu_s_per_100k", baseline: "core no-op", ratio_key: "ruby_vs_core_noop_cpu_ratio")
-    end
-
-    # Every Ruby handler call runs on the processor's one thread, under the
-    # GVL: the rate that thread could sustain with every other cost gone (its
-    # CPU per message, inverted) bounds the Ruby path, whatever the rest does.
-    def processor_ceiling(report, scenario, processor_cpu)
-      ceiling = 100_000 / processor_cpu
-      report["ruby_noop_processor_cpu_s_per_100k"] = processor_cpu.round(2)
-      report["ruby_noop_processor_ceiling_msgs_per_sec"] = ceiling.round
-      report.compare("#{scenario}: processor thread alone (#{format("%.2f CPU s/100k", processor_cpu)}), " \
-                     "at most", ceiling, Bench.per_second(ceiling),
-                     key: "core_noop_msgs_per_sec", baseline: "core no-op",
-                     ratio_key: "ruby_processor_ceiling_vs_core_noop_ratio")
-    end
 
     # (c)
     def io(cluster, report)
