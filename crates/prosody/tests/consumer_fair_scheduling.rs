@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use prosody::{ClassifyError, Context, EventHandler, Message, OptionValue};
 use serde_json::json;
-use support::{client, config, lock, log_lines_with, produce, topic, unique, wait_until, Record};
+use support::{
+    client, config, lock, log_lines_with, metric_sum, produce, topic, unique, wait_until, Record,
+};
 
 /// One handler call as the handler saw it.
 #[derive(Debug, Clone)]
@@ -380,10 +382,7 @@ async fn a_key_hogging_handler_time_is_refused_and_warned_once_per_window() {
     let rejections = client.qos_stats().rejections;
     let page = client.metrics_text(prosody::MetricsFormat::Classic);
     assert!(
-        page.lines().any(|line| line
-            .strip_prefix("prosody_monopolization_rejections_total ")
-            .and_then(|value| value.parse::<f64>().ok())
-            .is_some_and(|value| value >= 1.0)),
+        metric_sum(&page, "prosody_monopolization_rejections_total", &[]) >= 1.0,
         "{page}"
     );
     client.unsubscribe().await.expect("unsubscribe");

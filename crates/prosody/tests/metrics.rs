@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use prosody::{Context, Event, EventKind, Message, MetricsFormat, Observer, OptionValue};
 use serde_json::json;
-use support::{client, config, produce, topic, unique, wait_until, FnHandler, Record, TestError};
+use support::{
+    client, config, metric_sum, produce, topic, unique, wait_until, FnHandler, Record, TestError,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// GETs `/metrics` with the given `Accept` header; (content type, body).
@@ -34,20 +36,6 @@ async fn scrape(address: std::net::SocketAddr, accept: &str) -> (String, String)
         .unwrap_or_default()
         .to_owned();
     (content_type, body.to_owned())
-}
-
-/// Sums the samples of `name` whose labels include every `label="value"` in `with`.
-fn sum(page: &str, name: &str, with: &[&str]) -> f64 {
-    page.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
-            (metric == name && with.iter().all(|label| labels.contains(label)))
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,7 +86,7 @@ async fn metrics_count_what_the_consumer_and_producer_do_and_promtool_accepts_th
     let deadline = std::time::Instant::now() + support::DEADLINE;
     while std::time::Instant::now() < deadline {
         page = scrape(address, "text/plain").await.1;
-        if sum(&page, "prosody_commits_total", &[]) > 0.0
+        if metric_sum(&page, "prosody_commits_total", &[]) > 0.0
             && page.matches("prosody_partition_lag{").count() == 2
         {
             break;
@@ -109,15 +97,15 @@ async fn metrics_count_what_the_consumer_and_producer_do_and_promtool_accepts_th
     let expect = BTreeMap::from([
         (
             "prosody_messages_received_total",
-            sum(&page, "prosody_messages_received_total", &[&on_source]),
+            metric_sum(&page, "prosody_messages_received_total", &[&on_source]),
         ),
         (
             "prosody_messages_handled_total",
-            sum(&page, "prosody_messages_handled_total", &[&on_source]),
+            metric_sum(&page, "prosody_messages_handled_total", &[&on_source]),
         ),
         (
             "transient failures",
-            sum(
+            metric_sum(
                 &page,
                 "prosody_handler_failures_total",
                 &[&on_source, "kind=\"transient\""],
@@ -125,19 +113,19 @@ async fn metrics_count_what_the_consumer_and_producer_do_and_promtool_accepts_th
         ),
         (
             "prosody_messages_retried_total",
-            sum(&page, "prosody_messages_retried_total", &[&on_source]),
+            metric_sum(&page, "prosody_messages_retried_total", &[&on_source]),
         ),
         (
             // k3's failed message, and those of its later ones that arrived
             // before its retry (timing decides how many).
             "deferred: at least the failed message",
             f64::from(u8::from(
-                sum(&page, "prosody_messages_deferred_total", &[&on_source]) >= 1.0,
+                metric_sum(&page, "prosody_messages_deferred_total", &[&on_source]) >= 1.0,
             )),
         ),
         (
             "handler runs",
-            sum(
+            metric_sum(
                 &page,
                 "prosody_handler_duration_seconds_count",
                 &[&on_source],
@@ -145,7 +133,7 @@ async fn metrics_count_what_the_consumer_and_producer_do_and_promtool_accepts_th
         ),
         (
             "sent to the sink",
-            sum(
+            metric_sum(
                 &page,
                 "prosody_messages_sent_total",
                 &[&format!("topic=\"{sink}\"")],
@@ -153,20 +141,23 @@ async fn metrics_count_what_the_consumer_and_producer_do_and_promtool_accepts_th
         ),
         (
             "prosody_assigned_partitions",
-            sum(&page, "prosody_assigned_partitions", &[]),
+            metric_sum(&page, "prosody_assigned_partitions", &[]),
         ),
         (
             "assignments",
-            sum(&page, "prosody_rebalances_total", &["change=\"assign\""]),
+            metric_sum(&page, "prosody_rebalances_total", &["change=\"assign\""]),
         ),
         (
             "prosody_handlers_in_flight",
-            sum(&page, "prosody_handlers_in_flight", &[]),
+            metric_sum(&page, "prosody_handlers_in_flight", &[]),
         ),
-        ("lag", sum(&page, "prosody_partition_lag", &[&on_source])),
+        (
+            "lag",
+            metric_sum(&page, "prosody_partition_lag", &[&on_source]),
+        ),
         (
             "buffered",
-            sum(&page, "prosody_partition_buffered_messages", &[&on_source]),
+            metric_sum(&page, "prosody_partition_buffered_messages", &[&on_source]),
         ),
     ]);
     let wanted = BTreeMap::from([
@@ -184,7 +175,10 @@ async fn metrics_count_what_the_consumer_and_producer_do_and_promtool_accepts_th
         ("buffered", 0.0),
     ]);
     assert_eq!(expect, wanted, "{page}");
-    assert!(sum(&page, "prosody_commits_total", &[]) >= 1.0, "{page}");
+    assert!(
+        metric_sum(&page, "prosody_commits_total", &[]) >= 1.0,
+        "{page}"
+    );
     assert!(
         page.matches("prosody_partition_lag{").count() == 2,
         "{page}"

@@ -220,20 +220,31 @@ pub(crate) fn committed(consumer: &Client, topic: &str) -> Option<i64> {
     }
 }
 
+/// Sums the samples of `name` in a metrics page whose labels include every
+/// `label="value"` in `with`.
+pub(crate) fn metric_sum(page: &str, name: &str, with: &[&str]) -> f64 {
+    page.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name && with.iter().all(|label| labels.contains(label)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
 /// Commits `consumer` has sent so far (`prosody_commits_total`). The periodic
 /// commit sends every commit point each `FULL_COMMIT_EVERY` ticks, moved or
 /// not, so a test checking what the commit does *not* do waits for this to
 /// grow instead of sleeping.
 pub(crate) fn commits(consumer: &Client) -> f64 {
-    consumer
-        .metrics_text(prosody::MetricsFormat::Classic)
-        .lines()
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let name = series.split_once('{').map_or(series, |(name, _)| name);
-            (name == "prosody_commits_total").then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
+    metric_sum(
+        &consumer.metrics_text(prosody::MetricsFormat::Classic),
+        "prosody_commits_total",
+        &[],
+    )
 }
 
 /// An [`EventHandler`] made from an async closure.
