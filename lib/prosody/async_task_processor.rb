@@ -80,6 +80,7 @@ module Prosody
       @watchdog = nil
       @stopping = false
       @exit_requested = false
+      @generation = Native.process_generation
     end
 
     # Starts the processor thread.
@@ -89,6 +90,7 @@ module Prosody
     def start
       raise StateError, "the processor was already started" if @thread
 
+      @generation = Native.process_generation # its calls belong to this process
       @thread = Thread.new { run }
       @thread.name = "prosody-processor"
       @thread.report_on_exception = false # `run` reports its own death
@@ -189,13 +191,14 @@ module Prosody
       rescue Async::Stop
         raise # cancellation: reported as such below, and the worker stops
       rescue SystemExit => e
-        outcome = exited(message, e)
+        outcome = forked? ? e : exited(message, e)
       rescue Exception => e # rubocop:disable Lint/RescueException -- a handler must not kill the processor
         # Anything a handler raises (Interrupt, NoMemoryError, ScriptError...)
         # fails this call only; the thread goes on serving the others.
         outcome = e
         log_failure(message, e)
       ensure
+        ForkedChild.end!(where(message), outcome) if forked?
         # Async::Stop (cancellation) skips the branches above and lands here.
         report(completion, UNFINISHED.equal?(outcome) ? cancelled(message) : outcome)
         # Outside a batch (resumed after waiting, or stopped): send it now.
@@ -260,6 +263,11 @@ module Prosody
       else
         @handler.on_message(context, message)
       end
+    end
+
+    # @return [Boolean] whether this is a child forked from the process that made the processor
+    def forked?
+      Native.process_generation != @generation
     end
 
     # `exit` in a handler asks for a stop; the call itself is not finished, so

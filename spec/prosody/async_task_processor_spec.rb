@@ -39,6 +39,36 @@ RSpec.describe Prosody::AsyncTaskProcessor do
     expect(status.exitstatus).to eq(0)
   end
 
+  # The child of a handler's `fork` without a block comes back into the
+  # processor: it used to run the rest of the batch there, handling the
+  # parent's messages a second time, and to report to the parent's completions.
+  it "ends a child forked by a handler when the handler returns, before the rest of its batch" do
+    reader, writer = IO.pipe
+    children = Queue.new
+    processor = start(handler do |_context, msg|
+      writer.puts("#{Process.pid} #{msg.offset}") # atomic: shorter than PIPE_BUF
+      children << (fork || writer.puts("#{Process.pid} #{msg.offset}") || next) if msg.offset == 1
+    end)
+    batch = [1, 2, 3].flat_map do |id|
+      [id, ProsodySpec::FakeNativeContext.new, ProsodySpec::FakeCompletion.new, message(id)]
+    end
+    completions = batch.each_slice(4).map { |slice| slice[2] }
+    capture_logs do
+      processor.submit_batch(batch)
+      expect(completions.map(&:outcome)).to eq([nil, nil, nil])
+      child = children.pop
+      ended = wait_for(timeout: 10, description: "the child to end") { Process.wait2(child, Process::WNOHANG) }
+    ensure
+      Process.kill(:KILL, child) && Process.wait(child) if child && !ended
+    end
+    writer.close
+    calls = reader.read.lines.map(&:split)
+
+    expect(calls.count { |pid, _| pid == Process.pid.to_s }).to eq(3)
+    expect(calls.reject { |pid, _| pid == Process.pid.to_s }.map(&:last)).to eq(["1"])
+    expect(completions.map { |completion| completion.outcomes.size }).to eq([1, 1, 1])
+  end
+
   it "runs calls concurrently, one fiber each, on the processor thread" do
     started = []
     threads = Queue.new

@@ -98,6 +98,8 @@ thread_local! {
     /// Set on the processor's thread: its completions wait for `flush_completions`.
     static DEFERRING: Cell<bool> = const { Cell::new(false) };
     static DEFERRED: RefCell<Vec<Completed>> = const { RefCell::new(Vec::new()) };
+    /// The process generation `DEFERRED` belongs to (see `NativeContext::born`).
+    static DEFERRED_BORN: Cell<u64> = const { Cell::new(0) };
 }
 
 /// `Prosody::Native.defer_completions(on)`: while on, completions made on the
@@ -106,6 +108,7 @@ thread_local! {
 /// thread for another Ruby thread, which must not inherit it.
 fn defer_completions(on: bool) {
     DEFERRING.with(|deferring| deferring.set(on));
+    DEFERRED_BORN.with(|born| born.set(process::generation()));
 }
 
 /// `Prosody::Native.flush_completions`: sends the calling thread's deferred
@@ -113,6 +116,12 @@ fn defer_completions(on: bool) {
 fn flush_completions() -> usize {
     let mut batch = DEFERRED.with(|deferred| std::mem::take(&mut *deferred.borrow_mut()));
     let count = batch.len();
+    if DEFERRED_BORN.with(Cell::get) != process::generation() {
+        // A forked child's copy of the parent's completions: the parent sends
+        // them; here they would take locks the parent's threads may have held.
+        std::mem::forget(batch);
+        return 0;
+    }
     if count > 1 {
         // Waking tokio tasks touches no Ruby; nothing to interrupt, it is quick.
         let _ = without_gvl(|| batch.drain(..).for_each(send), || {});
@@ -336,8 +345,9 @@ impl InboxHandle {
                 } => match subject.to_ruby(ruby, &mut shared_headers) {
                     Ok(subject) => {
                         let native = NativeContext {
-                            context,
-                            sender: Mutex::new(Some(sender)),
+                            context: ManuallyDrop::new(context),
+                            sender: ManuallyDrop::new(Mutex::new(Some(sender))),
+                            born: process::generation(),
                         }
                         .into_value_with(ruby);
                         let context = ruby_context(ruby, native, subject)?;
@@ -652,11 +662,25 @@ fn set_ivars(
 /// the call's completion, which reports its outcome once.
 #[magnus::wrap(class = "Prosody::Native::Context", free_immediately, size)]
 pub(crate) struct NativeContext {
-    context: Context,
-    sender: SharedSender,
+    context: ManuallyDrop<Context>,
+    sender: ManuallyDrop<SharedSender>,
+    /// The process generation it was made in: a forked child (a handler that
+    /// called `fork` without a block) must not touch it, as the parent's
+    /// threads may have held its locks (the scheduler's, tokio's) at the fork.
+    born: u64,
 }
 
 impl NativeContext {
+    fn in_own_process(&self) -> bool {
+        process::generation() == self.born
+    }
+
+    /// The context, or a `BridgeError` in a forked child.
+    fn live_context(&self, ruby: &Ruby) -> Result<&Context, Error> {
+        process::check_same_process(ruby, self.born, "handler context")?;
+        Ok(&self.context)
+    }
+
     fn should_cancel(&self) -> bool {
         self.context.should_cancel()
     }
@@ -674,6 +698,10 @@ impl NativeContext {
         } else {
             Err(describe(ruby, error)?)
         };
+        if !rb_self.in_own_process() {
+            // The parent reports this call itself.
+            return Ok(false);
+        }
         let Some(sender) = take_sender(&rb_self.sender) else {
             return Ok(false);
         };
@@ -690,37 +718,46 @@ impl NativeContext {
     // Timer calls reach the store (PostgreSQL): like `Client#send_message` they
     // run on a tokio task and answer through the caller's Thread::Queue.
 
-    fn schedule(ruby: &Ruby, rb_self: &Self, at_ms: i64, queue: Value) {
-        let context = rb_self.context.clone();
+    fn schedule(ruby: &Ruby, rb_self: &Self, at_ms: i64, queue: Value) -> Result<(), Error> {
+        let context = rb_self.live_context(ruby)?.clone();
         answer_later(ruby, queue, false, async move {
             context.schedule(from_millis(at_ms)).await
         });
+        Ok(())
     }
 
-    fn clear_and_schedule(ruby: &Ruby, rb_self: &Self, at_ms: i64, queue: Value) {
-        let context = rb_self.context.clone();
+    fn clear_and_schedule(
+        ruby: &Ruby,
+        rb_self: &Self,
+        at_ms: i64,
+        queue: Value,
+    ) -> Result<(), Error> {
+        let context = rb_self.live_context(ruby)?.clone();
         answer_later(ruby, queue, false, async move {
             context.clear_and_schedule(from_millis(at_ms)).await
         });
+        Ok(())
     }
 
-    fn unschedule(ruby: &Ruby, rb_self: &Self, at_ms: i64, queue: Value) {
-        let context = rb_self.context.clone();
+    fn unschedule(ruby: &Ruby, rb_self: &Self, at_ms: i64, queue: Value) -> Result<(), Error> {
+        let context = rb_self.live_context(ruby)?.clone();
         answer_later(ruby, queue, false, async move {
             context.unschedule(from_millis(at_ms)).await
         });
+        Ok(())
     }
 
-    fn clear_scheduled(ruby: &Ruby, rb_self: &Self, queue: Value) {
-        let context = rb_self.context.clone();
+    fn clear_scheduled(ruby: &Ruby, rb_self: &Self, queue: Value) -> Result<(), Error> {
+        let context = rb_self.live_context(ruby)?.clone();
         answer_later(ruby, queue, false, async move {
             context.clear_scheduled().await
         });
+        Ok(())
     }
 
     /// Pushes an Array of Integer milliseconds since the epoch, earliest first.
-    fn scheduled(ruby: &Ruby, rb_self: &Self, queue: Value) {
-        let context = rb_self.context.clone();
+    fn scheduled(ruby: &Ruby, rb_self: &Self, queue: Value) -> Result<(), Error> {
+        let context = rb_self.live_context(ruby)?.clone();
         let queue = RubyOwned::new(ruby, queue);
         runtime().spawn(async move {
             let times = context.scheduled().await;
@@ -735,6 +772,7 @@ impl NativeContext {
                 list.as_value()
             });
         });
+        Ok(())
     }
 }
 
@@ -752,10 +790,20 @@ impl Drop for NativeContext {
         // Garbage-collected without a word: never leave the Rust side waiting.
         // (Nearly every context was completed: the failure is built only when
         // it is not, as this runs in the GC's sweep, once per call.)
+        if !self.in_own_process() {
+            // Leaked: dropping the last handle on a call gives back its slot,
+            // which takes the scheduler's lock (see the `born` field).
+            return;
+        }
         if let Some(sender) = take_sender(&self.sender) {
             let _ = sender.send(Err(HandlerFailure::internal(
                 "the handler's completion was discarded",
             )));
+        }
+        // SAFETY: dropped once, here; the fields are never used afterwards.
+        unsafe {
+            ManuallyDrop::drop(&mut self.context);
+            ManuallyDrop::drop(&mut self.sender);
         }
     }
 }
@@ -801,6 +849,7 @@ pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     context.define_method("complete", method!(NativeContext::complete, 1))?;
     native.define_module_function("defer_completions", function!(defer_completions, 1))?;
     native.define_module_function("flush_completions", function!(flush_completions, 0))?;
+    native.define_module_function("process_generation", function!(process::generation, 0))?;
     for id in [
         &TOPIC, &PARTITION, &OFFSET, &KEY, &TIMESTAMP, &PAYLOAD, &HEADERS, &NATIVE, &SUBJECT,
     ] {
