@@ -35,9 +35,9 @@ runs.times do |run|
   line = versions.map do |name, (version_native, version_lib)|
     figures = measure(version_native, version_lib, child)
     results[name] << figures
-    format("%<name>s %<rate>d msg/s %<cpu>.2f CPU s/100k (processor %<processor>.2f)",
+    format("%<name>s %<rate>d msg/s %<cpu>.2f CPU s/100k (processor %<processor>.2f), %<objects>.1f objects/msg",
            name:, rate: figures["msgs_per_sec"], cpu: figures["cpu_s_per_100k"],
-           processor: figures["processor_cpu_s_per_100k"])
+           processor: figures["processor_cpu_s_per_100k"], objects: figures["objects_per_msg"])
   end
   base, current = results.values.map(&:last)
   puts format("run %<run>d/%<runs>d: %<line>s; ratio %<ratio>.2f",
@@ -50,6 +50,7 @@ cpu = results.transform_values { |list| median(list.map { |figures| figures["cpu
 processor = results.transform_values do |list|
   median(list.map { |figures| figures["processor_cpu_s_per_100k"] })
 end
+objects = results.transform_values { |list| median(list.map { |figures| figures["objects_per_msg"] }) }
 pairs = results[label].zip(results["this tree"]).map do |base, current|
   current["msgs_per_sec"].to_f / base["msgs_per_sec"]
 end
@@ -58,9 +59,11 @@ puts format("(b) Ruby no-op, %<messages>d msgs, 4 partitions, 1000 keys; median 
             messages: Integer(ENV.fetch("MESSAGES", "100000")), runs:)
 ["this tree", label].each do |name|
   puts format("  %<name>-12s %<rate>8.0f msg/s  %<cpu>.2f CPU s/100k, processor thread %<processor>.2f " \
-              "(alone at most %<ceiling>.0f msg/s)",
-              name:, rate: rate[name], cpu: cpu[name], processor: processor[name], ceiling: 100_000 / processor[name])
+              "(alone at most %<ceiling>.0f msg/s), %<objects>.1f Ruby objects per message",
+              name:, rate: rate[name], cpu: cpu[name], processor: processor[name], ceiling: 100_000 / processor[name],
+              objects: objects[name])
 end
-puts format("  ratio: throughput %<rate>.2f (pairs %<low>.2f-%<high>.2f), CPU per message %<cpu>.2f",
+puts format("  ratio: throughput %<rate>.2f (pairs %<low>.2f-%<high>.2f), CPU per message %<cpu>.2f, " \
+            "objects per message %<objects>.2f",
             rate: rate["this tree"] / rate[label], low: pairs.min, high: pairs.max,
-            cpu: cpu["this tree"] / cpu[label])
+            cpu: cpu["this tree"] / cpu[label], objects: objects["this tree"] / objects[label])

@@ -25,6 +25,6 @@ topic = Bench.unique("against")
 cluster.create_topics(topic => 4)
 Bench::Consuming.fill(cluster, topic, messages, 1_000)
 Process.kill(:STOP, Process.pid) if ENV["PAUSE_AFTER_FILL"] == "1"
-rate, cpu, processor_cpu = Bench::Consuming.consume(cluster, topic, messages)
+rate, cpu, processor_cpu, objects = Bench::Consuming.consume(cluster, topic, messages)
 puts JSON.generate("msgs_per_sec" => rate.round, "cpu_s_per_100k" => cpu.round(3),
-                   "processor_cpu_s_per_100k" => processor_cpu.round(3))
+                   "processor_cpu_s_per_100k" => processor_cpu.round(3), "objects_per_msg" => objects.round(2))

@@ -80,8 +80,9 @@ module Bench
     # Consumes `count` messages of `topic`, calling `work` in each handler;
     # returns messages per second from the first handler start to the last
     # handler end (joining the group is not counted), the process's CPU
-    # seconds per 100k messages over the same span, and the processor
-    # thread's own (where handlers run).
+    # seconds per 100k messages over the same span, the processor thread's own
+    # (where handlers run), and Ruby objects allocated per message (every
+    # thread: unlike time, a figure the machine's load does not move).
     def consume(cluster, topic, count, **options, &work)
       span = Span.new(count)
       handler = Class.new(Prosody::EventHandler) do
@@ -96,17 +97,18 @@ module Bench
       client.subscribe(handler.new)
       Bench.wait_until(DEADLINE, "#{count} messages") { span.done? }
       client.unsubscribe
-      [span.rate, span.cpu_per_100k, span.thread_cpu_per_100k]
+      [span.rate, span.cpu_per_100k, span.thread_cpu_per_100k, span.objects_per_message]
     end
 
-    # Wall clock, process CPU and the processor thread's CPU from the first
-    # handler start to the last handler end. Called from the handlers, so on
+    # Wall clock, process CPU, the processor thread's CPU and Ruby's allocated
+    # objects from the first handler start to the last handler end. Called from the handlers, so on
     # the processor thread, which runs them one fiber at a time.
     class Span
       def initialize(count)
         @count = count
         @handled = 0
         @first = @last = @cpu_first = @cpu_last = @thread_cpu_first = @thread_cpu_last = nil
+        @objects_first = @objects_last = nil
       end
 
       def start
@@ -115,6 +117,7 @@ module Bench
         @first = Bench.now
         @cpu_first = Bench.cpu_now
         @thread_cpu_first = Bench.thread_cpu_now
+        @objects_first = GC.stat(:total_allocated_objects)
       end
 
       def handled
@@ -124,6 +127,7 @@ module Bench
         @last = Bench.now
         @cpu_last = Bench.cpu_now
         @thread_cpu_last = Bench.thread_cpu_now
+        @objects_last = GC.stat(:total_allocated_objects)
       end
 
       def done? = !@last.nil?
@@ -133,6 +137,8 @@ module Bench
       def cpu_per_100k = (@cpu_last - @cpu_first) * 100_000.0 / @count
 
       def thread_cpu_per_100k = (@thread_cpu_last - @thread_cpu_first) * 100_000.0 / @count
+
+      def objects_per_message = (@objects_last - @objects_first).fdiv(@count)
     end
   end
 end

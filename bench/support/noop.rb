@@ -15,10 +15,12 @@ module Bench
       topic = Bench.unique("noop")
       partitions = cluster.create_topics(topic => [(messages / 20_000.0).ceil, 1].max).fetch(topic)
       Consuming.fill(cluster, topic, messages, 1_000)
-      rate, cpu, processor_cpu = Consuming.consume(cluster, topic, messages)
+      rate, cpu, processor_cpu, objects = Consuming.consume(cluster, topic, messages)
       scenario = "(b) Ruby no-op handler (#{messages} msgs, #{partitions} partitions, 1000 keys)"
       noop_report(report, scenario, messages, rate, cpu)
       processor_ceiling(report, scenario, processor_cpu)
+      report["ruby_noop_objects_per_msg"] = objects.round(1)
+      report.row("#{scenario}: Ruby objects allocated per message", format("%.1f", objects))
       noop_deep(cluster, report, topic, messages)
     end
 

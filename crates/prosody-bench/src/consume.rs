@@ -20,6 +20,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Message as _;
 use serde_json::Value;
 
+use crate::allocations::{allocations_now, per_message};
 use crate::cluster::Cluster;
 use crate::data::{fill, unique, Payload};
 use crate::report::{
@@ -53,27 +54,31 @@ pub(crate) async fn noop(
         .await?;
     eprintln!("(a) producing {messages} messages over {partitions} partitions…");
     fill(cluster, &topic, messages, NOOP_KEYS, Payload::Small).await?;
-    let mut plain = Vec::new();
-    let mut plain_json = Vec::new();
-    let mut core = Vec::new();
-    let (mut plain_cpu, mut plain_json_cpu, mut core_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut plain, mut plain_json, mut core) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=RUNS {
         eprintln!("(a) run {run}/{RUNS}: plain rdkafka consumer…");
-        let (rate, cpu) = plain_rdkafka(cluster, &topic, messages, false).await?;
-        plain.push(rate);
-        plain_cpu.push(cpu);
+        plain.push(plain_rdkafka(cluster, &topic, messages, false).await?);
         eprintln!("(a) run {run}/{RUNS}: plain rdkafka consumer decoding JSON…");
-        let (rate, cpu) = plain_rdkafka(cluster, &topic, messages, true).await?;
-        plain_json.push(rate);
-        plain_json_cpu.push(cpu);
+        plain_json.push(plain_rdkafka(cluster, &topic, messages, true).await?);
         eprintln!("(a) run {run}/{RUNS}: Prosody, no-op handler…");
-        let (rate, cpu) = prosody_rate(cluster, &topic, messages, None, &[]).await?;
-        core.push(rate);
-        core_cpu.push(cpu);
+        core.push(prosody_rate(cluster, &topic, messages, None, &[]).await?);
     }
-    let (plain, plain_json, core) = (median(plain), median(plain_json), median(core));
-    let (plain_cpu, plain_json_cpu, core_cpu) =
-        (median(plain_cpu), median(plain_json_cpu), median(core_cpu));
+    let medians =
+        |runs: &[Figures], figure: fn(&Figures) -> f64| median(runs.iter().map(figure).collect());
+    let (plain_cpu, plain_json_cpu, core_cpu) = (
+        medians(&plain, |run| run.cpu),
+        medians(&plain_json, |run| run.cpu),
+        medians(&core, |run| run.cpu),
+    );
+    let (plain_json_allocations, core_allocations) = (
+        medians(&plain_json, |run| run.allocations),
+        medians(&core, |run| run.allocations),
+    );
+    let (plain, plain_json, core) = (
+        medians(&plain, |run| run.rate),
+        medians(&plain_json, |run| run.rate),
+        medians(&core, |run| run.rate),
+    );
     let core_vs_plain = ratio(core, plain);
     report.insert("messages", messages);
     report.insert("noop_partitions", partitions);
@@ -85,6 +90,11 @@ pub(crate) async fn noop(
     report.insert("plain_rdkafka_cpu_s_per_100k", round2(plain_cpu));
     report.insert("plain_rdkafka_json_cpu_s_per_100k", round2(plain_json_cpu));
     report.insert("core_noop_cpu_s_per_100k", round2(core_cpu));
+    report.insert(
+        "plain_rdkafka_json_allocs_per_msg",
+        round1(plain_json_allocations),
+    );
+    report.insert("core_noop_allocs_per_msg", round1(core_allocations));
     let core_vs_plain_json = ratio(core, plain_json);
     let verdict = if core_vs_plain_json >= TARGET_CORE_VS_PLAIN_JSON {
         "met"
@@ -117,6 +127,12 @@ pub(crate) async fn noop(
         format!("plain loop decoding JSON {}", cpu_shown(plain_json_cpu)),
         format!("{:.2}", ratio(core_cpu, plain_json_cpu)),
     );
+    report.row(
+        "(a) core, no-op handler: Rust heap allocations per message (same runs)",
+        format!("{core_allocations:.1}"),
+        format!("plain loop decoding JSON {plain_json_allocations:.1}"),
+        format!("{:+.1}", core_allocations - plain_json_allocations),
+    );
     Ok(())
 }
 
@@ -141,7 +157,9 @@ pub(crate) async fn io(cluster: &Cluster, report: &mut Report) -> BenchResult<()
         let shown =
             max_uncommitted.map_or_else(String::new, |max| format!(", max_uncommitted {max}"));
         eprintln!("(c) Prosody, max_concurrency {concurrency}{shown}…");
-        let (rate, _) = prosody_rate(cluster, &topic, count, Some(WAIT), &extra).await?;
+        let rate = prosody_rate(cluster, &topic, count, Some(WAIT), &extra)
+            .await?
+            .rate;
         let ideal = crate::report::as_f64(concurrency) / WAIT.as_secs_f64();
         let label = match max_uncommitted {
             Some(max) => format!("c{concurrency}_max_uncommitted{max}"),
@@ -174,14 +192,23 @@ pub(crate) async fn io(cluster: &Cluster, report: &mut Report) -> BenchResult<()
     Ok(())
 }
 
+/// What one consuming run measured.
+struct Figures {
+    /// Messages per second.
+    rate: f64,
+    /// Process CPU seconds per 100k messages.
+    cpu: f64,
+    /// Rust heap allocations per message, every thread.
+    allocations: f64,
+}
+
 /// A plain consumer loop: poll and count; with `decode`, also decode each payload as JSON.
-/// Returns messages per second and process CPU seconds per 100k messages.
 async fn plain_rdkafka(
     cluster: &Cluster,
     topic: &str,
     count: usize,
     decode: bool,
-) -> BenchResult<(f64, f64)> {
+) -> BenchResult<Figures> {
     let topic = topic.to_owned();
     let mut config = cluster.client_config()?;
     config
@@ -197,6 +224,7 @@ async fn plain_rdkafka(
         let started = Instant::now();
         let mut first = None;
         let mut cpu_first = Duration::ZERO;
+        let mut allocations_first = 0;
         let mut seen = 0;
         while seen < count {
             if started.elapsed() > DEADLINE {
@@ -209,6 +237,7 @@ async fn plain_rdkafka(
                     if first.is_none() {
                         first = Some(Instant::now());
                         cpu_first = cpu_now();
+                        allocations_first = allocations_now();
                     }
                     if decode {
                         let payload = message.payload().unwrap_or_default();
@@ -225,7 +254,11 @@ async fn plain_rdkafka(
         let first = first.ok_or("no messages")?;
         let elapsed = first.elapsed();
         let cpu = cpu_now().saturating_sub(cpu_first);
-        Ok((rate(count, elapsed), cpu_per_100k(cpu, count)))
+        Ok(Figures {
+            rate: rate(count, elapsed),
+            cpu: cpu_per_100k(cpu, count),
+            allocations: per_message(allocations_first, allocations_now(), count),
+        })
     })
     .await
     .map_err(|error| error.to_string())?
@@ -236,8 +269,9 @@ struct Counting {
     target: usize,
     work: Option<Duration>,
     handled: AtomicUsize,
-    first: OnceLock<(Instant, Duration)>,
-    last: OnceLock<(Instant, Duration)>,
+    /// When, at what process CPU time and allocation count.
+    first: OnceLock<(Instant, Duration, u64)>,
+    last: OnceLock<(Instant, Duration, u64)>,
 }
 
 struct CountingHandler(Arc<Counting>);
@@ -246,26 +280,30 @@ impl EventHandler for CountingHandler {
     type Error = std::convert::Infallible;
 
     async fn on_message(&self, _context: Context, _message: Message) -> Result<(), Self::Error> {
-        self.0.first.get_or_init(|| (Instant::now(), cpu_now()));
+        self.0
+            .first
+            .get_or_init(|| (Instant::now(), cpu_now(), allocations_now()));
         if let Some(work) = self.0.work {
             tokio::time::sleep(work).await;
         }
         if self.0.handled.fetch_add(1, Ordering::AcqRel) + 1 == self.0.target {
-            let _ = self.0.last.set((Instant::now(), cpu_now()));
+            let _ = self
+                .0
+                .last
+                .set((Instant::now(), cpu_now(), allocations_now()));
         }
         Ok(())
     }
 }
 
 /// Prosody consuming `count` messages of `topic`, each handler awaiting `work`.
-/// Returns messages per second and process CPU seconds per 100k messages.
 async fn prosody_rate(
     cluster: &Cluster,
     topic: &str,
     count: usize,
     work: Option<Duration>,
     extra: &[(&str, OptionValue)],
-) -> BenchResult<(f64, f64)> {
+) -> BenchResult<Figures> {
     let mut builder = cluster
         .config()?
         .group_id(&unique("prosody"))
@@ -291,10 +329,11 @@ async fn prosody_rate(
     let outcome = loop {
         if let (Some(first), Some(last)) = (counting.first.get(), counting.last.get()) {
             let cpu = last.1.saturating_sub(first.1);
-            break Ok((
-                rate(count, last.0.duration_since(first.0)),
-                cpu_per_100k(cpu, count),
-            ));
+            break Ok(Figures {
+                rate: rate(count, last.0.duration_since(first.0)),
+                cpu: cpu_per_100k(cpu, count),
+                allocations: per_message(first.2, last.2, count),
+            });
         }
         if started.elapsed() > DEADLINE {
             let handled = counting.handled.load(Ordering::Acquire);

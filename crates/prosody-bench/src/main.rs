@@ -33,6 +33,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod allocations;
 mod cluster;
 mod consume;
 mod data;
@@ -48,6 +49,9 @@ use cluster::Cluster;
 use report::Report;
 
 type BenchResult<T> = Result<T, String>;
+
+#[global_allocator]
+static ALLOCATOR: allocations::CountingAllocator = allocations::CountingAllocator;
 
 /// The mock cluster's fetch cost grows with partition length; stay below this per partition.
 const MAX_PER_PARTITION: usize = 20_000;
