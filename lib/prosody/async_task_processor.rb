@@ -31,6 +31,8 @@ module Prosody
   # raises is that call's failure (`exit` also asks the client to stop). If the
   # thread ends anyway without {#stop} (killed, or a bug), `on_death` is called
   # once so the consumer reports itself stalled instead of retrying forever.
+  # A child forked by a handler (`fork` without a block) comes back into
+  # {#perform} and ends there ({ForkedChild}).
   #
   # A {ReactorWatchdog} reports handlers that hold the reactor (run without
   # yielding) for too long.

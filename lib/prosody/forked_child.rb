@@ -6,11 +6,12 @@ module Prosody
   #
   # That child runs on a copy of the processor's thread, with copies of the
   # parent's calls in flight. It must not report the parent's call (the parent
-  # does), start the calls after it (the parent does), wait on the parent's
-  # inbox (it would take the parent's wake-ups) or resume the other calls'
-  # fibers (even their `ensure` could close connections the parent shares). So
-  # it ends at once, like the child of `fork { ... }` after its block, but
-  # without running the parent's at_exit hooks (as Resque's forked children do).
+  # does; the scheduler's lock may have been held at the fork), start the
+  # calls after it in its batch (the parent does), take the handler's `exit`
+  # for a request to stop the client, or resume the other calls' fibers (even
+  # their `ensure` could close connections the parent shares). So it ends at
+  # once, like the child of `fork { ... }` after its block, but without running
+  # the parent's at_exit hooks (as Resque's forked children do).
   #
   # @api private Used by {AsyncTaskProcessor}.
   module ForkedChild
@@ -26,7 +27,7 @@ module Prosody
         begin
           Prosody.logger.warn("a handler forked without a block (#{subject}); its child process #{Process.pid} " \
                               "ends now that the handler returned (status #{code}): " \
-                              "use fork { ... } or exec for work in a child")
+                              "run subprocesses with system, Open3 or Process.spawn, or fork only to exec")
           $stdout.flush
           $stderr.flush
         rescue StandardError

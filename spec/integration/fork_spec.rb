@@ -46,10 +46,11 @@ RSpec.describe "fork" do
 
   # A handler that calls `fork` without a block leaves its child inside the
   # processor's thread, with copies of the parent's calls in flight. Left to
-  # go on, the child served nothing but waited on the parent's inbox forever
-  # (taking wake-ups the parent's processor needed). It ends instead once the
-  # handler returns, with the handler's `exit` status if it called `exit`.
-  # Its context is the parent's: timer calls there raise BridgeError.
+  # go on, the child took the handler's `exit` for "stop the client" (and
+  # exited 0 whatever the status), ran the rest of the batch and the parent's
+  # at_exit hooks. It ends instead once the handler returns, with the
+  # handler's `exit` status if it called `exit`. Its context is the parent's:
+  # timer calls there raise BridgeError.
   { "returns" => [nil, 0], "calls exit 7" => [7, 7] }.each do |ending, (exit_with, status)|
     it "ends a child forked without a block once the handler #{ending}; the parent goes on" do
       client = mock_consumer(topic)

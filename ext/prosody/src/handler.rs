@@ -693,15 +693,15 @@ impl NativeContext {
     /// `nil` for success, an exception for failure; returns false if already
     /// completed. Deferred on a thread that called `defer_completions`.
     fn complete(ruby: &Ruby, rb_self: &Self, error: Value) -> Result<bool, Error> {
+        if !rb_self.in_own_process() {
+            // The parent reports this call itself.
+            return Ok(false);
+        }
         let outcome = if error.is_nil() {
             Ok(())
         } else {
             Err(describe(ruby, error)?)
         };
-        if !rb_self.in_own_process() {
-            // The parent reports this call itself.
-            return Ok(false);
-        }
         let Some(sender) = take_sender(&rb_self.sender) else {
             return Ok(false);
         };
