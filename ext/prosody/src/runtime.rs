@@ -18,13 +18,14 @@ pub(crate) fn runtime() -> &'static Runtime {
     if let Some(runtime) = unsafe { current.as_ref() } {
         return runtime;
     }
-    let built = Box::into_raw(Box::new(
-        Builder::new_multi_thread()
-            .thread_name("prosody-worker")
-            .enable_all()
-            .build()
-            .unwrap_or_else(|error| panic!("prosody: cannot start the tokio runtime: {error}")),
-    ));
+    let mut builder = Builder::new_multi_thread();
+    builder.thread_name("prosody-worker").enable_all();
+    if let Some(workers) = worker_threads() {
+        builder.worker_threads(workers);
+    }
+    let built = Box::into_raw(Box::new(builder.build().unwrap_or_else(|error| {
+        panic!("prosody: cannot start the tokio runtime: {error}")
+    })));
     match RUNTIME.compare_exchange(
         std::ptr::null_mut(),
         built,
@@ -41,6 +42,23 @@ pub(crate) fn runtime() -> &'static Runtime {
             unsafe { &*winner }
         }
     }
+}
+
+/// Worker threads: one fewer than the CPUs, at least one; `None` when
+/// `TOKIO_WORKER_THREADS` is set (tokio then reads it itself).
+///
+/// Besides the workers, the processor thread is busy whenever messages flow
+/// (every Ruby handler runs there, under the GVL), and librdkafka has its own
+/// threads. With a worker per CPU as well, the busy threads outnumbered the
+/// CPUs: on 2 CPUs, one worker instead of two gave bench (b) 1.06x and 1.15x
+/// the rate at 0.92x and 0.85x the CPU per message (medians of two sets of
+/// 7 and 8 alternating runs, 12 of the 15 pairs in favour; session 14).
+fn worker_threads() -> Option<usize> {
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        return None;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    Some(cpus.saturating_sub(1).max(1))
 }
 
 /// Forgets the parent's runtime in a forked child. Only an atomic store: this
