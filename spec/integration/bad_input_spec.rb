@@ -1,5 +1,6 @@
 # frozen_string_literal: true
 
+require "open3"
 require "socket"
 
 # Bad input is refused with a clear Prosody error and never breaks the client:
@@ -83,6 +84,38 @@ RSpec.describe "bad input" do
   it "names the unknown kafka setting" do
     expect { Prosody::Client.new(mock: true, group_id: "g", kafka: { "sesion.timeout.ms" => "9000" }) }
       .to raise_error(Prosody::ConfigurationError, /unknown librdkafka setting `sesion.timeout.ms`/)
+  end
+
+  # The runtime is built once per process, by its first client: each case runs
+  # in a process of its own. Tokio used to read the variable itself and panic
+  # on a worker thread, leaving only "BridgeError: the worker thread ended
+  # without a result" and a Rust backtrace.
+  { "abc" => "a bad", "0" => "a zero" }.each do |value, what|
+    it "raises a ConfigurationError at Client.new for #{what} TOKIO_WORKER_THREADS, without a panic" do
+      script = <<~RUBY
+        require "prosody"
+        begin
+          Prosody::Client.new(mock: true, source_system: "s")
+          puts "created"
+        rescue Prosody::ConfigurationError => e
+          puts "ConfigurationError: \#{e.message}"
+        end
+      RUBY
+      lib = File.expand_path("../../lib", __dir__)
+      out, err, status = Open3.capture3({ "TOKIO_WORKER_THREADS" => value }, RbConfig.ruby, "-I", lib, "-e", script)
+      expect(status).to be_success, err
+      expect(out).to include("ConfigurationError: TOKIO_WORKER_THREADS must be a positive whole number")
+        .and include(value.inspect)
+      expect(err).not_to include("panicked")
+    end
+  end
+
+  it "takes a positive TOKIO_WORKER_THREADS" do
+    lib = File.expand_path("../../lib", __dir__)
+    script = 'require "prosody"; Prosody::Client.new(mock: true, source_system: "s"); puts "created"'
+    out, err, status = Open3.capture3({ "TOKIO_WORKER_THREADS" => "3" }, RbConfig.ruby, "-I", lib, "-e", script)
+    expect(status).to be_success, err
+    expect(out).to eq("created\n")
   end
 
   it "still parses whole numbers from PROSODY_* environment variables" do

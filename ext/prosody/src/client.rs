@@ -13,12 +13,13 @@ use prosody::{Config, ConsumerState};
 
 use crate::bridge::owned::RubyOwned;
 use crate::convert;
+use crate::errors;
 use crate::errors::from_core;
 use crate::handler::RubyHandler;
 use crate::monitor::RubyObserver;
 use crate::process::{check_same_process, ensure_started, generation, off_ruby_stack};
 use crate::reply::{answer_later, reply};
-use crate::runtime::runtime;
+use crate::runtime::{self, runtime, RuntimeError};
 
 #[magnus::wrap(class = "Prosody::Native::Client", free_immediately, size)]
 pub(crate) struct NativeClient {
@@ -47,6 +48,16 @@ impl Drop for NativeClient {
     }
 }
 
+/// A bad `TOKIO_WORKER_THREADS` is the user's configuration; a runtime the OS
+/// refused is the bridge's failure.
+fn runtime_error(ruby: &Ruby, error: &RuntimeError) -> Error {
+    let kind = match error {
+        RuntimeError::WorkerThreads(_) => errors::Kind::Configuration,
+        RuntimeError::Build(_) => errors::Kind::Bridge,
+    };
+    errors::error(ruby, kind, error.to_string())
+}
+
 impl NativeClient {
     fn new(ruby: &Ruby, options: RHash) -> Result<Self, Error> {
         ensure_started(ruby);
@@ -59,9 +70,11 @@ impl NativeClient {
         let config = builder.build().map_err(|error| from_core(ruby, &error))?;
         let observer = RubyObserver::new(&config);
         let client = off_ruby_stack(ruby, move || {
-            let _entered = runtime().enter();
-            prosody::Client::new(config)
+            let runtime = runtime::start()?;
+            let _entered = runtime.enter();
+            Ok(prosody::Client::new(config))
         })?
+        .map_err(|error| runtime_error(ruby, &error))?
         .map_err(|error| from_core(ruby, &error))?;
         client.set_observer(observer);
         Ok(Self {

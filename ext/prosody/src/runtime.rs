@@ -10,22 +10,39 @@ use tokio::runtime::{Builder, Runtime};
 /// wait for threads that do not exist there.
 static RUNTIME: AtomicPtr<Runtime> = AtomicPtr::new(std::ptr::null_mut());
 
-/// The shared multi-threaded runtime, built on first use. Building only fails
-/// when the OS refuses threads, and then nothing here could work.
-pub(crate) fn runtime() -> &'static Runtime {
+/// Why the runtime cannot start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RuntimeError {
+    /// `TOKIO_WORKER_THREADS` is set but is not a positive whole number.
+    #[error(
+        "TOKIO_WORKER_THREADS must be a positive whole number of tokio worker threads, \
+         got {0:?}; unset it to use one fewer than the CPUs"
+    )]
+    WorkerThreads(String),
+    /// The OS refused the runtime's threads (or its I/O driver).
+    #[error("cannot start the tokio runtime: {0}")]
+    Build(#[source] std::io::Error),
+}
+
+/// The shared multi-threaded runtime, built by the first call in this process
+/// (`Prosody::Client.new` calls it before anything else, so a bad
+/// `TOKIO_WORKER_THREADS` is a clear error there, not a panic later).
+pub(crate) fn start() -> Result<&'static Runtime, RuntimeError> {
     let current = RUNTIME.load(Ordering::Acquire);
-    // SAFETY: a non-null pointer came from `Box::leak` below and is never freed.
+    // SAFETY: a non-null pointer came from `Box::into_raw` below and is never freed.
     if let Some(runtime) = unsafe { current.as_ref() } {
-        return runtime;
+        return Ok(runtime);
     }
-    let mut builder = Builder::new_multi_thread();
-    builder.thread_name("prosody-worker").enable_all();
-    if let Some(workers) = worker_threads() {
-        builder.worker_threads(workers);
-    }
-    let built = Box::into_raw(Box::new(builder.build().unwrap_or_else(|error| {
-        panic!("prosody: cannot start the tokio runtime: {error}")
-    })));
+    let workers = worker_threads(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref())?;
+    let runtime = Builder::new_multi_thread()
+        .thread_name("prosody-worker")
+        // Always set: left unset, tokio reads TOKIO_WORKER_THREADS itself and
+        // panics on a bad value.
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .map_err(RuntimeError::Build)?;
+    let built = Box::into_raw(Box::new(runtime));
     match RUNTIME.compare_exchange(
         std::ptr::null_mut(),
         built,
@@ -33,19 +50,33 @@ pub(crate) fn runtime() -> &'static Runtime {
         Ordering::Acquire,
     ) {
         // SAFETY: `built` was just leaked from a Box and is now published for good.
-        Ok(_) => unsafe { &*built },
+        Ok(_) => Ok(unsafe { &*built }),
         Err(winner) => {
             // Another thread built one first; ours has run nothing yet.
             // SAFETY: `built` came from `Box::into_raw` above and was never shared.
             drop(unsafe { Box::from_raw(built) });
             // SAFETY: `winner` is non-null (the exchange failed) and never freed.
-            unsafe { &*winner }
+            Ok(unsafe { &*winner })
         }
     }
 }
 
-/// Worker threads: one fewer than the CPUs, at least one; `None` when
-/// `TOKIO_WORKER_THREADS` is set (tokio then reads it itself).
+/// The runtime [`start`] built. Every caller works for a `Prosody::Client` (or a
+/// handler call of one) of this process, whose `new` started it; objects made
+/// before a fork are refused before they get here (`check_same_process`).
+pub(crate) fn runtime() -> &'static Runtime {
+    match start() {
+        Ok(runtime) => runtime,
+        // Unreachable, as said above. (Were it reached, magnus would turn the
+        // panic into a Ruby `fatal` rather than unwind into Ruby.)
+        Err(error) => {
+            panic!("prosody: the tokio runtime was used before a client started it: {error}")
+        }
+    }
+}
+
+/// Worker threads: `TOKIO_WORKER_THREADS` when set (`setting`), else one fewer
+/// than the CPUs, at least one.
 ///
 /// Besides the workers, the processor thread is busy whenever messages flow
 /// (every Ruby handler runs there, under the GVL), and librdkafka has its own
@@ -53,12 +84,17 @@ pub(crate) fn runtime() -> &'static Runtime {
 /// CPUs: on 2 CPUs, one worker instead of two gave bench (b) 1.06x and 1.15x
 /// the rate at 0.92x and 0.85x the CPU per message (medians of two sets of
 /// 7 and 8 alternating runs, 12 of the 15 pairs in favour; session 14).
-fn worker_threads() -> Option<usize> {
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
-        return None;
+fn worker_threads(setting: Option<&str>) -> Result<usize, RuntimeError> {
+    match setting {
+        Some(text) => match text.trim().parse::<usize>() {
+            Ok(workers) if workers > 0 => Ok(workers),
+            _ => Err(RuntimeError::WorkerThreads(text.to_owned())),
+        },
+        None => {
+            let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+            Ok(cpus.saturating_sub(1).max(1))
+        }
     }
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    Some(cpus.saturating_sub(1).max(1))
 }
 
 /// Forgets the parent's runtime in a forked child. Only an atomic store: this
