@@ -90,19 +90,24 @@ RSpec.describe "bad input" do
   # in a process of its own. Tokio used to read the variable itself and panic
   # on a worker thread, leaving only "BridgeError: the worker thread ended
   # without a result" and a Rust backtrace.
+  # Returns what `Client.new` said (stdout), stderr and the exit status.
+  define_method(:new_client_with_workers) do |value|
+    script = <<~RUBY
+      require "prosody"
+      begin
+        Prosody::Client.new(mock: true, source_system: "s")
+        puts "created"
+      rescue Prosody::ConfigurationError => e
+        puts "ConfigurationError: \#{e.message}"
+      end
+    RUBY
+    lib = File.expand_path("../../lib", __dir__)
+    Open3.capture3({ "TOKIO_WORKER_THREADS" => value }, RbConfig.ruby, "-I", lib, "-e", script)
+  end
+
   { "abc" => "a bad", "0" => "a zero" }.each do |value, what|
     it "raises a ConfigurationError at Client.new for #{what} TOKIO_WORKER_THREADS, without a panic" do
-      script = <<~RUBY
-        require "prosody"
-        begin
-          Prosody::Client.new(mock: true, source_system: "s")
-          puts "created"
-        rescue Prosody::ConfigurationError => e
-          puts "ConfigurationError: \#{e.message}"
-        end
-      RUBY
-      lib = File.expand_path("../../lib", __dir__)
-      out, err, status = Open3.capture3({ "TOKIO_WORKER_THREADS" => value }, RbConfig.ruby, "-I", lib, "-e", script)
+      out, err, status = new_client_with_workers(value)
       expect(status).to be_success, err
       expect(out).to include("ConfigurationError: TOKIO_WORKER_THREADS must be a positive whole number")
         .and include(value.inspect)
@@ -111,9 +116,7 @@ RSpec.describe "bad input" do
   end
 
   it "takes a positive TOKIO_WORKER_THREADS" do
-    lib = File.expand_path("../../lib", __dir__)
-    script = 'require "prosody"; Prosody::Client.new(mock: true, source_system: "s"); puts "created"'
-    out, err, status = Open3.capture3({ "TOKIO_WORKER_THREADS" => "3" }, RbConfig.ruby, "-I", lib, "-e", script)
+    out, err, status = new_client_with_workers("3")
     expect(status).to be_success, err
     expect(out).to eq("created\n")
   end
