@@ -32,7 +32,7 @@ use serde_json::json;
 
 use crate::cluster::Cluster;
 use crate::memory::rss_kib;
-use crate::report::Report;
+use crate::report::{self, as_f64, Report};
 
 type BenchResult<T> = Result<T, String>;
 
@@ -606,25 +606,17 @@ fn format_figure(value: f64) -> String {
     }
 }
 
+/// The `quantile` of `latencies`, in milliseconds (nearest rank, as everywhere in the bench).
 fn percentile(latencies: &[Duration], quantile: f64) -> f64 {
-    let mut sorted = latencies.to_vec();
-    sorted.sort();
-    let last = sorted.len().saturating_sub(1);
-    // Nearest rank; the float-to-index conversion is bounded by `last`.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let rank = ((as_f64(last) * quantile).round() as usize).min(last);
-    sorted
-        .get(rank)
-        .map_or(0.0, |latency| latency.as_secs_f64() * 1_000.0)
+    let mut millis: Vec<f64> = latencies
+        .iter()
+        .map(|latency| latency.as_secs_f64() * 1_000.0)
+        .collect();
+    report::percentile(&mut millis, quantile)
 }
 
 fn per_second(count: usize, elapsed: Duration) -> f64 {
     as_f64(count) / elapsed.as_secs_f64().max(f64::EPSILON)
-}
-
-#[allow(clippy::cast_precision_loss)]
-fn as_f64(value: usize) -> f64 {
-    value as f64
 }
 
 fn round(value: f64) -> f64 {
