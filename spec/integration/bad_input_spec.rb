@@ -86,12 +86,11 @@ RSpec.describe "bad input" do
       .to raise_error(Prosody::ConfigurationError, /unknown librdkafka setting `sesion.timeout.ms`/)
   end
 
-  # The runtime is built once per process, by its first client: each case runs
-  # in a process of its own. Tokio used to read the variable itself and panic
-  # on a worker thread, leaving only "BridgeError: the worker thread ended
-  # without a result" and a Rust backtrace.
-  # Returns what `Client.new` said (stdout), stderr and the exit status.
-  define_method(:new_client_with_workers) do |value|
+  # Client.new in a process of its own, with `env` added to its environment:
+  # the runtime is built once per process, by its first client, and Ruby's own
+  # ENV refuses some of the values tried here. Returns what Client.new said
+  # (stdout), stderr and the exit status.
+  define_method(:new_client_with_env) do |env|
     script = <<~RUBY
       require "prosody"
       begin
@@ -102,23 +101,48 @@ RSpec.describe "bad input" do
       end
     RUBY
     lib = File.expand_path("../../lib", __dir__)
-    Open3.capture3({ "TOKIO_WORKER_THREADS" => value }, RbConfig.ruby, "-I", lib, "-e", script)
+    Open3.capture3(env, RbConfig.ruby, "-I", lib, "-e", script)
   end
 
-  { "abc" => "a bad", "0" => "a zero" }.each do |value, what|
+  # Tokio used to read the variable itself and panic on a worker thread,
+  # leaving only "BridgeError: the worker thread ended without a result" and a
+  # Rust backtrace.
+  { "abc" => "a bad", "0" => "a zero", "\xFF".b => "a non-UTF-8" }.each do |value, what|
     it "raises a ConfigurationError at Client.new for #{what} TOKIO_WORKER_THREADS, without a panic" do
-      out, err, status = new_client_with_workers(value)
+      out, err, status = new_client_with_env("TOKIO_WORKER_THREADS" => value)
       expect(status).to be_success, err
       expect(out).to include("ConfigurationError: TOKIO_WORKER_THREADS must be a positive whole number")
-        .and include(value.inspect)
       expect(err).not_to include("panicked")
     end
   end
 
   it "takes a positive TOKIO_WORKER_THREADS" do
-    out, err, status = new_client_with_workers("3")
+    out, err, status = new_client_with_env("TOKIO_WORKER_THREADS" => "3")
     expect(status).to be_success, err
     expect(out).to eq("created\n")
+  end
+
+  # Reading PROSODY_* variables used to read every variable as UTF-8, and one
+  # that was not (anywhere in the environment) panicked: a Ruby `fatal`.
+  it "ignores an environment variable that is not UTF-8 when it is not Prosody's" do
+    out, err, status = new_client_with_env("UNRELATED_BYTES" => "\xFF".b)
+    expect(status).to be_success, err
+    expect(out).to eq("created\n")
+  end
+
+  it "names the option whose PROSODY_* variable is not UTF-8" do
+    out, err, status = new_client_with_env("PROSODY_MAX_CONCURRENCY" => "\xFF".b)
+    expect(status).to be_success, err
+    expect(out).to include("ConfigurationError: invalid option `max_concurrency`: " \
+                           "the environment variable PROSODY_MAX_CONCURRENCY is not valid UTF-8")
+  end
+
+  it "names a PROSODY_KAFKA_* variable that is not UTF-8 without showing its value" do
+    out, err, status = new_client_with_env("PROSODY_KAFKA_SASL_PASSWORD" => "s3cret\xFF".b)
+    expect(status).to be_success, err
+    expect(out).to include("ConfigurationError: invalid option `kafka`: " \
+                           "the environment variable PROSODY_KAFKA_SASL_PASSWORD is not valid UTF-8")
+    expect(out).not_to include("s3cret")
   end
 
   it "still parses whole numbers from PROSODY_* environment variables" do

@@ -655,8 +655,29 @@ impl ConfigBuilder {
     }
 
     /// Validates, falling back to `PROSODY_*` environment variables for unset options.
+    ///
+    /// Other variables are not read, so one that is not UTF-8 (any process may
+    /// have one) does no harm; a `PROSODY_*` variable that would set an option
+    /// but is not UTF-8 is a [`Error::Configuration`] for that option.
     pub fn build(self) -> Result<Config> {
-        let env: Vec<(String, String)> = std::env::vars().collect();
+        let mut env = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            // Every name that sets something is ASCII.
+            let Some(name) = name.to_str() else { continue };
+            let Some(setting) = env_setting(name) else {
+                continue;
+            };
+            match value.into_string() {
+                Ok(value) => env.push((name.to_owned(), value)),
+                // Not the value: it may be a secret (a SASL password).
+                Err(_) => {
+                    return Err(Error::config(
+                        setting.option(),
+                        format!("the environment variable {name} is not valid UTF-8"),
+                    ))
+                }
+            }
+        }
         self.build_with_env(env)
     }
 
@@ -665,13 +686,14 @@ impl ConfigBuilder {
         let mut kafka_from_env = BTreeMap::new();
         let mut options_from_env = BTreeMap::new();
         for (name, value) in env {
-            if let Some(setting) = name.strip_prefix(KAFKA_ENV_PREFIX) {
-                kafka_from_env.insert(setting.to_ascii_lowercase().replace('_', "."), value);
-            } else if let Some(option) = name.strip_prefix(ENV_PREFIX) {
-                let option = option.to_ascii_lowercase();
-                if OPTION_NAMES.contains(&option.as_str()) && option != "kafka" {
+            match env_setting(&name) {
+                Some(EnvSetting::Kafka(setting)) => {
+                    kafka_from_env.insert(setting, value);
+                }
+                Some(EnvSetting::Option(option)) => {
                     options_from_env.insert(option, OptionValue::Str(value));
                 }
+                None => {}
             }
         }
         let from_env = options_from_env
@@ -688,6 +710,37 @@ impl ConfigBuilder {
         }
         .parse()
     }
+}
+
+/// What a `PROSODY_*` environment variable sets.
+enum EnvSetting {
+    /// A librdkafka setting (`PROSODY_KAFKA_SECURITY_PROTOCOL` → `security.protocol`).
+    Kafka(String),
+    /// An option (`PROSODY_MAX_CONCURRENCY` → `max_concurrency`).
+    Option(String),
+}
+
+impl EnvSetting {
+    /// The option an error about this variable names.
+    fn option(&self) -> &str {
+        match self {
+            Self::Kafka(_) => "kafka",
+            Self::Option(option) => option,
+        }
+    }
+}
+
+/// What the environment variable `name` sets, if anything: other variables,
+/// and `PROSODY_*` names that are no option, are ignored.
+fn env_setting(name: &str) -> Option<EnvSetting> {
+    if let Some(setting) = name.strip_prefix(KAFKA_ENV_PREFIX) {
+        return Some(EnvSetting::Kafka(
+            setting.to_ascii_lowercase().replace('_', "."),
+        ));
+    }
+    let option = name.strip_prefix(ENV_PREFIX)?.to_ascii_lowercase();
+    (OPTION_NAMES.contains(&option.as_str()) && option != "kafka")
+        .then_some(EnvSetting::Option(option))
 }
 
 /// The longest duration any option takes: far beyond any sensible setting, and

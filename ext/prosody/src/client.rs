@@ -13,8 +13,7 @@ use prosody::{Config, ConsumerState};
 
 use crate::bridge::owned::RubyOwned;
 use crate::convert;
-use crate::errors;
-use crate::errors::from_core;
+use crate::errors::{self, from_core};
 use crate::handler::RubyHandler;
 use crate::monitor::RubyObserver;
 use crate::process::{check_same_process, ensure_started, generation, off_ruby_stack};

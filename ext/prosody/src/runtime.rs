@@ -33,7 +33,10 @@ pub(crate) fn start() -> Result<&'static Runtime, RuntimeError> {
     if let Some(runtime) = unsafe { current.as_ref() } {
         return Ok(runtime);
     }
-    let workers = worker_threads(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref())?;
+    // Read as given (lossily: a value that is not UTF-8 is as wrong as "abc").
+    let setting =
+        std::env::var_os("TOKIO_WORKER_THREADS").map(|value| value.to_string_lossy().into_owned());
+    let workers = worker_threads(setting.as_deref())?;
     let runtime = Builder::new_multi_thread()
         .thread_name("prosody-worker")
         // Always set: left unset, tokio reads TOKIO_WORKER_THREADS itself and
