@@ -30,6 +30,13 @@ RSpec.describe "bad input" do
   it "refuses invalid headers" do
     expect { client.send_message(topic, "k", {}, headers: { "n" => 1 }) }
       .to raise_error(Prosody::InvalidMessageError, /header `n`/)
+    expect { client.send_message(topic, "k", {}, headers: { nil => "x" }) }
+      .to raise_error(Prosody::InvalidMessageError, "header name NilClass is not a String or Symbol")
+  end
+
+  it "refuses a topic name with a NUL byte, naming it" do
+    expect { client.send_message("#{topic}\0shadow", "k", { "a" => 1 }) }
+      .to raise_error(Prosody::InvalidMessageError, /topic "#{topic}\\0shadow" is not a topic name/)
   end
 
   it "refuses a key that is not UTF-8 or not a String, naming the problem" do

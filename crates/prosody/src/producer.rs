@@ -102,6 +102,12 @@ impl Producer {
         bytes: &[u8],
         headers: &[(String, String)],
     ) -> Result<()> {
+        // librdkafka takes C strings: without this, "kafka: FFI nul error".
+        if topic.is_empty() || topic.contains('\0') {
+            return Err(Error::InvalidMessage(format!(
+                "topic {topic:?} is not a topic name (it must be non-empty, without NUL bytes)"
+            )));
+        }
         if self.mock {
             mock::ensure_topic(topic)?;
         }

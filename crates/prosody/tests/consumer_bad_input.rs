@@ -1,6 +1,7 @@
 //! Bad input never stops a partition: a message that is not JSON, one without
 //! a key and one whose key is not UTF-8 are skipped with an error log (an
-//! unusable key shown hex-escaped), and the rest are handled.
+//! unusable key shown hex-escaped), and the rest are handled. A send to a
+//! topic name librdkafka cannot take is refused as an invalid message.
 
 mod support;
 
@@ -98,4 +99,23 @@ async fn malformed_messages_are_logged_and_skipped() {
             .any(|line| line.contains("message it") || line.contains("key=\"\"")),
         "{errors:#?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_to_an_impossible_topic_name_is_an_invalid_message() {
+    let client = support::client(
+        prosody::Config::builder()
+            .mock(true)
+            .source_system("bad-topic")
+            .set("probe_port", prosody::OptionValue::Bool(false))
+            .expect("option"),
+    );
+    for topic in ["", "orders\0shadow"] {
+        match client.send(topic, "k", &json!({}), &[]).await {
+            Err(prosody::Error::InvalidMessage(reason)) => {
+                assert!(reason.contains(&format!("{topic:?}")), "{reason}");
+            }
+            other => panic!("expected Error::InvalidMessage for {topic:?}, got {other:?}"),
+        }
+    }
 }

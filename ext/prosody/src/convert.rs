@@ -82,7 +82,7 @@ fn to_json_at(ruby: &Ruby, value: Value, depth: usize) -> Result<Json, Error> {
         let mut object = Map::new();
         let mut failure = None;
         hash.foreach(|key: Value, item: Value| {
-            let key = match key_name(ruby, key) {
+            let key = match key_name(ruby, key, "payload hash key") {
                 Ok(key) => key,
                 Err(problem) => {
                     failure = Some(problem);
@@ -113,7 +113,8 @@ fn to_json_at(ruby: &Ruby, value: Value, depth: usize) -> Result<Json, Error> {
     ))
 }
 
-fn key_name(ruby: &Ruby, key: Value) -> Result<String, Error> {
+/// A Hash key as text; `what` names the key in the error ("payload hash key").
+fn key_name(ruby: &Ruby, key: Value, what: &str) -> Result<String, Error> {
     if let Some(text) = RString::from_value(key) {
         return utf8(ruby, text);
     }
@@ -123,10 +124,7 @@ fn key_name(ruby: &Ruby, key: Value) -> Result<String, Error> {
     Err(error(
         ruby,
         Kind::InvalidMessage,
-        format!(
-            "payload hash key {} is not a String or Symbol",
-            class_name(key)
-        ),
+        format!("{what} {} is not a String or Symbol", class_name(key)),
     ))
 }
 
@@ -242,7 +240,7 @@ pub(crate) fn headers(ruby: &Ruby, value: Value) -> Result<Vec<(String, String)>
     hash.foreach(|key: Value, item: Value| {
         let key = match RString::from_value(key) {
             Some(name) => utf8_named(ruby, name, "a header name")?,
-            None => key_name(ruby, key)?,
+            None => key_name(ruby, key, "header name")?,
         };
         let Some(item) = RString::from_value(item) else {
             return Err(error(
@@ -262,7 +260,7 @@ pub(crate) fn headers(ruby: &Ruby, value: Value) -> Result<Vec<(String, String)>
 pub(crate) fn options(ruby: &Ruby, hash: RHash) -> Result<Vec<(String, OptionValue)>, Error> {
     let mut pairs = Vec::with_capacity(hash.len());
     hash.foreach(|name: Value, value: Value| {
-        let name = key_name(ruby, name).map_err(|_| {
+        let name = key_name(ruby, name, "option name").map_err(|_| {
             error(
                 ruby,
                 Kind::Configuration,
