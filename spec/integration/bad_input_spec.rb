@@ -80,7 +80,9 @@ RSpec.describe "bad input" do
     { kafka: { "sesion.timeout.ms" => "9000" } } => "kafka",
     { database_url: "not a url" } => "database_url",
     { max_concurrency: 0 } => "max_concurrency",
-    { commit_interval: "soon" } => "commit_interval"
+    { commit_interval: "soon" } => "commit_interval",
+    { source_system: "billing\0x" } => "source_system",
+    { subscribed_topics: ["orders", "pay\0ments"] } => "subscribed_topics"
   }.each do |options, name|
     it "raises a ConfigurationError naming `#{name}` for #{options.inspect}" do
       expect { Prosody::Client.new(mock: true, group_id: "g", subscribed_topics: topic, **options) }

@@ -703,6 +703,7 @@ impl ConfigBuilder {
             .collect();
         let mut values = options_from_env;
         values.extend(self.values);
+        check_no_nul(&values, &kafka_from_env)?;
         Options {
             values,
             from_env,
@@ -710,6 +711,43 @@ impl ConfigBuilder {
         }
         .parse()
     }
+}
+
+/// librdkafka and PostgreSQL take C strings, which cannot hold a NUL byte:
+/// such text would fail later as "FFI nul error", naming no option. Kafka
+/// settings are named, never their values (they may be credentials).
+fn check_no_nul(
+    values: &BTreeMap<String, OptionValue>,
+    kafka_from_env: &BTreeMap<String, String>,
+) -> Result<()> {
+    let kafka_setting = |(key, value): (&String, &String)| {
+        (key.contains('\0') || value.contains('\0')).then(|| {
+            Error::config(
+                "kafka",
+                format!(
+                    "librdkafka setting {key:?} must not contain a NUL byte (in its name or value)"
+                ),
+            )
+        })
+    };
+    for (name, value) in values {
+        let nul = match value {
+            OptionValue::Str(text) => text.contains('\0'),
+            OptionValue::List(items) => items.iter().any(|item| item.contains('\0')),
+            OptionValue::Map(map) => match map.iter().find_map(kafka_setting) {
+                Some(error) => return Err(error),
+                None => false,
+            },
+            OptionValue::Int(_) | OptionValue::Float(_) | OptionValue::Bool(_) => false,
+        };
+        if nul {
+            return Err(Error::config(name, "must not contain a NUL byte"));
+        }
+    }
+    kafka_from_env
+        .iter()
+        .find_map(kafka_setting)
+        .map_or(Ok(()), Err)
 }
 
 /// What a `PROSODY_*` environment variable sets.

@@ -287,3 +287,47 @@ fn defer_options_are_checked_and_fall_back_to_the_environment() {
     assert!(!config.defer());
     assert!((config.defer_failure_threshold() - 0.5).abs() < f64::EPSILON);
 }
+
+/// librdkafka and PostgreSQL take C strings: text with a NUL byte used to fail
+/// later as "FFI nul error" (a `KafkaError` naming nothing) or pass unnoticed.
+#[test]
+fn text_with_a_nul_byte_is_refused_naming_the_option_not_the_value() {
+    for (option, value) in [
+        ("group_id", OptionValue::Str("orders\0x".into())),
+        ("source_system", OptionValue::Str("billing\0x".into())),
+        (
+            "bootstrap_servers",
+            OptionValue::List(vec!["127.0.0.1:9092\0x".into()]),
+        ),
+        (
+            "subscribed_topics",
+            OptionValue::List(vec!["orders".into(), "pay\0ments".into()]),
+        ),
+        ("failure_topic", OptionValue::Str("dead\0letters".into())),
+        (
+            "database_url",
+            OptionValue::Str("postgres://db\0/app".into()),
+        ),
+    ] {
+        let (named, message) = rejected_option(set(option, value.clone()));
+        assert_eq!(named, option, "{value:?}");
+        assert!(message.contains("NUL byte"), "{message}");
+    }
+
+    for builder in [
+        mock().kafka("sasl.password", "s3cret\0x"),
+        mock().kafka("sasl.password\0", "s3cret"),
+    ] {
+        let (named, message) = rejected_option(builder.build_with_env(Vec::new()));
+        assert_eq!(named, "kafka");
+        assert!(message.contains("sasl.password"), "{message}");
+        assert!(!message.contains("s3cret"), "values stay out: {message}");
+    }
+    let env = vec![(
+        "PROSODY_KAFKA_SASL_PASSWORD".to_owned(),
+        "s3cret\0x".to_owned(),
+    )];
+    let (named, message) = rejected_option(mock().build_with_env(env));
+    assert_eq!(named, "kafka");
+    assert!(!message.contains("s3cret"), "values stay out: {message}");
+}
