@@ -18,6 +18,10 @@ module Prosody
   #     end
   #   end
   class Context
+    # The milliseconds since the epoch a timer can be set to.
+    MILLIS = (-(2**63)..((2**63) - 1))
+    private_constant :MILLIS
+
     # The native extension builds a handler call's context without calling
     # this (`Native::Inbox#take`), with the same two instance variables; the
     # others start unset (nil) and are set when first used.
@@ -81,7 +85,7 @@ module Prosody
     #
     # @param time [Time]
     # @return [nil]
-    # @raise [TimerError] when `time` is not a Time
+    # @raise [TimerError] when `time` is not a Time, or is out of range
     # @raise [ConfigurationError] when no timer store is configured (database_url)
     # @example Remind the customer tomorrow
     #   context.schedule(Time.now + 86_400)
@@ -94,7 +98,7 @@ module Prosody
     #
     # @param time [Time]
     # @return [nil]
-    # @raise [TimerError] when `time` is not a Time
+    # @raise [TimerError] when `time` is not a Time, or is out of range
     def clear_and_schedule(time)
       at = millis(time)
       NativeCall.await { |queue| @native.clear_and_schedule(at, queue) }
@@ -104,7 +108,7 @@ module Prosody
     #
     # @param time [Time]
     # @return [nil]
-    # @raise [TimerError] when `time` is not a Time
+    # @raise [TimerError] when `time` is not a Time, or is out of range
     def unschedule(time)
       at = millis(time)
       NativeCall.await { |queue| @native.unschedule(at, queue) }
@@ -137,11 +141,15 @@ module Prosody
 
     private
 
-    # Milliseconds since the epoch, the stores' unit.
+    # Milliseconds since the epoch, the stores' unit (a signed 64-bit integer).
     def millis(time)
       raise TimerError, "timer times must be Time objects, got #{time.class} #{time.inspect}" unless time.is_a?(Time)
 
-      (time.to_r * 1000).floor
+      at = (time.to_r * 1000).floor
+      return at if MILLIS.cover?(at)
+
+      raise TimerError, "timer time #{time.inspect} is out of range: timers keep milliseconds since 1970 " \
+                        "in a signed 64-bit integer (about 292 million years either way)"
     end
   end
 end

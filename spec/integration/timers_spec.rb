@@ -47,6 +47,25 @@ RSpec.describe "timers" do
     expect(error.message).to include("Time", "String")
   end
 
+  # A timer before 1970 used to reach on_timer with `time` nil, and one past
+  # 64-bit milliseconds raised a RangeError that failed the handler call.
+  it "keeps a timer before 1970 at its time and refuses one past 64-bit milliseconds" do
+    topic = unique_name("timers-range")
+    client = mock_consumer(topic)
+    script = ProsodySpec::TimerScript.new
+    client.subscribe(script)
+    client.send_message(topic, "old", { "op" => "schedule_at", "at_s" => -1.5 })
+    client.send_message(topic, "far", { "op" => "schedule_at", "at_s" => 2**62 })
+    wait_for(timeout: 20, description: "the old timer fires and the far one fails") do
+      !script.fired.empty? && !script.errors.empty?
+    end
+    key, due, = script.fired.pop
+    expect([key, due]).to eq(["old", Time.at(-1.5)])
+    error = script.errors.pop
+    expect(error).to be_a(Prosody::TimerError)
+    expect(error.message).to include("out of range", "64-bit")
+  end
+
   it "keeps timers in PostgreSQL across consumers when database_url is set" do
     url = ENV.fetch("PROSODY_TEST_DATABASE_URL") do
       raise "PROSODY_TEST_DATABASE_URL is not set: run the specs through ./script/test"

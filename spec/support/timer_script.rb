@@ -15,13 +15,10 @@ module ProsodySpec
 
     def on_message(context, message)
       payload = message.payload
-      at = Time.now + (payload.fetch("in_ms", 0) / 1000.0)
       case payload["op"]
-      when "schedule" then context.schedule(at)
-      when "replace" then context.clear_and_schedule(at)
       when "clear" then context.clear_scheduled
       when "list" then @listed[message.key] = context.scheduled
-      when "bad" then context.schedule(payload["at"])
+      else schedule(context, payload)
       end
     rescue Prosody::Error => e
       @errors << e
@@ -29,6 +26,18 @@ module ProsodySpec
 
     def on_timer(_context, timer)
       @fired << [timer.key, timer.time, Time.now]
+    end
+
+    private
+
+    def schedule(context, payload)
+      at = Time.now + (payload.fetch("in_ms", 0) / 1000.0)
+      case payload["op"]
+      when "schedule" then context.schedule(at)
+      when "replace" then context.clear_and_schedule(at)
+      when "bad" then context.schedule(payload["at"])
+      when "schedule_at" then context.schedule(Time.at(payload.fetch("at_s")))
+      end
     end
   end
 end

@@ -496,16 +496,24 @@ impl RubyHandler {
     }
 }
 
+/// A Ruby Time; times before 1970 too (timers may be set there).
 fn ruby_time(ruby: &Ruby, time: SystemTime) -> Result<Value, Error> {
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(since_epoch) => {
-            let seconds = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
-            Ok(ruby
-                .time_nano_new(seconds, i64::from(since_epoch.subsec_nanos()))?
-                .as_value())
+    let (seconds, nanos) = match time.duration_since(UNIX_EPOCH) {
+        Ok(since) => (
+            i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+            i64::from(since.subsec_nanos()),
+        ),
+        Err(before) => {
+            // Ruby counts whole seconds down and the fraction up: -1.5 s is -2 s + 0.5 s.
+            let before = before.duration();
+            let seconds = -i64::try_from(before.as_secs()).unwrap_or(i64::MAX);
+            match before.subsec_nanos() {
+                0 => (seconds, 0),
+                fraction => (seconds - 1, i64::from(1_000_000_000 - fraction)),
+            }
         }
-        Err(_) => Ok(ruby.qnil().as_value()),
-    }
+    };
+    Ok(ruby.time_nano_new(seconds, nanos)?.as_value())
 }
 
 fn ruby_timer(ruby: &Ruby, timer: &Timer) -> Result<Value, Error> {
