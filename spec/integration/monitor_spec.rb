@@ -41,6 +41,22 @@ RSpec.describe "Prosody.monitor" do
     expect(drain(threads).uniq).to eq(["prosody-monitor"])
   end
 
+  # The message used to be converted strictly and came out empty.
+  it "keeps a handler error's message whose bytes are not UTF-8, replacing the bad bytes" do
+    failures = Queue.new
+    subscribe("message.failed") { |event| failures << event }
+    client = mock_consumer(topic, retry_base: 0.005, group_id: unique_name("group"))
+    attempts = 0
+    client.subscribe(handler do |_context, _message|
+      attempts += 1
+      raise ArgumentError, "bad \xFF bytes".b if attempts == 1
+    end)
+    client.send_message(topic, "k", { "n" => 1 })
+    failed = next_item(failures, description: "the message.failed event")
+    expect(failed[:error_class]).to eq("ArgumentError")
+    expect(failed[:error_message]).to eq("bad \u{FFFD} bytes")
+  end
+
   it "logs a subscriber that raises and still calls the others" do
     calls = Queue.new
     subscribe("send.delivered") { raise "subscriber bug" }

@@ -151,6 +151,14 @@ fn utf8_named(ruby: &Ruby, text: RString, what: &str) -> Result<String, Error> {
     })
 }
 
+/// `text` as Rust UTF-8, invalid bytes replaced (U+FFFD): for text that is
+/// only shown, such as an exception's message, where losing it is worse.
+pub(crate) fn lossy(text: RString) -> String {
+    // SAFETY: the bytes are copied out at once, before any Ruby code can run
+    // and change or free the string.
+    String::from_utf8_lossy(unsafe { text.as_slice() }).into_owned()
+}
+
 /// A `topic` or `key` argument: a non-empty String of valid UTF-8.
 pub(crate) fn text_argument(ruby: &Ruby, value: Value, name: &str) -> Result<String, Error> {
     let Some(text) = RString::from_value(value) else {

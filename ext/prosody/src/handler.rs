@@ -27,7 +27,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use magnus::error::ErrorType;
 use magnus::value::{LazyId, ReprValue};
 use magnus::{
-    function, method, prelude::*, Error, IntoValue, RArray, RHash, RModule, RObject, Ruby, Value,
+    function, method, prelude::*, Error, IntoValue, RArray, RHash, RModule, RObject, RString, Ruby,
+    Value,
 };
 use prosody::{ClassifyError, Context, EventHandler, FailureKind, HandlerSlot, Message, Timer};
 use tokio::sync::oneshot;
@@ -36,7 +37,7 @@ use tracing::warn;
 use crate::bridge::owned::RubyOwned;
 use crate::bridge::{self};
 use crate::classes;
-use crate::convert::{from_json, interned};
+use crate::convert::{from_json, interned, lossy};
 use crate::errors;
 use crate::gvl::without_gvl;
 use crate::process;
@@ -819,7 +820,13 @@ impl Drop for NativeContext {
 fn describe(ruby: &Ruby, error: Value) -> Result<HandlerFailure, Error> {
     let permanent_class = classes::permanent_error(ruby);
     let class = class_name(error);
-    let message: String = error.funcall("message", ()).unwrap_or_default();
+    // Lossy: a message with bytes that are not UTF-8 (`raise "...".b`) was lost.
+    let message = error
+        .funcall::<_, _, Value>("message", ())
+        .ok()
+        .and_then(RString::from_value)
+        .map(lossy)
+        .unwrap_or_default();
     Ok(HandlerFailure {
         class,
         message,
