@@ -277,8 +277,8 @@ module Prosody
     def exited(message, error)
       unless @exit_requested
         @exit_requested = true
-        Prosody.logger.warn("handler called exit (status #{error.status}) for #{where(message)}; " \
-                            "stopping the client gracefully")
+        Prosody.log(Logger::WARN, "handler called exit (status #{error.status}) for #{where(message)}; " \
+                                  "stopping the client gracefully")
         @on_exit&.call(error)
       end
       CancelledError.new("the handler for #{where(message)} called exit")
@@ -310,8 +310,9 @@ module Prosody
       return if AsyncTaskProcessor.process_exiting?
 
       reason = cause ? "#{cause.class}: #{cause.message}" : "the thread was killed"
-      Prosody.logger.error("the handler thread (prosody-processor) died (#{reason}); no handler can run any more, " \
-                           "so the consumer now reports itself stalled (/livez 503); restart the process")
+      Prosody.log(Logger::ERROR,
+                  "the handler thread (prosody-processor) died (#{reason}); no handler can run any more, " \
+                  "so the consumer now reports itself stalled (/livez 503); restart the process")
       @on_death&.call(cause)
     rescue StandardError => e
       warn("prosody: cannot report the handler thread's death: #{e.class}: #{e.message}")
@@ -328,7 +329,7 @@ module Prosody
     def report(completion, outcome)
       completion.complete(outcome)
     rescue StandardError => e
-      Prosody.logger.error("cannot report a handler outcome: #{e.class}: #{e.message}")
+      Prosody.log(Logger::ERROR, "cannot report a handler outcome: #{e.class}: #{e.message}")
     end
 
     def cancelled(message)
@@ -337,9 +338,8 @@ module Prosody
 
     def log_failure(message, error)
       origin = error.backtrace&.first
-      Prosody.logger.error(
-        "handler failed for #{where(message)}: #{error.class}: #{error.message}#{" (#{origin})" if origin}"
-      )
+      Prosody.log(Logger::ERROR,
+                  "handler failed for #{where(message)}: #{error.class}: #{error.message}#{" (#{origin})" if origin}")
     end
 
     def where(subject)

@@ -246,7 +246,7 @@ module Prosody
           Thread.main.raise(error)
         end
       rescue StandardError => e
-        Prosody.logger.error("stopping after a handler called exit failed: #{e.class}: #{e.message}")
+        Prosody.log(Logger::ERROR, "stopping after a handler called exit failed: #{e.class}: #{e.message}")
       end
     end
 
@@ -258,7 +258,8 @@ module Prosody
       # The core has waited for the handlers (within shutdown_timeout); any still
       # running ignored cancellation and were abandoned, so do not wait for them.
       if processor && !processor.stop(timeout: ABANDONED_GRACE)
-        Prosody.logger.warn("handlers that ignored cancellation are still running; leaving them in the background")
+        Prosody.log(Logger::WARN,
+                    "handlers that ignored cancellation are still running; leaving them in the background")
       end
     end
   end

@@ -25,9 +25,9 @@ module Prosody
       def end!(subject, outcome)
         code = status(outcome)
         begin
-          Prosody.logger.warn("a handler forked without a block (#{subject}); its child process #{Process.pid} " \
-                              "ends now that the handler returned (status #{code}): " \
-                              "run subprocesses with system, Open3 or Process.spawn, or fork only to exec")
+          Prosody.log(Logger::WARN, "a handler forked without a block (#{subject}); its child process #{Process.pid} " \
+                                    "ends now that the handler returned (status #{code}): " \
+                                    "run subprocesses with system, Open3 or Process.spawn, or fork only to exec")
           $stdout.flush
           $stderr.flush
         rescue StandardError

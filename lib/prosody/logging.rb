@@ -58,6 +58,17 @@ module Prosody
       end
     end
 
+    # Writes one of Prosody's own Ruby lines, through `add`: all a logger
+    # must have (see {.logger=}), so loggers without `#error` and the like work.
+    #
+    # @api private
+    # @param severity [Integer] a `Logger::Severity` constant
+    # @param message [String]
+    # @return [void]
+    def log(severity, message)
+      logger.add(severity, message)
+    end
+
     # A native (Rust, librdkafka) log line: its fields tag it (see {LogLine}).
     #
     # @api private Called by the extension's log forwarding.

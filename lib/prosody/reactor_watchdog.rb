@@ -80,11 +80,10 @@ module Prosody
     end
 
     def report(subject, held_for)
-      Prosody.logger.warn(
-        format("handler for %<subject>s has held the reactor for %<seconds>.1fs without yielding; every other " \
-               "handler of this process waits meanwhile (move CPU-bound work to a thread, or call " \
-               "Async::Task.current.yield in long loops)", subject: subject.summary, seconds: held_for)
-      )
+      message = format("handler for %<subject>s has held the reactor for %<seconds>.1fs without yielding; every " \
+                       "other handler of this process waits meanwhile (move CPU-bound work to a thread, or call " \
+                       "Async::Task.current.yield in long loops)", subject: subject.summary, seconds: held_for)
+      Prosody.log(Logger::WARN, message)
     end
 
     def monotonic

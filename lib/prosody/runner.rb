@@ -89,7 +89,7 @@ module Prosody
       Prosody.logger = Prosody.logger # passes the level on to the native side
       serve(cli)
     rescue ConfigurationError => e
-      Prosody.logger.error("prosody: #{e.message}")
+      Prosody.log(Logger::ERROR, "prosody: #{e.message}")
       2
     end
 
@@ -122,7 +122,7 @@ module Prosody
     rescue ConfigurationError
       raise
     rescue StandardError, ScriptError => e
-      Prosody.logger.error("prosody: #{e.class}: #{e.message}#{" (#{e.backtrace.first})" if e.backtrace}")
+      Prosody.log(Logger::ERROR, "prosody: #{e.class}: #{e.message}#{" (#{e.backtrace.first})" if e.backtrace}")
       1
     ensure
       Prosody.reset_client! if client
@@ -157,7 +157,7 @@ module Prosody
       require "rails"
       require "prosody/railtie"
       require environment
-      Prosody.logger.info("prosody: booted the Rails app #{::Rails.application.class.name} (#{::Rails.env})")
+      Prosody.log(Logger::INFO, "prosody: booted the Rails app #{::Rails.application.class.name} (#{::Rails.env})")
     end
 
     # {Prosody.client}, with the command-line options laid over {Prosody.client_options}.
@@ -186,7 +186,7 @@ module Prosody
       while (signal = next_notice(timeout: 0))
         next unless SHUTDOWN_SIGNALS.include?(signal)
 
-        Prosody.logger.info("prosody: SIG#{signal} while starting; exiting before subscribing")
+        Prosody.log(Logger::INFO, "prosody: SIG#{signal} while starting; exiting before subscribing")
         return 0
       end
       nil
@@ -196,10 +196,8 @@ module Prosody
       # A handler calling `exit` stops the runner as TERM would.
       client.on_handler_exit { stop }
       client.subscribe(handler)
-      Prosody.logger.info(
-        "prosody: running #{handler.class.name} (pid #{Process.pid}, source_system #{client.source_system}); " \
-        "TERM or INT stops it"
-      )
+      Prosody.log(Logger::INFO, "prosody: running #{handler.class.name} (pid #{Process.pid}, " \
+                                "source_system #{client.source_system}); TERM or INT stops it")
       wait_for_shutdown_signal
       shut_down(client)
     end
@@ -210,20 +208,20 @@ module Prosody
         signal = next_notice
         return if SHUTDOWN_SIGNALS.include?(signal)
 
-        Prosody.logger.info("prosody: SIG#{signal} ignored (use TERM or INT to stop)")
+        Prosody.log(Logger::INFO, "prosody: SIG#{signal} ignored (use TERM or INT to stop)")
       end
     end
 
     def shut_down(client)
       started = monotonic
-      Prosody.logger.info("prosody: stopping: #{waiting_on(client)}")
+      Prosody.log(Logger::INFO, "prosody: stopping: #{waiting_on(client)}")
       stopper = Thread.new { unsubscribe(client) }
       wait_for_unsubscribe(client, started)
       error = stopper.value
       return report_failed_stop(error) if error
 
-      Prosody.logger.info(format("prosody: stopped cleanly in %.1fs: group left",
-                                 monotonic - started))
+      Prosody.log(Logger::INFO, format("prosody: stopped cleanly in %.1fs: group left",
+                                       monotonic - started))
       0
     end
 
@@ -242,9 +240,9 @@ module Prosody
         notice = next_notice(timeout: PROGRESS_INTERVAL)
         case notice
         when STOPPED then return
-        when nil then Prosody.logger.info("prosody: still stopping: #{waiting_on(client)}")
+        when nil then Prosody.log(Logger::INFO, "prosody: still stopping: #{waiting_on(client)}")
         when *SHUTDOWN_SIGNALS then repeated_signal(notice, started)
-        else Prosody.logger.info("prosody: SIG#{notice} ignored while stopping")
+        else Prosody.log(Logger::INFO, "prosody: SIG#{notice} ignored while stopping")
         end
       end
     end
@@ -252,8 +250,8 @@ module Prosody
     def repeated_signal(signal, started)
       force_exit(signal) if monotonic - started >= DUPLICATE_WINDOW
 
-      Prosody.logger.info("prosody: SIG#{signal} repeated within #{DUPLICATE_WINDOW}s, taken for a duplicate; " \
-                          "send it again to force exit")
+      Prosody.log(Logger::INFO, "prosody: SIG#{signal} repeated within #{DUPLICATE_WINDOW}s, taken for a duplicate; " \
+                                "send it again to force exit")
     end
 
     def waiting_on(client)
@@ -265,13 +263,13 @@ module Prosody
     end
 
     def report_failed_stop(error)
-      Prosody.logger.error("prosody: unsubscribe failed: #{error.class}: #{error.message}")
+      Prosody.log(Logger::ERROR, "prosody: unsubscribe failed: #{error.class}: #{error.message}")
       1
     end
 
     def force_exit(signal)
       status = 128 + Signal.list.fetch(signal)
-      Prosody.logger.warn("prosody: SIG#{signal} again; exiting now with status #{status} without finishing")
+      Prosody.log(Logger::WARN, "prosody: SIG#{signal} again; exiting now with status #{status} without finishing")
       $stdout.flush
       $stderr.flush
       exit!(status)
