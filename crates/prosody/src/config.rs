@@ -720,34 +720,38 @@ fn check_no_nul(
     values: &BTreeMap<String, OptionValue>,
     kafka_from_env: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let kafka_setting = |(key, value): (&String, &String)| {
-        (key.contains('\0') || value.contains('\0')).then(|| {
-            Error::config(
-                "kafka",
-                format!(
-                    "librdkafka setting {key:?} must not contain a NUL byte (in its name or value)"
-                ),
-            )
-        })
+    let kafka = match values.get("kafka") {
+        Some(OptionValue::Map(map)) => Some(map),
+        _ => None,
     };
+    let bad_setting = kafka
+        .into_iter()
+        .flatten()
+        .chain(kafka_from_env)
+        .find(|(key, value)| key.contains('\0') || value.contains('\0'));
+    if let Some((key, _)) = bad_setting {
+        return Err(Error::config(
+            "kafka",
+            format!(
+                "librdkafka setting `{}` must not contain a NUL byte (in its name or value)",
+                key.escape_debug()
+            ),
+        ));
+    }
     for (name, value) in values {
         let nul = match value {
             OptionValue::Str(text) => text.contains('\0'),
             OptionValue::List(items) => items.iter().any(|item| item.contains('\0')),
-            OptionValue::Map(map) => match map.iter().find_map(kafka_setting) {
-                Some(error) => return Err(error),
-                None => false,
-            },
-            OptionValue::Int(_) | OptionValue::Float(_) | OptionValue::Bool(_) => false,
+            OptionValue::Map(_)
+            | OptionValue::Int(_)
+            | OptionValue::Float(_)
+            | OptionValue::Bool(_) => false,
         };
         if nul {
             return Err(Error::config(name, "must not contain a NUL byte"));
         }
     }
-    kafka_from_env
-        .iter()
-        .find_map(kafka_setting)
-        .map_or(Ok(()), Err)
+    Ok(())
 }
 
 /// What a `PROSODY_*` environment variable sets.
