@@ -333,6 +333,8 @@ impl Context {
             return;
         }
         tokio::select! {
+            // Either ends the wait; a fixed order skips the random pick.
+            biased;
             () = call.partition.cancelled() => {}
             () = stopped => {}
         }

@@ -487,6 +487,9 @@ impl RubyHandler {
             ))
         };
         tokio::select! {
+            // The outcome first: it is the usual case, and this skips the
+            // random pick (a thread-local RNG call per poll).
+            biased;
             outcome = &mut receiver => return outcome.unwrap_or_else(|_| unreported()),
             () = cancellation.on_cancel() => {}
         }
