@@ -43,7 +43,10 @@ module Prosody
       shutdown_timeout: :duration,
       mode: :choice,
       defer: :flag,
+      defer_base: :duration,
+      defer_max_delay: :duration,
       defer_failure_threshold: :fraction,
+      defer_failure_window: :duration,
       max_retries: :whole,
       retry_base: :duration,
       max_retry_delay: :duration,
@@ -51,6 +54,7 @@ module Prosody
       scheduler_decay: :duration,
       scheduler_failure_share: :fraction,
       scheduler_max_wait: :duration,
+      monopolization_enabled: :flag,
       monopolization_window: :duration,
       monopolization_threshold: :fraction,
       timeout: :duration,
@@ -59,10 +63,16 @@ module Prosody
       idempotence_cache_size: :whole,
       idempotence_version: :version,
       idempotence_ttl: :duration,
+      message_spans: :choice,
+      timer_spans: :choice,
       database_url: :name,
       state_store: :choice,
       kafka: :settings
     }.freeze
+
+    # Other names options answer to (the product specification's): alias =>
+    # option. A spec compares this with Native.option_aliases.
+    ALIASES = { defer_enabled: :defer, scheduler_failure_weight: :scheduler_failure_share }.freeze
 
     # Kind of option => the private method that checks and converts its value.
     CONVERTERS = {
@@ -89,36 +99,46 @@ module Prosody
 
     # @param options [Hash{Symbol=>Object}] see the options table in the README
     # @raise [ConfigurationError] naming the first unknown or ill-typed option
+    #   (an alias in {ALIASES} sets its option)
+    # @raise [ConfigurationError] naming the first unknown or ill-typed option,
+    #   or an option given under two names
     def initialize(**options)
       @values = {}
-      options.each do |name, value|
-        kind = OPTIONS.fetch(name) { raise unknown(name) }
-        converted = convert(name, kind, value)
-        @values[name] = converted unless converted.nil?
+      given_as = {}
+      options.each do |given, value|
+        next if value.nil?
+
+        name = ALIASES.fetch(given, given)
+        kind = OPTIONS.fetch(name) { raise unknown(given) }
+        raise twice(name, given_as[name], given) if given_as.key?(name)
+
+        given_as[name] = given
+        @values[name] = convert(name, kind, value)
       end
       @values.freeze
       freeze
     end
 
-    # @param name [Symbol, String]
+    # @param name [Symbol, String] an option or an alias
     # @return [Object, nil] the converted value of an option that was set
     def [](name)
-      @values[name.to_sym]
+      @values[option_name(name)]
     end
 
-    # @param name [Symbol, String]
+    # @param name [Symbol, String] an option or an alias
     # @return [Boolean] whether the option was given (environment fallbacks are not visible here)
     def set?(name)
-      @values.key?(name.to_sym)
+      @values.key?(option_name(name))
     end
 
-    # A new configuration with `options` laid over these.
+    # A new configuration with `options` laid over these (nil unsets one).
     #
     # @param options [Hash{Symbol=>Object}]
     # @return [Configuration]
     # @raise [ConfigurationError]
     def merge(**options)
-      self.class.new(**@values.merge(options))
+      self.class.new(**options.compact) # refuses one option under two names
+      self.class.new(**@values.merge(options.transform_keys { |name| ALIASES.fetch(name, name) }))
     end
 
     # @return [Hash{Symbol=>Object}] the options that were set
@@ -148,6 +168,14 @@ module Prosody
 
     private
 
+    def option_name(name)
+      ALIASES.fetch(name.to_sym, name.to_sym)
+    end
+
+    def twice(name, first, second)
+      invalid(name, "set twice, as `#{first}` and as `#{second}` (two names for one option); set one of them")
+    end
+
     def unknown(name)
       ConfigurationError.new("unknown option `#{name}` (known options: #{OPTIONS.keys.join(", ")})")
     end
@@ -157,7 +185,7 @@ module Prosody
     end
 
     def convert(name, kind, value)
-      value.nil? ? nil : send(CONVERTERS.fetch(kind), name, value)
+      send(CONVERTERS.fetch(kind), name, value)
     end
 
     def name_value(name, value)

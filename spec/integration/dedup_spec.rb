@@ -26,7 +26,7 @@ RSpec.describe "message-id deduplication" do
   end
 
   it "handles a message again when its first attempt failed" do
-    client = mock_consumer(topic, retry_base: "10ms")
+    client = mock_consumer(topic, retry_base: "10ms", defer_base: "10ms")
     attempts = Queue.new
     failed = false
     client.subscribe(handler do |_context, message|

@@ -15,7 +15,8 @@ RSpec.describe "deferred retry" do
   it "lets the other keys flow past a failing key and runs its messages in order once it recovers" do
     healed = false
     handled_pairs = []
-    client = mock_consumer(topic, mode: :pipeline, retry_base: 0.005, max_retry_delay: 0.05, max_uncommitted: 5)
+    client = mock_consumer(topic, mode: :pipeline, retry_base: 0.005, max_retry_delay: 0.05,
+                                  defer_base: 0.005, defer_max_delay: 0.05, max_uncommitted: 5)
     client.subscribe(handler do |_context, message|
       raise IOError, "downstream down for #{message.key}" if message.key == "poison" && !healed
 

@@ -39,7 +39,7 @@ RSpec.describe "permanent and transient class macros" do
   it "sends a permanent error straight to the failure topic and retries the rest" do
     Prosody::MockCluster.create_topic(failure_topic)
     dead_letters = collect(failure_topic)
-    client = mock_consumer(topic, mode: :pipeline, max_retries: 0, retry_base: 0.005, failure_topic:)
+    client = mock_consumer(topic, mode: :pipeline, max_retries: 0, retry_base: 0.005, defer_base: 0.005, failure_topic:)
     attempts = Hash.new(0)
     handled = Queue.new
 

@@ -39,7 +39,7 @@ RSpec.describe "failure modes" do
 
   def consumer(mode, **options)
     Prosody::MockCluster.create_topic(failure_topic)
-    mock_consumer(topic, mode:, max_retries: 2, retry_base: 0.005, failure_topic:, **options)
+    mock_consumer(topic, mode:, max_retries: 2, retry_base: 0.005, defer_base: 0.005, failure_topic:, **options)
   end
 
   # Waits until `key` was handled; returns the offset handled first.

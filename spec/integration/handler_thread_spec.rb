@@ -22,7 +22,7 @@ RSpec.describe "the handler thread" do
 
   [Interrupt, NoMemoryError, Exception].each do |error_class|
     it "survives a handler raising #{error_class} and retries the message" do
-      client = mock_consumer(topic, retry_base: 0.01)
+      client = mock_consumer(topic, retry_base: 0.01, defer_base: 0.01)
       attempts = Queue.new
       handled = Queue.new
       logs = capture_logs(level: Logger::ERROR) do

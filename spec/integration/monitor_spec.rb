@@ -20,7 +20,7 @@ RSpec.describe "Prosody.monitor" do
       events << event
       threads << Thread.current.name
     end
-    client = mock_consumer(topic, retry_base: 0.005, group_id: unique_name("group"))
+    client = mock_consumer(topic, retry_base: 0.005, defer_base: 0.005, group_id: unique_name("group"))
     attempts = 0
     client.subscribe(handler do |_context, _message|
       attempts += 1
@@ -45,7 +45,7 @@ RSpec.describe "Prosody.monitor" do
   it "keeps a handler error's message whose bytes are not UTF-8, replacing the bad bytes" do
     failures = Queue.new
     subscribe("message.failed") { |event| failures << event }
-    client = mock_consumer(topic, retry_base: 0.005, group_id: unique_name("group"))
+    client = mock_consumer(topic, retry_base: 0.005, defer_base: 0.005, group_id: unique_name("group"))
     attempts = 0
     client.subscribe(handler do |_context, _message|
       attempts += 1
@@ -125,7 +125,7 @@ RSpec.describe "Prosody.monitor" do
       notifications << payload
     end
     @subscribers = [*@subscribers, monitor.forward_to_active_support]
-    client = mock_consumer(topic, retry_base: 0.005)
+    client = mock_consumer(topic, retry_base: 0.005, defer_base: 0.005)
     attempts = 0
     client.subscribe(handler { |*| raise "once" if (attempts += 1) == 1 })
     client.send_message(topic, "k", { "n" => 1 })

@@ -15,6 +15,29 @@ RSpec.describe Prosody::Configuration do
     expect(described_class::OPTIONS.values.uniq).to match_array(described_class.const_get(:CONVERTERS).keys)
   end
 
+  it "takes the specification's names for two options as aliases the native core also knows" do
+    expect(described_class::ALIASES.to_h { |name, option| [name.to_s, option.to_s] })
+      .to eq(Prosody::Native.option_aliases)
+    config = described_class.new(defer_enabled: false, scheduler_failure_weight: 0.5)
+    expect(config.to_native).to eq("defer" => false, "scheduler_failure_share" => 0.5)
+    expect(config[:defer_enabled]).to be(false)
+    expect(config.set?(:scheduler_failure_weight)).to be(true)
+    expect(config.merge(defer_enabled: true)[:defer]).to be(true)
+    expect(described_class.new(defer: true, defer_enabled: nil)[:defer]).to be(true)
+    expect(error_for(defer: true, defer_enabled: false).message)
+      .to eq("invalid option `defer`: set twice, as `defer` and as `defer_enabled` (two names for one option); " \
+             "set one of them")
+    expect { config.merge(defer: true, defer_enabled: true) }.to raise_error(Prosody::ConfigurationError, /set twice/)
+    expect(error_for(scheduler_failure_weight: 2).message).to include("scheduler_failure_share")
+  end
+
+  it "takes the span relations by the native core's names" do
+    config = described_class.new(message_spans: "follows-from", timer_spans: :child)
+    expect(config.to_native).to eq("message_spans" => :follows_from, "timer_spans" => :child)
+    expect(error_for(timer_spans: :parent).message)
+      .to eq("invalid option `timer_spans`: expected one of child, follows_from, got `parent`")
+  end
+
   it "checks choices by the native core's names and spellings" do
     expect(described_class::MODES).to eq(%i[pipeline low_latency best_effort])
     expect(described_class.new(state_store: "PostgreSQL")[:state_store]).to eq(:postgres)

@@ -57,7 +57,7 @@ RSpec.describe "Prosody.logger" do
     logger = recorder.new(Logger::INFO)
     Prosody.logger = logger
     topic = unique_name("logging")
-    client = mock_consumer(topic, retry_base: 0.005)
+    client = mock_consumer(topic, retry_base: 0.005, defer_base: 0.005)
     client.subscribe(handler { |_context, _message| raise "boom" })
     client.send_message(topic, "k", { "n" => 1 })
     failure = nil

@@ -39,6 +39,16 @@ pub enum Mode {
     BestEffort,
 }
 
+/// How a consumer's span relates to the span it continues (the sender's, for
+/// a message; the one that scheduled it, for a timer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanRelation {
+    /// The span is a child of that span: one trace from send to handling.
+    Child,
+    /// The span starts a trace of its own, linked to that span.
+    FollowsFrom,
+}
+
 /// An option that takes one of a few names (kind `choice`).
 trait Choice: Sized + Copy + 'static {
     /// Every accepted spelling after [`normalize_choice`], with the value it means;
@@ -60,6 +70,14 @@ impl Choice for StateStore {
         ("postgres", Self::Postgres),
         ("postgresql", Self::Postgres),
         ("memory", Self::Memory),
+    ];
+}
+
+impl Choice for SpanRelation {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("child", Self::Child),
+        ("follows_from", Self::FollowsFrom),
+        ("link", Self::FollowsFrom),
     ];
 }
 
@@ -102,6 +120,7 @@ pub fn choice(option: &str, text: &str) -> Result<&'static str> {
     let picked = match option {
         "mode" => pick::<Mode>(text).map(|(name, _)| name),
         "state_store" => pick::<StateStore>(text).map(|(name, _)| name),
+        "message_spans" | "timer_spans" => pick::<SpanRelation>(text).map(|(name, _)| name),
         _ => Err("not an option that takes one of a few names".to_owned()),
     };
     picked.map_err(|reason| Error::config(option, reason))
@@ -112,8 +131,42 @@ pub fn choices(option: &str) -> Option<Vec<&'static str>> {
     match option {
         "mode" => Some(canonical_names::<Mode>().collect()),
         "state_store" => Some(canonical_names::<StateStore>().collect()),
+        "message_spans" | "timer_spans" => Some(canonical_names::<SpanRelation>().collect()),
         _ => None,
     }
+}
+
+/// Other names some options answer to, `(alias, option)`: the names the
+/// product specification gives them. Setting an option under both names is an error.
+pub const OPTION_ALIASES: &[(&str, &str)] = &[
+    ("defer_enabled", "defer"),
+    ("scheduler_failure_weight", "scheduler_failure_share"),
+];
+
+/// The option `name` sets: itself, or the option it is an alias of; `None` for
+/// a name that is neither.
+pub fn option_named(name: &str) -> Option<&'static str> {
+    OPTION_NAMES
+        .iter()
+        .find(|option| **option == name)
+        .or_else(|| {
+            OPTION_ALIASES
+                .iter()
+                .find(|(alias, _)| *alias == name)
+                .map(|(_, option)| option)
+        })
+        .copied()
+}
+
+/// The error for an option set under both its names.
+fn set_twice(option: &str, names: [&str; 2]) -> Error {
+    Error::config(
+        option,
+        format!(
+            "set twice, as `{}` and as `{}` (two names for one option); set one of them",
+            names[0], names[1]
+        ),
+    )
 }
 
 const ENV_PREFIX: &str = "PROSODY_";
@@ -260,9 +313,18 @@ options! {
     /// `:pipeline`: a message failing transiently is deferred (stored and retried
     /// later) so its partition moves on; its key's later messages wait behind it.
     defer: bool = flag(true) -> bool;
-    /// `:pipeline`: while more than this share of a partition's recent messages
-    /// fail, nothing new is deferred (failing messages are retried in place).
+    /// First delay before a deferred message is retried; doubles per attempt, with jitter.
+    defer_base: Duration = duration(Duration::from_secs(1)) -> Duration, check above_zero;
+    /// Longest delay before a deferred message is retried.
+    defer_max_delay: Duration = duration(Duration::from_secs(86_400)) -> Duration,
+        check above_zero;
+    /// `:pipeline`: while more than this share of a partition's messages in the
+    /// last `defer_failure_window` failed, nothing new is deferred (failing
+    /// messages are retried in place).
     defer_failure_threshold: f64 = fraction(0.9) -> f64;
+    /// The sliding window `defer_failure_threshold` looks at.
+    defer_failure_window: Duration = duration(Duration::from_secs(300)) -> Duration,
+        check above_zero;
     /// Retries before giving up (`low_latency`, `best_effort`).
     max_retries: u32 = whole(3) -> u32;
     /// First retry delay; doubles per attempt, with jitter.
@@ -278,6 +340,9 @@ options! {
     scheduler_failure_share: f64 = fraction(0.3) -> f64;
     /// How long a call waits for a slot at most before it ranks ahead of every later arrival.
     scheduler_max_wait: Duration = duration(Duration::from_secs(120)) -> Duration, check above_zero;
+    /// `:pipeline`: whether a key that takes more than `monopolization_threshold`
+    /// of the handler time is refused for a while.
+    monopolization_enabled: bool = flag(true) -> bool;
     /// The rolling window over which a key's handler time is measured (`pipeline`).
     monopolization_window: Duration = duration(Duration::from_secs(300)) -> Duration,
         check above_zero;
@@ -298,6 +363,10 @@ options! {
     /// How long a handled message id is remembered.
     idempotence_ttl: Duration = duration(Duration::from_secs(7 * 86_400)) -> Duration,
         check above_zero;
+    /// How a message's span relates to the sender's span (OpenTelemetry).
+    message_spans: SpanRelation = choice(SpanRelation::Child) -> SpanRelation;
+    /// How a timer's span relates to the span of the handler call that scheduled it.
+    timer_spans: SpanRelation = choice(SpanRelation::FollowsFrom) -> SpanRelation;
     /// PostgreSQL connection URL for timers and deduplication records.
     database_url: Option<String> = name(None) -> Option<&str>,
         check check_database_url, shown hide_url;
@@ -453,6 +522,12 @@ impl Parsed<StateStore> for String {
     }
 }
 
+impl Parsed<SpanRelation> for String {
+    fn into_field(self) -> std::result::Result<SpanRelation, String> {
+        pick::<SpanRelation>(&self).map(|(_, relation)| relation)
+    }
+}
+
 fn above_zero(duration: &Duration) -> std::result::Result<(), String> {
     if duration.is_zero() {
         return Err("must be greater than zero".to_owned());
@@ -548,6 +623,8 @@ const PRODUCER_ONLY: &[&str] = &[
 #[derive(Debug, Default, Clone)]
 pub struct ConfigBuilder {
     values: BTreeMap<String, OptionValue>,
+    /// Options set under an alias ([`OPTION_ALIASES`]), by the option's own name.
+    aliased: BTreeMap<&'static str, &'static str>,
 }
 
 macro_rules! setter {
@@ -562,10 +639,27 @@ macro_rules! setter {
 
 impl ConfigBuilder {
     /// Sets an option by name. Unknown names are rejected with a [`Error::Configuration`].
-    pub fn set(mut self, option: &str, value: OptionValue) -> Result<Self> {
-        if !OPTION_NAMES.contains(&option) {
-            return Err(Error::config(option, "unknown option"));
+    /// An alias ([`OPTION_ALIASES`]) sets its option; setting one option under
+    /// both its names is a [`Error::Configuration`].
+    pub fn set(mut self, name: &str, value: OptionValue) -> Result<Self> {
+        let Some(option) = option_named(name) else {
+            return Err(Error::config(name, "unknown option"));
+        };
+        let alias = (option != name).then(|| {
+            OPTION_ALIASES
+                .iter()
+                .find(|(alias, _)| *alias == name)
+                .map_or(option, |(alias, _)| *alias)
+        });
+        let earlier = self.aliased.get(option).copied();
+        if self.values.contains_key(option) && alias != earlier {
+            let names = [earlier.unwrap_or(option), alias.unwrap_or(option)];
+            return Err(set_twice(option, names));
         }
+        match alias {
+            Some(alias) => self.aliased.insert(option, alias),
+            None => self.aliased.remove(option),
+        };
         self.values.insert(option.to_owned(), value);
         Ok(self)
     }
@@ -685,12 +779,20 @@ impl ConfigBuilder {
     pub fn build_with_env(self, env: impl IntoIterator<Item = (String, String)>) -> Result<Config> {
         let mut kafka_from_env = BTreeMap::new();
         let mut options_from_env = BTreeMap::new();
+        // The variable each option came from: two for one option (its name
+        // and an alias) are refused, as they would be in code.
+        let mut variables: BTreeMap<String, String> = BTreeMap::new();
         for (name, value) in env {
             match env_setting(&name) {
                 Some(EnvSetting::Kafka(setting)) => {
                     kafka_from_env.insert(setting, value);
                 }
                 Some(EnvSetting::Option(option)) => {
+                    if let Some(earlier) = variables.insert(option.clone(), name.clone()) {
+                        let mut names = [earlier, name];
+                        names.sort();
+                        return Err(set_twice(&option, [&names[0], &names[1]]));
+                    }
                     options_from_env.insert(option, OptionValue::Str(value));
                 }
                 None => {}
@@ -780,9 +882,8 @@ fn env_setting(name: &str) -> Option<EnvSetting> {
             setting.to_ascii_lowercase().replace('_', "."),
         ));
     }
-    let option = name.strip_prefix(ENV_PREFIX)?.to_ascii_lowercase();
-    (OPTION_NAMES.contains(&option.as_str()) && option != "kafka")
-        .then_some(EnvSetting::Option(option))
+    let option = option_named(&name.strip_prefix(ENV_PREFIX)?.to_ascii_lowercase())?;
+    (option != "kafka").then(|| EnvSetting::Option(option.to_owned()))
 }
 
 /// The longest duration any option takes: far beyond any sensible setting, and
@@ -1360,6 +1461,14 @@ mod tests {
             assert!(
                 readme.contains(&format!("\n| `{name}` |")),
                 "README's options table has no row for `{name}`"
+            );
+        }
+        for (alias, option) in OPTION_ALIASES {
+            assert!(OPTION_NAMES.contains(option), "{alias} names no option");
+            assert!(!OPTION_NAMES.contains(alias), "{alias} is an option itself");
+            assert!(
+                readme.contains(&format!("`{alias}` sets `{option}`")),
+                "README does not say that `{alias}` sets `{option}`"
             );
         }
     }

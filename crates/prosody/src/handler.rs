@@ -134,10 +134,21 @@ pub(crate) type TimersFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + S
 /// (times in ms since the epoch). The consumer's per-partition timer queue
 /// implements it; a trait, so the handler contract does not depend on the consumer.
 pub(crate) trait KeyTimers: Send + Sync {
-    /// Adds a timer for `key` at `at_ms`.
-    fn schedule<'a>(&'a self, key: &'a Arc<str>, at_ms: i64) -> TimersFuture<'a, ()>;
-    /// Replaces every timer of `key` with one at `at_ms`.
-    fn clear_and_schedule<'a>(&'a self, key: &'a Arc<str>, at_ms: i64) -> TimersFuture<'a, ()>;
+    /// Adds a timer for `key` at `at_ms`, keeping `trace_parent` (the
+    /// scheduling call's span) for its firing's span.
+    fn schedule<'a>(
+        &'a self,
+        key: &'a Arc<str>,
+        at_ms: i64,
+        trace_parent: Option<&'a Arc<str>>,
+    ) -> TimersFuture<'a, ()>;
+    /// Replaces every timer of `key` with one at `at_ms`, keeping `trace_parent`.
+    fn clear_and_schedule<'a>(
+        &'a self,
+        key: &'a Arc<str>,
+        at_ms: i64,
+        trace_parent: Option<&'a Arc<str>>,
+    ) -> TimersFuture<'a, ()>;
     /// Removes `key`'s timer at `at_ms`, if there is one.
     fn unschedule<'a>(&'a self, key: &'a Arc<str>, at_ms: i64) -> TimersFuture<'a, ()>;
     /// Removes every timer of `key`.
@@ -282,15 +293,23 @@ impl Context {
     }
 
     /// Schedules a timer for this call's key at `time` (a time in the past fires promptly).
+    ///
+    /// When this call is traced, the timer's firing span is a child of this
+    /// call's span or linked to it (option `timer_spans`).
     pub async fn schedule(&self, time: SystemTime) -> Result<()> {
         let (queue, key) = self.timers()?;
-        queue.schedule(key, to_millis(time)).await
+        queue
+            .schedule(key, to_millis(time), self.trace_parent.as_ref())
+            .await
     }
 
-    /// Replaces all of this key's timers with one at `time`.
+    /// Replaces all of this key's timers with one at `time`, traced like
+    /// [`schedule`](Self::schedule)'s.
     pub async fn clear_and_schedule(&self, time: SystemTime) -> Result<()> {
         let (queue, key) = self.timers()?;
-        queue.clear_and_schedule(key, to_millis(time)).await
+        queue
+            .clear_and_schedule(key, to_millis(time), self.trace_parent.as_ref())
+            .await
     }
 
     /// Removes this key's timer at `time`, if there is one.

@@ -46,7 +46,7 @@ mod timers;
 pub mod traces;
 
 pub use client::Client;
-pub use config::{Config, ConfigBuilder, Mode, OptionValue, StateStore};
+pub use config::{Config, ConfigBuilder, Mode, OptionValue, SpanRelation, StateStore};
 pub use consumer::{ConsumerState, PartitionStats, QosStats, SkipCounts};
 pub use error::{Error, Result};
 pub use events::{Event, EventKind, Observer};

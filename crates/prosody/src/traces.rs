@@ -3,7 +3,9 @@
 //! A send opens a producer span and writes its `traceparent`/`tracestate` into the
 //! message's headers; the consumer reads them back and opens a consumer span per
 //! message (a child of the sender's span), with one child span per handler
-//! attempt and one span per timer firing. Handlers run inside their attempt's
+//! attempt and one span per timer firing (linked to the span of the handler
+//! attempt that scheduled the timer, or its child: `timer_spans`, the
+//! `traceparent` stored with the timer). Handlers run inside their attempt's
 //! context, so a send from a handler continues the trace, and Rust handlers'
 //! own spans are its children.
 //!
@@ -23,6 +25,8 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use tracing::{info, warn};
+
+use crate::config::SpanRelation;
 
 /// The W3C header carrying the trace and parent span ids.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
@@ -216,11 +220,13 @@ pub(crate) struct Position<'a> {
     pub(crate) group: &'a str,
 }
 
-/// The consumer span of one message: the sender's span is its parent.
-/// `None` when tracing is off.
+/// The consumer span of one message: the sender's span is its parent
+/// (`message_spans: child`), or only linked, the span starting a trace of its
+/// own (`follows_from`). `None` when tracing is off.
 pub(crate) fn process_span(
     position: &Position<'_>,
     headers: &[crate::message::Header],
+    relation: SpanRelation,
 ) -> Option<Context> {
     let tracing = tracing()?;
     let pairs: Vec<(&str, &str)> = headers
@@ -230,10 +236,23 @@ pub(crate) fn process_span(
             Some((name.as_str(), value))
         })
         .collect();
-    let parent = extract(&pairs);
+    let sender = extract(&pairs);
+    let (parent, links) = match relation {
+        SpanRelation::Child => (sender, Vec::new()),
+        SpanRelation::FollowsFrom => {
+            let sent = sender.span().span_context().clone();
+            let links = if sent.is_valid() {
+                vec![Link::with_context(sent)]
+            } else {
+                Vec::new()
+            };
+            (Context::new(), links)
+        }
+    };
     let span = tracing
         .tracer
         .span_builder(format!("{} process", position.topic))
+        .with_links(links)
         .with_kind(SpanKind::Consumer)
         .with_attributes([
             KeyValue::new("messaging.system", "kafka"),
@@ -251,20 +270,49 @@ pub(crate) fn process_span(
     Some(parent.with_span(span))
 }
 
-/// A timer firing's span (no parent: timers start their own trace).
-pub(crate) fn timer_span(topic: &str, partition: i32, key: &str) -> Option<Context> {
+/// A timer firing's span. `scheduled_by` is the `traceparent` stored with the
+/// timer, naming the span of the handler call that scheduled it: the timer's
+/// span is that span's child (`timer_spans: child`), or starts a trace of its
+/// own linked to it (`follows_from`). Without one, or when it does not parse,
+/// the span starts a trace of its own, unlinked. `None` when tracing is off.
+pub(crate) fn timer_span(
+    topic: &str,
+    partition: i32,
+    key: &str,
+    scheduled_by: Option<&str>,
+    relation: SpanRelation,
+) -> Option<Context> {
     let tracing = tracing()?;
+    let scheduler = scheduled_by.and_then(remote_span);
+    let (parent, links) = match (scheduler, relation) {
+        (Some(scheduler), SpanRelation::Child) => (scheduler, Vec::new()),
+        (Some(scheduler), SpanRelation::FollowsFrom) => {
+            let scheduled = scheduler.span().span_context().clone();
+            (Context::new(), vec![Link::with_context(scheduled)])
+        }
+        (None, _) => (Context::new(), Vec::new()),
+    };
     let span = tracing
         .tracer
         .span_builder(format!("{topic} timer"))
         .with_kind(SpanKind::Internal)
+        .with_links(links)
         .with_attributes([
             KeyValue::new("messaging.destination.name", topic.to_owned()),
             KeyValue::new("messaging.destination.partition.id", partition.to_string()),
             KeyValue::new("messaging.kafka.message.key", key.to_owned()),
         ])
-        .start_with_context(&tracing.tracer, &Context::new());
-    Some(Context::new().with_span(span))
+        .start_with_context(&tracing.tracer, &parent);
+    Some(parent.with_span(span))
+}
+
+/// A context holding the remote span a stored `traceparent` names; `None` when
+/// it does not parse (it came from a database: never trusted to be well formed).
+fn remote_span(traceparent: &str) -> Option<Context> {
+    let headers = [(TRACEPARENT_HEADER, traceparent)];
+    let context = TraceContextPropagator::new()
+        .extract_with_context(&Context::new(), &HeaderReader(&headers));
+    context.span().span_context().is_valid().then_some(context)
 }
 
 /// One handler attempt's span, a child of the current (message or timer) span.
@@ -318,5 +366,34 @@ pub(crate) fn current_traceparent() -> Option<String> {
         traceparent(&current)
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_traceparent_names_its_span_or_is_ignored() {
+        let span = remote_span("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+            .expect("a well-formed traceparent");
+        let span = span.span().span_context().clone();
+        assert_eq!(
+            span.trace_id().to_string(),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        assert_eq!(span.span_id().to_string(), "b7ad6b7169203331");
+        assert!(span.is_remote());
+        for malformed in [
+            "",
+            "garbage",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "zz-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b71692033é1-01",
+        ] {
+            assert!(remote_span(malformed).is_none(), "{malformed:?}");
+        }
     }
 }

@@ -288,6 +288,115 @@ fn defer_options_are_checked_and_fall_back_to_the_environment() {
     assert!((config.defer_failure_threshold() - 0.5).abs() < f64::EPSILON);
 }
 
+#[test]
+fn deferral_backoff_window_and_toggles_default_and_parse() {
+    let config = mock().build_with_env(Vec::new()).expect("defaults");
+    assert_eq!(config.defer_base(), Duration::from_secs(1));
+    assert_eq!(config.defer_max_delay(), Duration::from_secs(86_400));
+    assert_eq!(config.defer_failure_window(), Duration::from_secs(300));
+    assert!(config.monopolization_enabled());
+    let config = mock()
+        .set("defer_base", "250ms".into())
+        .and_then(|b| b.set("monopolization_enabled", OptionValue::Bool(false)))
+        .and_then(|b| {
+            b.build_with_env(vec![
+                ("PROSODY_DEFER_MAX_DELAY".to_owned(), "1h".to_owned()),
+                ("PROSODY_DEFER_FAILURE_WINDOW".to_owned(), "30s".to_owned()),
+            ])
+        })
+        .expect("valid options");
+    assert_eq!(config.defer_base(), Duration::from_millis(250));
+    assert_eq!(config.defer_max_delay(), Duration::from_secs(3600));
+    assert_eq!(config.defer_failure_window(), Duration::from_secs(30));
+    assert!(!config.monopolization_enabled());
+    for (option, value) in [
+        ("defer_base", OptionValue::Int(0)),
+        ("defer_max_delay", OptionValue::Str("later".into())),
+        ("defer_failure_window", OptionValue::Str("0s".into())),
+        ("monopolization_enabled", OptionValue::Str("maybe".into())),
+    ] {
+        let (named, message) = rejected_option(set(option, value.clone()));
+        assert_eq!(named, option, "{value:?}: {message}");
+    }
+}
+
+#[test]
+fn span_relations_default_and_take_either_spelling() {
+    use prosody::SpanRelation;
+    let config = mock().build_with_env(Vec::new()).expect("defaults");
+    assert_eq!(config.message_spans(), SpanRelation::Child);
+    assert_eq!(config.timer_spans(), SpanRelation::FollowsFrom);
+    let config = mock()
+        .set("message_spans", ":follows-from".into())
+        .and_then(|b| {
+            b.build_with_env(vec![("PROSODY_TIMER_SPANS".to_owned(), "child".to_owned())])
+        })
+        .expect("valid options");
+    assert_eq!(config.message_spans(), SpanRelation::FollowsFrom);
+    assert_eq!(config.timer_spans(), SpanRelation::Child);
+    let (named, message) = rejected_option(set("timer_spans", "parent".into()));
+    assert_eq!(named, "timer_spans");
+    assert!(message.contains("child, follows_from"), "{message}");
+}
+
+/// The specification's names for two options (`defer_enabled`,
+/// `scheduler_failure_weight`) set them too, in code and in the environment;
+/// one option set under both names is refused, naming both.
+#[test]
+fn option_aliases_set_their_option_and_both_names_at_once_are_refused() {
+    let config = set("defer_enabled", OptionValue::Bool(false)).expect("alias");
+    assert!(!config.defer());
+    let config = set("scheduler_failure_weight", OptionValue::Float(0.5)).expect("alias");
+    assert!((config.scheduler_failure_share() - 0.5).abs() < f64::EPSILON);
+    let env = vec![("PROSODY_DEFER_ENABLED".to_owned(), "false".to_owned())];
+    assert!(!mock().build_with_env(env).expect("alias from env").defer());
+    // Code beats the environment whichever name each uses.
+    let env = vec![("PROSODY_DEFER".to_owned(), "true".to_owned())];
+    let config = mock()
+        .set("defer_enabled", OptionValue::Bool(false))
+        .and_then(|b| b.build_with_env(env))
+        .expect("code over env");
+    assert!(!config.defer());
+    // The same name twice is a plain overwrite.
+    let config = mock()
+        .set("defer_enabled", OptionValue::Bool(true))
+        .and_then(|b| b.set("defer_enabled", OptionValue::Bool(false)))
+        .and_then(|b| b.build_with_env(Vec::new()))
+        .expect("overwrite");
+    assert!(!config.defer());
+
+    let twice = mock()
+        .set("defer", OptionValue::Bool(true))
+        .and_then(|b| b.set("defer_enabled", OptionValue::Bool(false)));
+    let (named, message) = rejected_option(twice);
+    assert_eq!(named, "defer");
+    assert!(
+        message.contains("`defer`") && message.contains("`defer_enabled`"),
+        "{message}"
+    );
+    let env = vec![
+        (
+            "PROSODY_SCHEDULER_FAILURE_WEIGHT".to_owned(),
+            "0.2".to_owned(),
+        ),
+        (
+            "PROSODY_SCHEDULER_FAILURE_SHARE".to_owned(),
+            "0.4".to_owned(),
+        ),
+    ];
+    let (named, message) = rejected_option(mock().build_with_env(env));
+    assert_eq!(named, "scheduler_failure_share");
+    assert!(
+        message.contains("PROSODY_SCHEDULER_FAILURE_WEIGHT"),
+        "{message}"
+    );
+    assert_eq!(
+        prosody::config::option_named("defer_enabled"),
+        Some("defer")
+    );
+    assert_eq!(prosody::config::option_named("defer_enabld"), None);
+}
+
 /// librdkafka and PostgreSQL take C strings: text with a NUL byte used to fail
 /// later as "FFI nul error" (a `KafkaError` naming nothing) or pass unnoticed.
 #[test]

@@ -59,6 +59,8 @@ fn fast_retries(builder: ConfigBuilder) -> ConfigBuilder {
         &[
             ("retry_base", "5ms".into()),
             ("max_retry_delay", "50ms".into()),
+            ("defer_base", "5ms".into()),
+            ("defer_max_delay", "50ms".into()),
             ("max_uncommitted", OptionValue::Int(100)),
         ],
     )
@@ -267,4 +269,53 @@ async fn permanent_failures_are_dead_lettered_not_deferred() {
     .await;
     consumer.unsubscribe().await.expect("unsubscribe");
     reader.unsubscribe().await.expect("unsubscribe reader");
+}
+
+/// Fails every attempt, noting when each began.
+#[derive(Clone, Default)]
+struct AlwaysFailing {
+    attempts: Arc<Mutex<Vec<std::time::Instant>>>,
+}
+
+impl EventHandler for AlwaysFailing {
+    type Error = Refused;
+
+    async fn on_message(&self, _context: Context, _message: Message) -> Result<(), Refused> {
+        lock(&self.attempts).push(std::time::Instant::now());
+        Err(Refused("downstream refused", false))
+    }
+}
+
+/// A deferred message waits `defer_base` (jittered down to half of it), not
+/// the in-place `retry_base`, before its next try: deferral is for failures
+/// that last, and each deferral is a write to the state store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deferred_retries_back_off_from_defer_base_not_retry_base() {
+    let source = topic("defer-base", 1);
+    produce(&source, [Record::json("failing", &json!({ "i": 0 }))]);
+    let handler = AlwaysFailing::default();
+    let consumer = client(with(
+        config(&unique("group"), &source),
+        &[
+            ("retry_base", "5ms".into()),
+            ("max_retry_delay", "5ms".into()),
+            ("defer_base", "800ms".into()),
+            ("defer_max_delay", "800ms".into()),
+        ],
+    ));
+    consumer.subscribe(handler.clone()).expect("subscribe");
+    wait_until("the message was tried three times", || {
+        lock(&handler.attempts).len() >= 3
+    })
+    .await;
+    assert_eq!(deferred(&consumer), (1, 1), "the message is deferred");
+    consumer.unsubscribe().await.expect("unsubscribe");
+    let attempts = lock(&handler.attempts).clone();
+    for pair in attempts.windows(2).take(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= std::time::Duration::from_millis(380),
+            "a deferred retry came {gap:?} after the last try (defer_base 800 ms, so at least 400 ms)"
+        );
+    }
 }

@@ -425,6 +425,40 @@ async fn a_key_hogging_handler_time_is_refused_and_warned_once_per_window() {
     );
 }
 
+/// `monopolization_enabled: false` turns the refusals off: the same hog,
+/// with the same window and threshold, runs back to back, never refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn monopolization_enabled_false_lets_a_hog_run_unrefused() {
+    let topic = topic("monopoly-off", 1);
+    let hog = (0..15).map(|n| Record::json("hog", &json!({ "n": n })));
+    produce(&topic, hog.collect::<Vec<_>>());
+
+    let handler = Recording::new(Duration::from_millis(100));
+    let client = client(
+        config(&unique("monopoly-off"), &topic)
+            .max_concurrency(4)
+            .set("monopolization_enabled", OptionValue::Bool(false))
+            .and_then(|b| b.set("monopolization_window", OptionValue::from("1s")))
+            .and_then(|b| b.set("monopolization_threshold", OptionValue::Float(0.5)))
+            .and_then(|b| b.set("retry_base", OptionValue::from("10ms")))
+            .expect("options"),
+    );
+    client.subscribe(handler.clone()).expect("subscribe");
+    wait_until("the hog ran all 15 messages", || {
+        handler.of_key("hog").len() >= 15
+    })
+    .await;
+    let rejections = client.qos_stats().rejections;
+    client.unsubscribe().await.expect("unsubscribe");
+    // 1.5 s of work against a 0.5 s share of a 1 s window: refused when enabled.
+    assert_eq!(rejections, 0, "the hog was refused");
+    let warnings = log_lines_with(&topic)
+        .into_iter()
+        .filter(|line| line.contains("monopolizes handler time"))
+        .count();
+    assert_eq!(warnings, 0);
+}
+
 /// A handler whose work finishes elsewhere (the Ruby bridge) gives its slot
 /// back there with `Context::take_slot`: with `max_concurrency` 1, the next
 /// call starts while the first call's future is still pending.

@@ -58,6 +58,8 @@ fn durable(builder: ConfigBuilder) -> ConfigBuilder {
         ("database_url", database_url().into()),
         ("retry_base", "5ms".into()),
         ("max_retry_delay", "50ms".into()),
+        ("defer_base", "5ms".into()),
+        ("defer_max_delay", "50ms".into()),
         ("probe_port", OptionValue::Bool(false)),
     ]
     .into_iter()

@@ -1,7 +1,7 @@
 //! Timer stores: one conformance suite run against both [`MemoryStore`] and
 //! [`PostgresStore`], then what only PostgreSQL has: migration by several
-//! processes at once, schema versions, configuration errors, and the database
-//! going away and coming back.
+//! processes at once and from an older schema, schema versions, configuration
+//! errors, and the database going away and coming back.
 //!
 //! The PostgreSQL tests need `PROSODY_TEST_DATABASE_URL`, which `./script/test`
 //! sets (it starts a private cluster with `./script/postgres`); they fail rather
@@ -36,6 +36,20 @@ fn pairs(items: &[(&str, i64)]) -> Vec<(String, i64)> {
     items
         .iter()
         .map(|(key, at)| ((*key).to_owned(), *at))
+        .collect()
+}
+
+/// The `timers` schema version the store migrates to: a test that pins it changes with it.
+const SCHEMA_VERSION: i32 = 1;
+
+/// Two W3C `traceparent`s, as a traced handler call's context gives them.
+const TRACE_A: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+const TRACE_B: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+fn traced(items: &[(&str, i64, Option<&str>)]) -> Vec<(String, i64, Option<String>)> {
+    items
+        .iter()
+        .map(|(key, at, trace)| ((*key).to_owned(), *at, trace.map(str::to_owned)))
         .collect()
 }
 
@@ -80,6 +94,73 @@ macro_rules! conformance {
                 assert_eq!(
                     store.due(&scope, None, i64::MAX, 10).await.unwrap().len(),
                     1
+                );
+            }
+
+            #[tokio::test]
+            async fn a_timer_keeps_the_trace_context_of_the_call_that_scheduled_it() {
+                let store = store().await;
+                let scope = fresh_scope();
+                assert!(store
+                    .schedule_traced(&scope, "k", 10, Some(TRACE_A))
+                    .await
+                    .unwrap());
+                assert!(store.schedule(&scope, "k", 20).await.unwrap());
+                assert!(store
+                    .schedule_traced(&scope, "other", 10, None)
+                    .await
+                    .unwrap());
+                // The same timer again: it stays as it is, trace context and all.
+                assert!(!store
+                    .schedule_traced(&scope, "k", 10, Some(TRACE_B))
+                    .await
+                    .unwrap());
+                assert_eq!(
+                    store.due_traced(&scope, None, 100, 10).await.unwrap(),
+                    traced(&[
+                        ("k", 10, Some(TRACE_A)),
+                        ("other", 10, None),
+                        ("k", 20, None)
+                    ])
+                );
+                assert_eq!(
+                    store
+                        .due_traced(&scope, Some((10, "")), 100, 1)
+                        .await
+                        .unwrap(),
+                    traced(&[("k", 10, Some(TRACE_A))]),
+                    "pages carry it too"
+                );
+                assert_eq!(
+                    store.due(&scope, None, 100, 10).await.unwrap(),
+                    pairs(&[("k", 10), ("other", 10), ("k", 20)])
+                );
+                // Replaced, the timer left is the caller's, with its trace context.
+                assert_eq!(
+                    store
+                        .clear_and_schedule_traced(&scope, "k", 10, Some(TRACE_B))
+                        .await
+                        .unwrap(),
+                    1
+                );
+                assert_eq!(
+                    store.due_traced(&scope, None, 100, 10).await.unwrap(),
+                    traced(&[("k", 10, Some(TRACE_B)), ("other", 10, None)])
+                );
+                assert_eq!(store.clear_and_schedule(&scope, "k", 10).await.unwrap(), 0);
+                assert_eq!(
+                    store.due_traced(&scope, None, 100, 10).await.unwrap(),
+                    traced(&[("k", 10, None), ("other", 10, None)])
+                );
+                assert!(store.unschedule(&scope, "k", 10).await.unwrap());
+                assert!(store
+                    .schedule_traced(&scope, "k", 10, Some(TRACE_A))
+                    .await
+                    .unwrap());
+                assert_eq!(
+                    store.due_traced(&scope, None, 100, 1).await.unwrap(),
+                    traced(&[("k", 10, Some(TRACE_A))]),
+                    "a timer scheduled anew takes the new call's"
                 );
             }
 
@@ -336,13 +417,106 @@ impl ScratchDatabase {
             .expect("drop scratch database");
     }
 
-    async fn query_one_i64(&self, sql: &str) -> i64 {
+    async fn client(&self) -> tokio_postgres::Client {
         let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
             .await
             .expect("connect to scratch database");
         tokio::spawn(connection);
-        client.query_one(sql, &[]).await.expect(sql).get(0)
+        client
     }
+
+    async fn query_one_i64(&self, sql: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .expect(sql)
+            .get(0)
+    }
+
+    async fn execute(&self, sql: &str) {
+        self.client().await.batch_execute(sql).await.expect(sql);
+    }
+}
+
+/// A database made by a release before timers kept a trace context (only the
+/// `timers` component, at version 1), with one timer in it, as it wrote it.
+const SCHEMA_VERSION_1: &str = "
+    CREATE TABLE prosody_schema_version (
+        component  text        PRIMARY KEY,
+        version    integer     NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    INSERT INTO prosody_schema_version (component, version) VALUES ('timers', 1);
+    CREATE TABLE prosody_timers (
+        group_id   text    NOT NULL,
+        topic      text    NOT NULL,
+        partition  integer NOT NULL,
+        key        bytea   NOT NULL,
+        fire_at_ms bigint  NOT NULL,
+        PRIMARY KEY (group_id, topic, partition, key, fire_at_ms)
+    );
+    CREATE INDEX prosody_timers_due
+        ON prosody_timers (group_id, topic, partition, fire_at_ms, key);
+    INSERT INTO prosody_timers VALUES ('old-group', 'old-topic', 0, 'old-key', 5);
+";
+
+#[tokio::test]
+async fn a_database_of_the_previous_schema_is_migrated_and_keeps_its_timers() {
+    let database = ScratchDatabase::create().await;
+    database.execute(SCHEMA_VERSION_1).await;
+    let old = PartitionScope::new("old-group", "old-topic", 0);
+    let store = PostgresStore::connect(&database.url)
+        .await
+        .expect("migrate");
+    let version = "SELECT version::bigint FROM prosody_schema_version WHERE component = 'timers'";
+    let traces =
+        "SELECT version::bigint FROM prosody_schema_version WHERE component = 'timer_traces'";
+    // `timers` stays at 1, so a release that knows only version 1 (and would
+    // refuse a newer one) still starts against this database in a rolling upgrade.
+    assert_eq!(database.query_one_i64(version).await, 1);
+    assert_eq!(database.query_one_i64(traces).await, 1);
+    assert_eq!(
+        store.due_traced(&old, None, 100, 10).await.unwrap(),
+        traced(&[("old-key", 5, None)]),
+        "a timer stored before has no trace context"
+    );
+    // What such a release writes (no traceparent column named) still works.
+    database
+        .execute("INSERT INTO prosody_timers VALUES ('old-group', 'old-topic', 0, 'older', 7)")
+        .await;
+    assert!(store
+        .schedule_traced(&old, "new-key", 6, Some(TRACE_A))
+        .await
+        .unwrap());
+    assert_eq!(
+        store.clear_and_schedule(&old, "old-key", 5).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        store.due_traced(&old, None, 100, 10).await.unwrap(),
+        traced(&[
+            ("old-key", 5, None),
+            ("new-key", 6, Some(TRACE_A)),
+            ("older", 7, None)
+        ])
+    );
+    drop(store);
+
+    // Run again over a migrated table (a version row lost, say): a no-op.
+    database
+        .execute("DELETE FROM prosody_schema_version WHERE component = 'timer_traces'")
+        .await;
+    let store = PostgresStore::connect(&database.url)
+        .await
+        .expect("migrate again");
+    assert_eq!(database.query_one_i64(traces).await, 1);
+    assert_eq!(
+        store.due_traced(&old, None, 100, 10).await.unwrap().len(),
+        3
+    );
+    drop(store);
+    database.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,7 +552,7 @@ async fn concurrent_connects_migrate_a_fresh_database_once() {
                 "SELECT version::bigint FROM prosody_schema_version WHERE component = 'timers'"
             )
             .await,
-        1
+        i64::from(SCHEMA_VERSION)
     );
     drop(stores);
     database.drop().await;
@@ -400,7 +574,7 @@ async fn a_newer_schema_is_refused() {
             error,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 1
+                supported: SCHEMA_VERSION
             }
         ),
         "{error:?}"

@@ -238,6 +238,11 @@ fn option_kinds() -> std::collections::HashMap<&'static str, &'static str> {
     prosody::config::OPTION_KINDS.iter().copied().collect()
 }
 
+/// Other names options answer to: alias => option.
+fn option_aliases() -> std::collections::HashMap<&'static str, &'static str> {
+    prosody::config::OPTION_ALIASES.iter().copied().collect()
+}
+
 /// The names a `choice` option accepts (empty for other options).
 fn option_choices(option: String) -> Vec<&'static str> {
     prosody::config::choices(&option).unwrap_or_default()
@@ -283,6 +288,7 @@ pub(crate) fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     class.define_method("processor_died", method!(NativeClient::processor_died, 0))?;
     native.define_singleton_method("option_names", function!(option_names, 0))?;
     native.define_singleton_method("option_kinds", function!(option_kinds, 0))?;
+    native.define_singleton_method("option_aliases", function!(option_aliases, 0))?;
     native.define_singleton_method("option_choices", function!(option_choices, 1))?;
     native.define_singleton_method("option_choice", function!(option_choice, 2))?;
     native.define_singleton_method("tracing?", function!(tracing_enabled, 0))?;

@@ -33,16 +33,28 @@ pub(crate) fn decide(config: &Config, kind: FailureKind, attempt: u32) -> Decisi
     }
 }
 
-/// Exponential backoff with jitter: `retry_base × 2^(attempt-1)`, capped at
-/// `max_retry_delay`, then drawn uniformly from its upper half so that keys
-/// failing together do not retry in lockstep.
+/// The delay before retrying in place: [`jittered_backoff`] from `retry_base`
+/// up to `max_retry_delay`.
 pub(crate) fn backoff(config: &Config, attempt: u32) -> Duration {
+    jittered_backoff(config.retry_base, config.max_retry_delay, attempt)
+}
+
+/// The delay before a deferred message's next try: [`jittered_backoff`] from
+/// `defer_base` up to `defer_max_delay` (longer than in place: the partition
+/// moves on meanwhile, and each deferral is a write to the state store).
+pub(crate) fn defer_backoff(config: &Config, attempt: u32) -> Duration {
+    jittered_backoff(config.defer_base, config.defer_max_delay, attempt)
+}
+
+/// Exponential backoff with jitter: `base × 2^(attempt-1)`, capped at `max`,
+/// then drawn uniformly from its upper half so that keys failing together do
+/// not retry in lockstep.
+fn jittered_backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
     let exponent = attempt.saturating_sub(1).min(32);
-    let ceiling = config
-        .retry_base
+    let ceiling = base
         .checked_mul(1_u32 << exponent.min(31))
-        .unwrap_or(config.max_retry_delay)
-        .min(config.max_retry_delay);
+        .unwrap_or(max)
+        .min(max);
     let floor = ceiling / 2;
     let spread = u64::try_from((ceiling - floor).as_micros()).unwrap_or(u64::MAX);
     floor + Duration::from_micros(rand::rng().random_range(0..=spread))

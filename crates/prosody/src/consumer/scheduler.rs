@@ -99,7 +99,7 @@ pub(crate) struct QosSettings {
     pub(crate) failure_share: f64,
     /// How long a call waits at most before it ranks ahead of new arrivals.
     pub(crate) max_wait: Duration,
-    /// Monopolization detection, in `:pipeline` mode.
+    /// Monopolization detection, in `:pipeline` mode unless `monopolization_enabled` is off.
     pub(crate) monopolization: Option<MonopolySettings>,
 }
 
@@ -110,12 +110,14 @@ impl QosSettings {
             decay: config.scheduler_decay,
             failure_share: config.scheduler_failure_share,
             max_wait: config.scheduler_max_wait,
-            monopolization: (config.mode == Mode::Pipeline).then(|| {
-                MonopolySettings::new(
-                    config.monopolization_window,
-                    config.monopolization_threshold,
-                )
-            }),
+            monopolization: (config.mode == Mode::Pipeline && config.monopolization_enabled).then(
+                || {
+                    MonopolySettings::new(
+                        config.monopolization_window,
+                        config.monopolization_threshold,
+                    )
+                },
+            ),
         }
     }
 }

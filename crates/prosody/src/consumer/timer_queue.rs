@@ -6,7 +6,7 @@
 //! A timer stays in the store until `on_timer` succeeded; a partition that moves
 //! to another consumer takes its timers along, because the new owner loads them.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -29,12 +29,15 @@ const RETRY: Duration = Duration::from_secs(1);
 
 type Entry = (i64, Arc<str>);
 
+/// The `traceparent` of the handler call that scheduled a timer, if traced.
+type TraceParent = Option<Arc<str>>;
+
 #[derive(Default)]
 struct State {
     /// Loaded and not yet due.
-    waiting: BTreeSet<Entry>,
+    waiting: BTreeMap<Entry, TraceParent>,
     /// Handed to a key queue and not yet settled.
-    queued: HashSet<Entry>,
+    queued: HashMap<Entry, TraceParent>,
     /// Every timer due before this (ms) is in `waiting` or `queued` (or done).
     horizon: i64,
     /// The last timer loaded, where the next load continues.
@@ -73,11 +76,15 @@ impl TimerQueue {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Keeps a timer that falls inside the loaded window in memory too.
-    fn remember(&self, key: &Arc<str>, at: i64) {
+    /// Keeps a timer that falls inside the loaded window in memory too. One
+    /// already waiting keeps its trace context, as it does in the store.
+    fn remember(&self, key: &Arc<str>, at: i64, trace_parent: Option<&Arc<str>>) {
         let mut state = self.state();
         if at <= state.horizon {
-            state.waiting.insert((at, Arc::clone(key)));
+            state
+                .waiting
+                .entry((at, Arc::clone(key)))
+                .or_insert_with(|| trace_parent.cloned());
             drop(state);
             self.changed.notify_one();
         }
@@ -85,8 +92,8 @@ impl TimerQueue {
 
     fn forget_key(&self, key: &str) {
         let mut state = self.state();
-        state.waiting.retain(|(_, waiting)| &**waiting != key);
-        state.queued.retain(|(_, queued)| &**queued != key);
+        state.waiting.retain(|(_, waiting), _| &**waiting != key);
+        state.queued.retain(|(_, queued), _| &**queued != key);
     }
 
     /// False when the timer was unscheduled after it was handed to its key's queue.
@@ -99,7 +106,16 @@ impl TimerQueue {
     }
 
     pub(crate) fn is_queued(&self, key: &Arc<str>, at: i64) -> bool {
-        self.state().queued.contains(&(at, Arc::clone(key)))
+        self.state().queued.contains_key(&(at, Arc::clone(key)))
+    }
+
+    /// The `traceparent` of the call that scheduled a queued timer, if it was traced.
+    pub(crate) fn trace_parent(&self, key: &Arc<str>, at: i64) -> TraceParent {
+        self.state()
+            .queued
+            .get(&(at, Arc::clone(key)))
+            .cloned()
+            .flatten()
     }
 
     /// Deletes a timer that has run (or was given up on).
@@ -151,13 +167,18 @@ impl TimerQueue {
         let before = now.saturating_add(millis(WINDOW));
         let cursor = self.state().cursor.clone();
         let after = cursor.as_ref().map(|(at, key)| (*at, &**key));
-        let page = self.store.due(&self.scope, after, before, PAGE).await?;
+        let page = self
+            .store
+            .due_traced(&self.scope, after, before, PAGE)
+            .await?;
         let mut state = self.state();
         let full = page.len() == PAGE;
-        for (key, at) in page {
+        for (key, at, trace_parent) in page {
             let entry = (at, Arc::<str>::from(key));
-            if !state.queued.contains(&entry) {
-                state.waiting.insert(entry.clone());
+            if !state.queued.contains_key(&entry) {
+                state
+                    .waiting
+                    .insert(entry.clone(), trace_parent.map(Arc::from));
             }
             state.cursor = Some(entry);
         }
@@ -173,13 +194,14 @@ impl TimerQueue {
     fn take_due(&self, now: i64) -> (Vec<Entry>, Option<i64>) {
         let mut state = self.state();
         let mut due = Vec::new();
-        while let Some(first) = state.waiting.first().cloned() {
-            if first.0 > now {
-                return (due, Some(first.0));
+        while let Some(first) = state.waiting.first_entry() {
+            let at = first.key().0;
+            if at > now {
+                return (due, Some(at));
             }
-            state.waiting.pop_first();
-            state.queued.insert(first.clone());
-            due.push(first);
+            let (entry, trace_parent) = first.remove_entry();
+            state.queued.insert(entry.clone(), trace_parent);
+            due.push(entry);
         }
         (due, None)
     }
@@ -192,11 +214,21 @@ fn millis(duration: Duration) -> i64 {
 /// What a handler's [`crate::Context`] does with its key's timers: the store
 /// changes first, then the loaded window follows.
 impl KeyTimers for TimerQueue {
-    fn schedule<'a>(&'a self, key: &'a Arc<str>, at: i64) -> TimersFuture<'a, ()> {
+    fn schedule<'a>(
+        &'a self,
+        key: &'a Arc<str>,
+        at: i64,
+        trace_parent: Option<&'a Arc<str>>,
+    ) -> TimersFuture<'a, ()> {
         Box::pin(async move {
-            self.counted(self.store.schedule(&self.scope, key, at).await)?;
+            let stored = trace_parent.map(|trace_parent| &**trace_parent);
+            self.counted(
+                self.store
+                    .schedule_traced(&self.scope, key, at, stored)
+                    .await,
+            )?;
             self.metrics.timer_scheduled();
-            self.remember(key, at);
+            self.remember(key, at, trace_parent);
             Ok(())
         })
     }
@@ -220,12 +252,22 @@ impl KeyTimers for TimerQueue {
         })
     }
 
-    fn clear_and_schedule<'a>(&'a self, key: &'a Arc<str>, at: i64) -> TimersFuture<'a, ()> {
+    fn clear_and_schedule<'a>(
+        &'a self,
+        key: &'a Arc<str>,
+        at: i64,
+        trace_parent: Option<&'a Arc<str>>,
+    ) -> TimersFuture<'a, ()> {
         Box::pin(async move {
-            self.counted(self.store.clear_and_schedule(&self.scope, key, at).await)?;
+            let stored = trace_parent.map(|trace_parent| &**trace_parent);
+            self.counted(
+                self.store
+                    .clear_and_schedule_traced(&self.scope, key, at, stored)
+                    .await,
+            )?;
             self.metrics.timer_scheduled();
             self.forget_key(key);
-            self.remember(key, at);
+            self.remember(key, at, trace_parent);
             Ok(())
         })
     }

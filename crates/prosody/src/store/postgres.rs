@@ -34,7 +34,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Every component's tables, migrated on each new connection.
-const SCHEMAS: [Schema; 3] = [timers::SCHEMA, dedup::SCHEMA, deferred::SCHEMA];
+/// (`timers::TRACE_SCHEMA` after `timers::SCHEMA`: it alters its table.)
+const SCHEMAS: [Schema; 4] = [
+    timers::SCHEMA,
+    timers::TRACE_SCHEMA,
+    dedup::SCHEMA,
+    deferred::SCHEMA,
+];
 
 /// Durable timers, message-id deduplication records and deferred messages in
 /// PostgreSQL, the store behind `database_url`.

@@ -20,18 +20,20 @@ pub struct MemoryStore {
 }
 
 /// One partition's timers, indexed both ways: by key for `scheduled` and
-/// `clear`, by time for `due`.
+/// `clear`, by time for `due` (with each timer's scheduler's `traceparent`).
 #[derive(Debug, Default)]
 struct Partition {
     by_key: HashMap<String, BTreeSet<i64>>,
-    by_time: BTreeSet<(i64, String)>,
+    by_time: BTreeMap<(i64, String), Option<String>>,
 }
 
 impl Partition {
-    fn insert(&mut self, key: &str, at_ms: i64) -> bool {
+    /// Adds a timer; one already there keeps its trace context.
+    fn insert(&mut self, key: &str, at_ms: i64, trace_parent: Option<&str>) -> bool {
         let added = self.by_key.entry(key.to_owned()).or_default().insert(at_ms);
         if added {
-            self.by_time.insert((at_ms, key.to_owned()));
+            self.by_time
+                .insert((at_ms, key.to_owned()), trace_parent.map(str::to_owned));
         }
         added
     }
@@ -91,13 +93,15 @@ impl MemoryStore {
         result
     }
 
-    fn range(
+    /// The timers `due` returns, each made into a `T` by `timer`.
+    fn range<T>(
         &self,
         scope: &PartitionScope,
         after: Option<(i64, &str)>,
         before_ms: i64,
         limit: usize,
-    ) -> Vec<(String, i64)> {
+        timer: impl Fn(&(i64, String), &Option<String>) -> T,
+    ) -> Vec<T> {
         let partitions = self.lock();
         let Some(partition) = partitions.get(scope) else {
             return Vec::new();
@@ -119,7 +123,7 @@ impl MemoryStore {
             .by_time
             .range((start, Bound::Excluded(end)))
             .take(limit)
-            .map(|(at_ms, key)| (key.clone(), *at_ms))
+            .map(|(time_and_key, trace_parent)| timer(time_and_key, trace_parent))
             .collect()
     }
 }
@@ -131,8 +135,7 @@ impl TimerStore for MemoryStore {
         key: &'a str,
         at_ms: i64,
     ) -> StoreFuture<'a, bool> {
-        let added = self.change(scope, |partition| partition.insert(key, at_ms));
-        Box::pin(ready(Ok(added)))
+        self.schedule_traced(scope, key, at_ms, None)
     }
 
     fn unschedule<'a>(
@@ -156,16 +159,7 @@ impl TimerStore for MemoryStore {
         key: &'a str,
         at_ms: i64,
     ) -> StoreFuture<'a, u64> {
-        let removed = self.change(scope, |partition| {
-            let kept = partition
-                .by_key
-                .get(key)
-                .is_some_and(|times| times.contains(&at_ms));
-            let removed = partition.clear(key) - u64::from(kept);
-            partition.insert(key, at_ms);
-            removed
-        });
-        Box::pin(ready(Ok(removed)))
+        self.clear_and_schedule_traced(scope, key, at_ms, None)
     }
 
     fn scheduled<'a>(
@@ -189,7 +183,60 @@ impl TimerStore for MemoryStore {
         before_ms: i64,
         limit: usize,
     ) -> StoreFuture<'a, Vec<(String, i64)>> {
-        Box::pin(ready(Ok(self.range(scope, after, before_ms, limit))))
+        let due = self.range(scope, after, before_ms, limit, |(at_ms, key), _| {
+            (key.clone(), *at_ms)
+        });
+        Box::pin(ready(Ok(due)))
+    }
+
+    fn schedule_traced<'a>(
+        &'a self,
+        scope: &'a PartitionScope,
+        key: &'a str,
+        at_ms: i64,
+        trace_parent: Option<&'a str>,
+    ) -> StoreFuture<'a, bool> {
+        let added = self.change(scope, |partition| {
+            partition.insert(key, at_ms, trace_parent)
+        });
+        Box::pin(ready(Ok(added)))
+    }
+
+    fn clear_and_schedule_traced<'a>(
+        &'a self,
+        scope: &'a PartitionScope,
+        key: &'a str,
+        at_ms: i64,
+        trace_parent: Option<&'a str>,
+    ) -> StoreFuture<'a, u64> {
+        let removed = self.change(scope, |partition| {
+            let kept = partition
+                .by_key
+                .get(key)
+                .is_some_and(|times| times.contains(&at_ms));
+            // Cleared too, so the remaining timer takes the caller's trace context.
+            let removed = partition.clear(key) - u64::from(kept);
+            partition.insert(key, at_ms, trace_parent);
+            removed
+        });
+        Box::pin(ready(Ok(removed)))
+    }
+
+    fn due_traced<'a>(
+        &'a self,
+        scope: &'a PartitionScope,
+        after: Option<(i64, &'a str)>,
+        before_ms: i64,
+        limit: usize,
+    ) -> StoreFuture<'a, Vec<(String, i64, Option<String>)>> {
+        let due = self.range(
+            scope,
+            after,
+            before_ms,
+            limit,
+            |(at_ms, key), trace_parent| (key.clone(), *at_ms, trace_parent.clone()),
+        );
+        Box::pin(ready(Ok(due)))
     }
 }
 

@@ -34,6 +34,17 @@ pub(crate) const SCHEMA: Schema = Schema {
     "],
 };
 
+/// `prosody_timers.traceparent`: the W3C trace context of the handler call
+/// that scheduled the timer (NULL when it was not traced, and for every timer
+/// stored before). A component of its own rather than version 2 of
+/// [`SCHEMA`]: releases that know only version 1 refuse a newer `timers`
+/// schema, and this nullable column is one they read and write correctly, so
+/// in a rolling upgrade the processes not yet upgraded keep working.
+pub(crate) const TRACE_SCHEMA: Schema = Schema {
+    component: "timer_traces",
+    migrations: &["ALTER TABLE prosody_timers ADD COLUMN IF NOT EXISTS traceparent text;"],
+};
+
 /// The timer statements, prepared once per connection.
 pub(crate) struct Statements {
     schedule: Statement,
@@ -49,27 +60,38 @@ impl Statements {
     pub(crate) async fn prepare(client: &Client) -> Result<Self, tokio_postgres::Error> {
         const KEY: &str = "group_id = $1 AND topic = $2 AND partition = $3 AND key = $4";
         const PARTITION: &str = "group_id = $1 AND topic = $2 AND partition = $3";
+        // A timer's identity, as the batched writes return it.
         const COLUMNS: &str = "group_id, topic, partition, key, fire_at_ms";
         const ROWS: &str =
             "unnest($1::text[], $2::text[], $3::integer[], $4::bytea[], $5::bigint[])
              AS batch(group_id, topic, partition, key, fire_at_ms)";
+        const TRACED_ROWS: &str = "unnest($1::text[], $2::text[], $3::integer[], $4::bytea[],
+                    $5::bigint[], $6::text[])
+             AS batch(group_id, topic, partition, key, fire_at_ms, traceparent)";
         // One statement, so atomic: data-modifying CTEs run exactly once each.
+        // The timer left is the caller's, so it takes the caller's trace
+        // context; the row is only rewritten when that changes it.
         let clear_and_schedule = format!(
             "WITH removed AS (
                  DELETE FROM prosody_timers WHERE {KEY} AND fire_at_ms <> $5 RETURNING 1
              ), added AS (
-                 INSERT INTO prosody_timers ({COLUMNS}) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT DO NOTHING
+                 INSERT INTO prosody_timers ({COLUMNS}, traceparent)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT ({COLUMNS}) DO UPDATE SET traceparent = excluded.traceparent
+                 WHERE prosody_timers.traceparent IS DISTINCT FROM excluded.traceparent
              )
              SELECT count(*) FROM removed"
         );
         Ok(Self {
             // Batched writes: one row per write, and the rows actually
             // inserted or deleted come back to tell each caller its answer.
+            // A timer already there keeps its trace context (the first
+            // scheduler's): the same timer twice in one batch could not be
+            // updated by one statement anyway.
             schedule: client
                 .prepare(&format!(
-                    "INSERT INTO prosody_timers ({COLUMNS})
-                     SELECT {COLUMNS} FROM {ROWS}
+                    "INSERT INTO prosody_timers ({COLUMNS}, traceparent)
+                     SELECT {COLUMNS}, traceparent FROM {TRACED_ROWS}
                      ON CONFLICT DO NOTHING
                      RETURNING {COLUMNS}"
                 ))
@@ -94,14 +116,14 @@ impl Statements {
                 .await?,
             due: client
                 .prepare(&format!(
-                    "SELECT key, fire_at_ms FROM prosody_timers
+                    "SELECT key, fire_at_ms, traceparent FROM prosody_timers
                      WHERE {PARTITION} AND fire_at_ms < $4
                      ORDER BY fire_at_ms, key LIMIT $5"
                 ))
                 .await?,
             due_after: client
                 .prepare(&format!(
-                    "SELECT key, fire_at_ms FROM prosody_timers
+                    "SELECT key, fire_at_ms, traceparent FROM prosody_timers
                      WHERE {PARTITION} AND (fire_at_ms, key) > ($4, $5) AND fire_at_ms < $6
                      ORDER BY fire_at_ms, key LIMIT $7"
                 ))
@@ -117,6 +139,8 @@ pub(crate) struct TimerWrite {
     scope: PartitionScope,
     key: String,
     at_ms: i64,
+    /// The scheduler's `traceparent` (inserts only).
+    trace_parent: Option<String>,
 }
 
 /// A timer as a batched statement returns it: group, topic, partition, key, time.
@@ -169,19 +193,35 @@ impl Batch for TimerWrite {
             let partitions: Vec<i32> = writes.iter().map(|write| write.scope.partition).collect();
             let keys: Vec<&[u8]> = writes.iter().map(|write| write.key.as_bytes()).collect();
             let times: Vec<i64> = writes.iter().map(|write| write.at_ms).collect();
-            let (groups, topics, partitions, keys, times) =
-                (&groups, &topics, &partitions, &keys, &times);
+            let trace_parents: Vec<Option<&str>> = if lane == SCHEDULE {
+                writes
+                    .iter()
+                    .map(|write| write.trace_parent.as_deref())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let (groups, topics, partitions, keys, times, trace_parents) =
+                (&groups, &topics, &partitions, &keys, &times, &trace_parents);
             let rows = postgres
                 .run(operation, move |connection| async move {
-                    let statement = if lane == SCHEDULE {
-                        &connection.timers.schedule
+                    if lane == SCHEDULE {
+                        connection
+                            .client
+                            .query(
+                                &connection.timers.schedule,
+                                &[groups, topics, partitions, keys, times, trace_parents],
+                            )
+                            .await
                     } else {
-                        &connection.timers.unschedule
-                    };
-                    connection
-                        .client
-                        .query(statement, &[groups, topics, partitions, keys, times])
-                        .await
+                        connection
+                            .client
+                            .query(
+                                &connection.timers.unschedule,
+                                &[groups, topics, partitions, keys, times],
+                            )
+                            .await
+                    }
                 })
                 .await?;
             rows.iter()
@@ -208,12 +248,14 @@ impl PostgresStore {
         scope: &PartitionScope,
         key: &str,
         at_ms: i64,
+        trace_parent: Option<&str>,
     ) -> Result<bool, StoreError> {
         let write = TimerWrite {
             insert,
             scope: scope.clone(),
             key: key.to_owned(),
             at_ms,
+            trace_parent: trace_parent.map(str::to_owned),
         };
         self.timer_writes.write(&self.postgres, write).await
     }
@@ -226,7 +268,7 @@ impl TimerStore for PostgresStore {
         key: &'a str,
         at_ms: i64,
     ) -> StoreFuture<'a, bool> {
-        Box::pin(self.write_timer(true, scope, key, at_ms))
+        self.schedule_traced(scope, key, at_ms, None)
     }
 
     fn unschedule<'a>(
@@ -235,7 +277,7 @@ impl TimerStore for PostgresStore {
         key: &'a str,
         at_ms: i64,
     ) -> StoreFuture<'a, bool> {
-        Box::pin(self.write_timer(false, scope, key, at_ms))
+        Box::pin(self.write_timer(false, scope, key, at_ms, None))
     }
 
     fn clear<'a>(&'a self, scope: &'a PartitionScope, key: &'a str) -> StoreFuture<'a, u64> {
@@ -261,28 +303,7 @@ impl TimerStore for PostgresStore {
         key: &'a str,
         at_ms: i64,
     ) -> StoreFuture<'a, u64> {
-        Box::pin(async move {
-            let removed: i64 = self
-                .postgres
-                .run("clear_and_schedule", |connection| async move {
-                    connection
-                        .client
-                        .query_one(
-                            &connection.timers.clear_and_schedule,
-                            &[
-                                &&*scope.group,
-                                &&*scope.topic,
-                                &scope.partition,
-                                &key.as_bytes(),
-                                &at_ms,
-                            ],
-                        )
-                        .await?
-                        .try_get(0)
-                })
-                .await?;
-            Ok(u64::try_from(removed).unwrap_or(0))
-        })
+        self.clear_and_schedule_traced(scope, key, at_ms, None)
     }
 
     fn scheduled<'a>(
@@ -324,6 +345,65 @@ impl TimerStore for PostgresStore {
         before_ms: i64,
         limit: usize,
     ) -> StoreFuture<'a, Vec<(String, i64)>> {
+        let due = self.due_traced(scope, after, before_ms, limit);
+        Box::pin(async move {
+            Ok(due
+                .await?
+                .into_iter()
+                .map(|(key, at_ms, _)| (key, at_ms))
+                .collect())
+        })
+    }
+
+    fn schedule_traced<'a>(
+        &'a self,
+        scope: &'a PartitionScope,
+        key: &'a str,
+        at_ms: i64,
+        trace_parent: Option<&'a str>,
+    ) -> StoreFuture<'a, bool> {
+        Box::pin(self.write_timer(true, scope, key, at_ms, trace_parent))
+    }
+
+    fn clear_and_schedule_traced<'a>(
+        &'a self,
+        scope: &'a PartitionScope,
+        key: &'a str,
+        at_ms: i64,
+        trace_parent: Option<&'a str>,
+    ) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let removed: i64 = self
+                .postgres
+                .run("clear_and_schedule", |connection| async move {
+                    connection
+                        .client
+                        .query_one(
+                            &connection.timers.clear_and_schedule,
+                            &[
+                                &&*scope.group,
+                                &&*scope.topic,
+                                &scope.partition,
+                                &key.as_bytes(),
+                                &at_ms,
+                                &trace_parent,
+                            ],
+                        )
+                        .await?
+                        .try_get(0)
+                })
+                .await?;
+            Ok(u64::try_from(removed).unwrap_or(0))
+        })
+    }
+
+    fn due_traced<'a>(
+        &'a self,
+        scope: &'a PartitionScope,
+        after: Option<(i64, &'a str)>,
+        before_ms: i64,
+        limit: usize,
+    ) -> StoreFuture<'a, Vec<(String, i64, Option<String>)>> {
         Box::pin(async move {
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
             let rows = self
@@ -365,8 +445,10 @@ impl TimerStore for PostgresStore {
                 .map(|row| {
                     let key: Vec<u8> = row.try_get(0).map_err(|error| query_error("due", error))?;
                     let at_ms: i64 = row.try_get(1).map_err(|error| query_error("due", error))?;
+                    let trace_parent: Option<String> =
+                        row.try_get(2).map_err(|error| query_error("due", error))?;
                     let key = String::from_utf8(key).map_err(|error| query_error("due", error))?;
-                    Ok((key, at_ms))
+                    Ok((key, at_ms, trace_parent))
                 })
                 .collect()
         })

@@ -44,6 +44,11 @@ impl fmt::Display for PartitionScope {
 /// scheduling the same time twice is one timer. Stores only store: firing,
 /// retrying and in-memory windows belong to the consumer.
 ///
+/// A timer may also carry the `traceparent` of the handler call that
+/// scheduled it (the `*_traced` methods), so its firing's span can continue
+/// or link to that call's trace. A store that keeps none may leave those
+/// methods to their defaults: its timers then fire in traces of their own.
+///
 /// Ordering is by time, then by key compared as bytes (Rust's `str` order), in
 /// every store, so the consumer sees the same order in mock mode as with
 /// PostgreSQL.
@@ -97,4 +102,52 @@ pub trait TimerStore: Send + Sync + fmt::Debug {
         before_ms: i64,
         limit: usize,
     ) -> StoreFuture<'a, Vec<(String, i64)>>;
+
+    /// [`schedule`](Self::schedule), keeping `trace_parent` with a new timer.
+    /// A timer already at `at_ms` keeps the trace context it has: the first
+    /// scheduler's. The default drops `trace_parent`.
+    fn schedule_traced<'a>(
+        &'a self,
+        scope: &'a PartitionScope,
+        key: &'a str,
+        at_ms: i64,
+        trace_parent: Option<&'a str>,
+    ) -> StoreFuture<'a, bool> {
+        let _ = trace_parent;
+        self.schedule(scope, key, at_ms)
+    }
+
+    /// [`clear_and_schedule`](Self::clear_and_schedule), the remaining timer
+    /// carrying `trace_parent` (replacing the trace context of one already at
+    /// `at_ms`: the timer is the caller's now). The default drops `trace_parent`.
+    fn clear_and_schedule_traced<'a>(
+        &'a self,
+        scope: &'a PartitionScope,
+        key: &'a str,
+        at_ms: i64,
+        trace_parent: Option<&'a str>,
+    ) -> StoreFuture<'a, u64> {
+        let _ = trace_parent;
+        self.clear_and_schedule(scope, key, at_ms)
+    }
+
+    /// [`due`](Self::due), each timer as `(key, at_ms, traceparent)`: the
+    /// W3C `traceparent` stored with it, if the call that scheduled it was
+    /// traced. The default has none.
+    fn due_traced<'a>(
+        &'a self,
+        scope: &'a PartitionScope,
+        after: Option<(i64, &'a str)>,
+        before_ms: i64,
+        limit: usize,
+    ) -> StoreFuture<'a, Vec<(String, i64, Option<String>)>> {
+        let due = self.due(scope, after, before_ms, limit);
+        Box::pin(async move {
+            Ok(due
+                .await?
+                .into_iter()
+                .map(|(key, at_ms)| (key, at_ms, None))
+                .collect())
+        })
+    }
 }

@@ -17,8 +17,9 @@
 //! - `store.rs`: [`DeferStore`] and the memory store; `postgres.rs`: the
 //!   `prosody_deferred` table. The new owner of a partition loads its deferred
 //!   messages ([`DeferQueue::run`]) before any message of the partition runs.
-//! - the gate: a sliding window of the partition's recent outcomes; while more
-//!   than `defer_failure_threshold` of them failed, nothing new is deferred,
+//! - the gate: the partition's outcomes over the last `defer_failure_window`
+//!   (counted per slice of it); while more than `defer_failure_threshold` of
+//!   them failed (and at least a handful were seen), nothing new is deferred,
 //!   because then the downstream is down for everyone and blocking (with
 //!   backpressure) is the better answer.
 //! - permanent failures are never deferred: they take the dead-letter path.
@@ -32,7 +33,7 @@ pub(crate) mod store;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -45,12 +46,13 @@ use crate::store::StoreError;
 use crate::timers::PartitionScope;
 pub(crate) use store::{DeferStore, DeferredRecord, MemoryDeferred};
 
-/// Outcomes the gate looks at (the partition's most recent ones).
-const WINDOW: usize = 100;
+/// Slices the gate's window is cut into: outcomes leave the window a slice
+/// at a time, so the window spans `defer_failure_window` plus at most one slice.
+const SLICES: u32 = 20;
 
 /// Outcomes the gate needs before it may close: a handful of early failures
 /// must not turn deferral off.
-const MIN_OUTCOMES: usize = 20;
+const MIN_OUTCOMES: u64 = 20;
 
 /// Deferred messages a partition keeps in memory as fetched, so that their
 /// retry need not read them back from Kafka; the rest are read back.
@@ -67,6 +69,8 @@ pub(crate) struct DeferSettings {
     /// Failure rate of the recent outcomes above which nothing new is deferred
     /// (`defer_failure_threshold`).
     pub(crate) failure_threshold: f64,
+    /// How far back "recent" reaches (`defer_failure_window`).
+    pub(crate) failure_window: Duration,
 }
 
 impl DeferSettings {
@@ -76,34 +80,83 @@ impl DeferSettings {
         Self {
             enabled: config.defer && config.mode == Mode::Pipeline,
             failure_threshold: config.defer_failure_threshold,
+            failure_window: config.defer_failure_window,
         }
     }
 }
 
-/// The partition's recent outcomes: true for a failure.
-#[derive(Debug, Default)]
+/// The partition's outcomes over the last `defer_failure_window`, counted
+/// per slice of the window (memory stays small whatever the message rate).
+#[derive(Debug)]
 struct Gate {
-    outcomes: VecDeque<bool>,
-    failures: usize,
+    window: Duration,
+    /// Oldest first; a slice counts the outcomes from its start on.
+    slices: VecDeque<Slice>,
+    outcomes: u64,
+    failures: u64,
     /// Whether the last look found the gate closed (logged on change).
     closed: bool,
 }
 
+#[derive(Debug)]
+struct Slice {
+    start: Instant,
+    outcomes: u64,
+    failures: u64,
+}
+
 impl Gate {
-    fn record(&mut self, failed: bool) {
-        if self.outcomes.len() == WINDOW && self.outcomes.pop_front() == Some(true) {
-            self.failures -= 1;
+    fn new(window: Duration) -> Self {
+        Self {
+            window,
+            slices: VecDeque::new(),
+            outcomes: 0,
+            failures: 0,
+            closed: false,
         }
-        self.outcomes.push_back(failed);
-        self.failures += usize::from(failed);
+    }
+
+    fn slice_length(&self) -> Duration {
+        (self.window / SLICES).max(Duration::from_millis(1))
+    }
+
+    fn record(&mut self, failed: bool, now: Instant) {
+        self.forget_before(now);
+        let length = self.slice_length();
+        match self.slices.back_mut() {
+            Some(current) if now < current.start + length => {
+                current.outcomes += 1;
+                current.failures += u64::from(failed);
+            }
+            _ => self.slices.push_back(Slice {
+                start: now,
+                outcomes: 1,
+                failures: u64::from(failed),
+            }),
+        }
+        self.outcomes += 1;
+        self.failures += u64::from(failed);
+    }
+
+    /// Drops the slices that ended more than a window before `now`.
+    fn forget_before(&mut self, now: Instant) {
+        let reach = self.slice_length() + self.window;
+        while let Some(oldest) = self.slices.front() {
+            if now.saturating_duration_since(oldest.start) < reach {
+                break;
+            }
+            self.outcomes -= oldest.outcomes;
+            self.failures -= oldest.failures;
+            self.slices.pop_front();
+        }
     }
 
     /// Whether deferring is allowed now.
-    fn is_open(&self, threshold: f64) -> bool {
-        let seen = self.outcomes.len();
-        #[allow(clippy::cast_precision_loss)] // at most WINDOW
-        let rate = self.failures as f64 / seen.max(1) as f64;
-        seen < MIN_OUTCOMES || rate <= threshold
+    fn is_open(&mut self, threshold: f64, now: Instant) -> bool {
+        self.forget_before(now);
+        #[allow(clippy::cast_precision_loss)] // counts far below 2^52
+        let rate = self.failures as f64 / self.outcomes.max(1) as f64;
+        self.outcomes < MIN_OUTCOMES || rate <= threshold
     }
 }
 
@@ -118,7 +171,6 @@ struct DeferredKey {
     queued: bool,
 }
 
-#[derive(Default)]
 struct State {
     keys: HashMap<Arc<str>, DeferredKey>,
     messages: usize,
@@ -152,7 +204,12 @@ impl DeferQueue {
             store,
             scope,
             settings,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                keys: HashMap::new(),
+                messages: 0,
+                gate: Gate::new(settings.failure_window),
+                cached: HashMap::new(),
+            }),
             loaded: watch::Sender::new(false),
             any: AtomicBool::new(false),
             changed: Notify::new(),
@@ -181,20 +238,22 @@ impl DeferQueue {
 
     /// Records whether a message's attempt failed, for the gate.
     pub(crate) fn record(&self, failed: bool) {
-        self.state().gate.record(failed);
+        self.state().gate.record(failed, Instant::now());
     }
 
     /// Whether a failing message may be deferred now (logs when that changes).
     pub(crate) fn gate_is_open(&self) -> bool {
         let mut state = self.state();
-        let open = state.gate.is_open(self.settings.failure_threshold);
+        let open = state
+            .gate
+            .is_open(self.settings.failure_threshold, Instant::now());
         if open == state.gate.closed {
             state.gate.closed = !open;
             let (scope, threshold) = (&self.scope, self.settings.failure_threshold);
             if open {
                 info!(%scope, "failure rate back under defer_failure_threshold ({threshold}); deferring failing messages again");
             } else {
-                warn!(%scope, "more than defer_failure_threshold ({threshold}) of the partition's recent messages failed: retrying in place (blocking) instead of deferring");
+                warn!(%scope, "more than defer_failure_threshold ({threshold}) of the partition's messages in the last defer_failure_window failed: retrying in place (blocking) instead of deferring");
             }
         }
         open
@@ -428,24 +487,52 @@ mod tests {
 
     #[test]
     fn the_gate_needs_enough_outcomes_and_closes_above_the_threshold() {
-        let mut gate = Gate::default();
+        let start = Instant::now();
+        let mut gate = Gate::new(Duration::from_secs(300));
         for _ in 0..MIN_OUTCOMES - 1 {
-            gate.record(true);
+            gate.record(true, start);
         }
-        assert!(gate.is_open(0.9), "too few outcomes to judge");
-        gate.record(true);
-        assert!(!gate.is_open(0.9), "everything failed");
-        for _ in 0..WINDOW {
-            gate.record(false);
+        assert!(gate.is_open(0.9, start), "too few outcomes to judge");
+        gate.record(true, start);
+        assert!(!gate.is_open(0.9, start), "everything failed");
+        // Successes within the window dilute the failures.
+        let later = start + Duration::from_secs(60);
+        for failed in (0..180).map(|n| n % 10 != 0) {
+            gate.record(failed, later);
         }
-        assert!(gate.is_open(0.9), "the failures slid out of the window");
-        assert_eq!(gate.failures, 0);
-        for failed in (0..WINDOW).map(|n| n % 10 != 0) {
-            gate.record(failed);
+        // 20 + 162 failures out of 200: 91%.
+        assert!(!gate.is_open(0.9, later), "91% failed");
+        gate.record(false, later);
+        gate.record(false, later);
+        assert!(!gate.is_open(0.9, later), "182 of 202: still above 90%");
+        gate.record(false, later);
+        assert!(gate.is_open(0.9, later), "182 of 203: under 90%");
+    }
+
+    #[test]
+    fn outcomes_older_than_the_window_leave_it() {
+        let start = Instant::now();
+        let window = Duration::from_secs(300);
+        let mut gate = Gate::new(window);
+        for _ in 0..100 {
+            gate.record(true, start);
         }
-        assert!(gate.is_open(0.9), "exactly 90% failed");
-        gate.record(true);
-        assert!(!gate.is_open(0.9), "91% failed");
+        assert!(
+            !gate.is_open(0.9, start + window / 2),
+            "the failures are recent"
+        );
+        // A window and a slice later they are gone, with nothing new: open.
+        let after = start + window + window / SLICES;
+        assert!(
+            gate.is_open(0.9, after),
+            "the failures slid out of the window"
+        );
+        assert_eq!((gate.outcomes, gate.failures, gate.slices.len()), (0, 0, 0));
+        // Many outcomes in one slice take one slice of memory.
+        for _ in 0..10_000 {
+            gate.record(false, after);
+        }
+        assert_eq!(gate.slices.len(), 1);
     }
 
     #[tokio::test]
@@ -455,6 +542,7 @@ mod tests {
         let settings = DeferSettings {
             enabled: true,
             failure_threshold: 0.9,
+            failure_window: Duration::from_secs(300),
         };
         let queue = DeferQueue::new(Arc::clone(&store), scope.clone(), settings);
         let key: Arc<str> = Arc::from("k");

@@ -180,6 +180,7 @@ impl PartitionManager {
                 group: self.shared.config.group_id.as_deref().unwrap_or_default(),
             },
             &fetched.headers,
+            self.shared.config.message_spans,
         );
         let mut message = message;
         message.trace_parent = trace.as_ref().and_then(traces::traceparent).map(Arc::from);
@@ -228,7 +229,13 @@ impl PartitionManager {
         let late = std::time::SystemTime::now()
             .duration_since(timer.time)
             .unwrap_or_default();
-        let trace = traces::timer_span(&self.topic, self.partition, key);
+        let trace = traces::timer_span(
+            &self.topic,
+            self.partition,
+            key,
+            timers.trace_parent(key, at).as_deref(),
+            self.shared.config.timer_spans,
+        );
         let settled = traced!(trace.clone(), self.retry(key, Call::Timer(timer, at)));
         if let Some(trace) = &trace {
             traces::end(trace, settled.failure());
@@ -313,7 +320,7 @@ impl PartitionManager {
                     self.shared.metrics.retried(self.labels());
                     if let Some(offset) = call.offset() {
                         self.observe_retry(key, offset, attempt, &failure);
-                        if Box::pin(self.defer_failed(key, offset, attempt, delay)).await {
+                        if Box::pin(self.defer_failed(key, offset, attempt)).await {
                             return Settled::Deferred;
                         }
                     }

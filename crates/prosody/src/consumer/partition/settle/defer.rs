@@ -15,7 +15,7 @@ use super::Call;
 use crate::consumer::defer::reload::ReloadError;
 use crate::consumer::defer::DeferQueue;
 use crate::consumer::dispatch::Outcome;
-use crate::consumer::failure::{backoff, decide, Decision};
+use crate::consumer::failure::{decide, defer_backoff, Decision};
 use crate::consumer::filter::Skip;
 use crate::consumer::scheduler::Pool;
 use crate::dedup::message_id;
@@ -82,22 +82,18 @@ impl PartitionManager {
         }
     }
 
-    /// After a transient failure of a fresh message that would be retried
-    /// after `delay`: defers it instead, if deferral is on and the gate open.
-    /// False means retry in place (as without deferral).
-    pub(super) async fn defer_failed(
-        &self,
-        key: &Arc<str>,
-        offset: i64,
-        attempt: u32,
-        delay: Duration,
-    ) -> bool {
+    /// After a transient failure of a fresh message: defers it instead of
+    /// retrying in place, if deferral is on and the gate open, with the
+    /// deferral backoff (`defer_base`). False means retry in place (as without
+    /// deferral).
+    pub(super) async fn defer_failed(&self, key: &Arc<str>, offset: i64, attempt: u32) -> bool {
         let Some(defer) = self.defer.as_ref() else {
             return false;
         };
         if !defer.gate_is_open() {
             return false;
         }
+        let delay = defer_backoff(&self.shared.config, attempt);
         let retry_at = to_millis(SystemTime::now() + delay);
         match defer.defer(key, offset, attempt, retry_at).await {
             Ok(()) => {
@@ -146,7 +142,7 @@ impl PartitionManager {
                     continue;
                 }
                 Err(problem) => {
-                    let delay = backoff(config, attempt);
+                    let delay = defer_backoff(config, attempt);
                     warn!(topic = %self.topic, partition = self.partition, offset, key = %key, "cannot read a deferred message back; retrying in {delay:?}: {problem}");
                     return self.back_off(defer, key, offset, tried, delay).await;
                 }
@@ -205,7 +201,8 @@ impl PartitionManager {
                 .metrics
                 .failed(self.labels(), failure.kind.as_str());
             match decide(config, failure.kind, attempt) {
-                Decision::Retry(delay) => {
+                Decision::Retry(_) => {
+                    let delay = defer_backoff(config, attempt);
                     self.shared.metrics.retried(self.labels());
                     self.observe_retry(key, offset, attempt, &failure);
                     warn!(
@@ -247,6 +244,7 @@ impl PartitionManager {
                 group: self.shared.config.group_id.as_deref().unwrap_or_default(),
             },
             &fetched.headers,
+            self.shared.config.message_spans,
         );
         message.trace_parent = trace.as_ref().and_then(traces::traceparent).map(Arc::from);
         let call = Call::Message(message);
