@@ -63,6 +63,8 @@ module Prosody
       idempotence_cache_size: :whole,
       idempotence_version: :version,
       idempotence_ttl: :duration,
+      telemetry_enabled: :flag,
+      telemetry_topic: :name,
       message_spans: :choice,
       timer_spans: :choice,
       database_url: :name,

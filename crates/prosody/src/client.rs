@@ -12,6 +12,7 @@ use crate::handler::EventHandler;
 use crate::metrics::{Format as MetricsFormat, Metrics};
 use crate::mock;
 use crate::producer::Producer;
+use crate::telemetry::Telemetry;
 
 /// The entry point: sends messages and runs one subscription.
 ///
@@ -122,6 +123,18 @@ impl Client {
         if self.config.mock {
             for topic in &self.config.subscribed_topics {
                 mock::ensure_topic(topic)?;
+            }
+        }
+        if self.config.telemetry_enabled {
+            if let Some(group_id) = &self.config.group_id {
+                self.metrics.start_telemetry(|| {
+                    Telemetry::start(
+                        &self.config.telemetry_topic,
+                        group_id,
+                        self.producer(),
+                        &self.runtime,
+                    )
+                });
             }
         }
         let dead_letters = self.config.failure_topic.as_ref().map(|_| self.producer());

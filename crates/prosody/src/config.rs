@@ -367,6 +367,11 @@ options! {
     message_spans: SpanRelation = choice(SpanRelation::Child) -> SpanRelation;
     /// How a timer's span relates to the span of the handler call that scheduled it.
     timer_spans: SpanRelation = choice(SpanRelation::FollowsFrom) -> SpanRelation;
+    /// Whether a consumer sends its lifecycle events (partitions assigned and
+    /// revoked, stalls, messages dead-lettered or given up on) to `telemetry_topic`.
+    telemetry_enabled: bool = flag(true) -> bool;
+    /// The topic lifecycle events go to.
+    telemetry_topic: String = name("prosody.telemetry-events".to_owned()) -> &str;
     /// PostgreSQL connection URL for timers and deduplication records.
     database_url: Option<String> = name(None) -> Option<&str>,
         check check_database_url, shown hide_url;

@@ -42,6 +42,7 @@ mod probe;
 mod producer;
 mod state;
 mod store;
+mod telemetry;
 mod timers;
 pub mod traces;
 

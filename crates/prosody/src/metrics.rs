@@ -23,6 +23,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::events::{Event, EventKind, Observer};
+use crate::telemetry::Telemetry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct PartitionLabels {
@@ -97,6 +98,8 @@ pub(crate) struct Metrics {
     store_errors: Counter,
     /// Where events go, once one is attached (see [`crate::events`]).
     observer: OnceLock<Arc<dyn Observer>>,
+    /// The lifecycle events sent to Kafka (`telemetry_enabled`), once subscribed.
+    telemetry: OnceLock<Telemetry>,
 }
 
 impl Default for Metrics {
@@ -134,6 +137,7 @@ impl Metrics {
             timer_lateness: seconds_histogram(),
             store_errors: Counter::default(),
             observer: OnceLock::new(),
+            telemetry: OnceLock::new(),
         };
         metrics.register();
         metrics
@@ -268,13 +272,28 @@ impl Metrics {
         self.observer.set(observer).is_ok()
     }
 
-    /// Passes the event `build` makes to the observer, if it wants `kind`;
-    /// nothing is built otherwise.
+    /// Starts sending lifecycle events to Kafka; later calls keep the first.
+    pub(crate) fn start_telemetry(&self, start: impl FnOnce() -> Telemetry) {
+        let _ = self.telemetry.get_or_init(start);
+    }
+
+    /// Passes the event `build` makes to the observer and to telemetry, if
+    /// either wants `kind`; nothing is built otherwise.
     pub(crate) fn emit(&self, kind: EventKind, build: impl FnOnce() -> Event) {
-        if let Some(observer) = self.observer.get() {
-            if observer.wants(kind) {
-                observer.observe(build());
-            }
+        let observer = self.observer.get().filter(|observer| observer.wants(kind));
+        let telemetry = self
+            .telemetry
+            .get()
+            .filter(|telemetry| telemetry.wants(kind));
+        if observer.is_none() && telemetry.is_none() {
+            return;
+        }
+        let event = build();
+        if let Some(telemetry) = telemetry {
+            telemetry.record(&event);
+        }
+        if let Some(observer) = observer {
+            observer.observe(event);
         }
     }
 

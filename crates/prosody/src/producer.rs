@@ -19,6 +19,12 @@ use crate::traces::{SendSpan, TRACEPARENT_HEADER, TRACESTATE_HEADER};
 /// Header naming the system that produced a message; consumers skip their own.
 pub const SOURCE_SYSTEM_HEADER: &str = "source-system";
 
+/// A delivery report, or the `send_timeout` elapsing first.
+type Delivery = std::result::Result<
+    rdkafka::producer::future_producer::OwnedDeliveryResult,
+    tokio::time::error::Elapsed,
+>;
+
 /// An idempotent producer of JSON messages.
 pub struct Producer {
     inner: FutureProducer,
@@ -102,15 +108,7 @@ impl Producer {
         bytes: &[u8],
         headers: &[(String, String)],
     ) -> Result<()> {
-        // librdkafka takes C strings: without this, "kafka: FFI nul error".
-        if topic.is_empty() || topic.contains('\0') {
-            return Err(Error::InvalidMessage(format!(
-                "topic {topic:?} is not a topic name (it must be non-empty, without NUL bytes)"
-            )));
-        }
-        if self.mock {
-            mock::ensure_topic(topic)?;
-        }
+        self.check_topic(topic)?;
         let span = SendSpan::start(topic, key, headers);
         let trace_headers = span.as_ref().map_or(&[][..], |span| &span.headers[..]);
         let mut wire_headers = OwnedHeaders::new_with_capacity(headers.len() + 3).insert(Header {
@@ -131,20 +129,8 @@ impl Producer {
                 value: Some(value.as_str()),
             });
         }
-        let record = FutureRecord::to(topic)
-            .key(key)
-            .payload(bytes)
-            .headers(wire_headers);
-        let timed_out = || Error::SendTimeout {
-            topic: topic.to_owned(),
-            timeout: self.send_timeout,
-        };
         let started = std::time::Instant::now();
-        let delivery = tokio::time::timeout(
-            self.send_timeout,
-            self.inner.send(record, Timeout::After(self.send_timeout)),
-        )
-        .await;
+        let delivery = self.deliver(topic, key, bytes, wire_headers).await;
         let took = started.elapsed();
         let delivered = matches!(delivery, Ok(Ok(_)));
         if let Some(span) = span {
@@ -169,6 +155,61 @@ impl Producer {
                 Ok(Ok(_)) => event,
             }
         });
+        self.result(topic, delivery)
+    }
+
+    /// Sends `bytes` with only the `source-system` header, and without
+    /// metrics, events or a span: for telemetry, which must not show up as
+    /// the application's sends (nor report on itself).
+    pub(crate) async fn send_unobserved(&self, topic: &str, key: &str, bytes: &[u8]) -> Result<()> {
+        self.check_topic(topic)?;
+        let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+            key: SOURCE_SYSTEM_HEADER,
+            value: Some(self.source_system.as_str()),
+        });
+        let delivery = self.deliver(topic, key, bytes, headers).await;
+        self.result(topic, delivery)
+    }
+
+    /// Refuses what librdkafka cannot take as a topic; creates it in mock mode.
+    fn check_topic(&self, topic: &str) -> Result<()> {
+        // librdkafka takes C strings: without this, "kafka: FFI nul error".
+        if topic.is_empty() || topic.contains('\0') {
+            return Err(Error::InvalidMessage(format!(
+                "topic {topic:?} is not a topic name (it must be non-empty, without NUL bytes)"
+            )));
+        }
+        if self.mock {
+            mock::ensure_topic(topic)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the message to librdkafka and waits for its delivery report, at
+    /// most `send_timeout`.
+    async fn deliver(
+        &self,
+        topic: &str,
+        key: &str,
+        bytes: &[u8],
+        headers: OwnedHeaders,
+    ) -> Delivery {
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(bytes)
+            .headers(headers);
+        tokio::time::timeout(
+            self.send_timeout,
+            self.inner.send(record, Timeout::After(self.send_timeout)),
+        )
+        .await
+    }
+
+    fn result(&self, topic: &str, delivery: Delivery) -> Result<()> {
+        let timed_out = || Error::SendTimeout {
+            topic: topic.to_owned(),
+            timeout: self.send_timeout,
+        };
         match delivery {
             Err(_) => Err(timed_out()),
             Ok(Ok(_)) => Ok(()),
