@@ -29,6 +29,15 @@ module Prosody
     }.freeze
     private_constant :KIND_HINTS
 
+    # Help text for the on/off options (`--[no-]name`).
+    FLAG_HELP = {
+      mock: "Use the in-process mock Kafka cluster",
+      defer: "Defer messages that fail transiently (:pipeline)",
+      monopolization_enabled: "Refuse, for a while, keys that hog handler time (:pipeline)",
+      telemetry_enabled: "Send lifecycle events to the telemetry topic"
+    }.freeze
+    private_constant :FLAG_HELP
+
     # Accepted by --log-level.
     LOG_LEVELS = %w[debug info warn error fatal].freeze
 
@@ -142,11 +151,10 @@ module Prosody
 
     def client_flags(opts)
       Configuration::OPTIONS.each do |name, kind|
-        case name
-        when :mock then opts.on("--[no-]mock", "Use the in-process mock Kafka cluster") { |flag| set(name, flag) }
-        when :defer
-          opts.on("--[no-]defer", "Defer messages that fail transiently (:pipeline)") { |flag| set(name, flag) }
-        when :kafka then opts.on("--kafka SETTING=VALUE", "A librdkafka setting; repeatable") { |pair| kafka(pair) }
+        if kind == :flag
+          opts.on("--[no-]#{name.to_s.tr("_", "-")}", FLAG_HELP.fetch(name)) { |flag| set(name, flag) }
+        elsif name == :kafka
+          opts.on("--kafka SETTING=VALUE", "A librdkafka setting; repeatable") { |pair| kafka(pair) }
         else
           # Whole-number options are Integers for Configuration (which refuses Strings).
           type = { count: [Integer], whole: [Integer], fraction: [Float] }.fetch(kind, [])

@@ -40,12 +40,15 @@ RSpec.describe Prosody::CLI do
 
   it "has a flag for every client option" do
     usage = parse.usage
-    (Prosody::Configuration::OPTIONS.keys - %i[mock defer kafka]).each do |name|
-      expect(usage).to match(/--#{name.to_s.tr("_", "-")}[ ,]/)
+    Prosody::Configuration::OPTIONS.each do |name, kind|
+      dashed = name.to_s.tr("_", "-")
+      next if name == :kafka
+
+      expect(usage).to match(kind == :flag ? /--\[no-\]#{dashed}\s/ : /--#{dashed}[ ,]/)
     end
-    expect(usage).to include("--[no-]mock", "--[no-]defer", "--kafka SETTING=VALUE")
-    expect(parse("--no-defer", "--defer-failure-threshold", "0.5").client_options)
-      .to eq(defer: false, defer_failure_threshold: 0.5)
+    expect(usage).to include("--kafka SETTING=VALUE")
+    expect(parse("--no-defer", "--defer-failure-threshold", "0.5", "--no-telemetry-enabled").client_options)
+      .to eq(defer: false, defer_failure_threshold: 0.5, telemetry_enabled: false)
   end
 
   it "takes the scheduler's shares as Floats and its durations as given" do

@@ -132,6 +132,7 @@ impl Client {
                         &self.config.telemetry_topic,
                         group_id,
                         self.producer(),
+                        self.metrics.telemetry_lost(),
                         &self.runtime,
                     )
                 });

@@ -96,6 +96,7 @@ pub(crate) struct Metrics {
     timers_fired: Family<PartitionLabels, Counter>,
     timer_lateness: Histogram,
     store_errors: Counter,
+    telemetry_lost: Counter,
     /// Where events go, once one is attached (see [`crate::events`]).
     observer: OnceLock<Arc<dyn Observer>>,
     /// The lifecycle events sent to Kafka (`telemetry_enabled`), once subscribed.
@@ -136,6 +137,7 @@ impl Metrics {
             timers_fired: Family::default(),
             timer_lateness: seconds_histogram(),
             store_errors: Counter::default(),
+            telemetry_lost: Counter::default(),
             observer: OnceLock::new(),
             telemetry: OnceLock::new(),
         };
@@ -264,6 +266,11 @@ impl Metrics {
             "store_errors",
             "Failed state store operations (timers, deduplication records)",
             self.store_errors.clone(),
+        );
+        registry.register(
+            "telemetry_events_lost",
+            "Telemetry events not sent to telemetry_topic (the send failed, or too many were queued)",
+            self.telemetry_lost.clone(),
         );
     }
 
@@ -426,6 +433,11 @@ impl Metrics {
 
     pub(crate) fn store_error(&self) {
         self.store_errors.inc();
+    }
+
+    /// The counter of telemetry events not sent, for the telemetry task.
+    pub(crate) fn telemetry_lost(&self) -> Counter {
+        self.telemetry_lost.clone()
     }
 }
 

@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::metrics::counter::Counter;
 use serde_json::{json, Map, Value};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -56,10 +57,14 @@ impl Telemetry {
         topic: &str,
         group_id: &str,
         producer: Arc<Producer>,
+        lost_counter: Counter,
         runtime: &Handle,
     ) -> Self {
         let (queue, mut events) = mpsc::channel::<Vec<u8>>(QUEUE);
-        let lost = Arc::new(Lost::default());
+        let lost = Arc::new(Lost {
+            counter: lost_counter,
+            state: std::sync::Mutex::default(),
+        });
         let group_id: Arc<str> = Arc::from(group_id);
         let source_system = Arc::from(producer.source_system());
         let (topic, key, sender_lost) = (
@@ -163,9 +168,10 @@ enum Loss {
     Dropped,
 }
 
-/// Events not sent since the last WARN line, and when that was.
-#[derive(Default)]
+/// Events not sent: every one in `prosody_telemetry_events_lost_total`, and
+/// those since the last WARN line, with when that was.
 struct Lost {
+    counter: Counter,
     state: std::sync::Mutex<LostState>,
 }
 
@@ -180,6 +186,7 @@ impl Lost {
     /// Counts one lost event; logs `message()` with the counts unless a line
     /// went out within the last [`WARN_EVERY`].
     fn count(&self, loss: Loss, message: impl FnOnce() -> String) {
+        self.counter.inc();
         let mut state = self
             .state
             .lock()
@@ -230,6 +237,77 @@ mod tests {
         assert_eq!(value["error_message"], "card declined");
         assert!(value["timestamp_ms"].as_u64().is_some_and(|ms| ms > 0));
         assert!(value.get("duration_ms").is_none(), "{value}");
+    }
+
+    /// With no broker to take them, events are counted as lost (one WARN
+    /// line, not one per event) and recording never blocks.
+    #[tokio::test]
+    async fn events_that_cannot_be_sent_are_counted_and_warned_once() {
+        let config = crate::Config::builder()
+            .group_id("telemetry-unit")
+            .bootstrap_servers(["127.0.0.1:9"])
+            .send_timeout(Duration::from_millis(50))
+            .build_with_env(Vec::new())
+            .expect("config");
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let producer = Arc::new(
+            Producer::new(&config, "127.0.0.1:9", Arc::clone(&metrics)).expect("producer"),
+        );
+        let lost = metrics.telemetry_lost();
+        // The client holds its producer; telemetry only refers to it.
+        let telemetry = Telemetry::start(
+            "prosody.telemetry-events",
+            "telemetry-unit",
+            Arc::clone(&producer),
+            lost.clone(),
+            &Handle::current(),
+        );
+        let assigned =
+            Event::new(EventKind::PartitionAssigned, Arc::from("orders")).at(0, None, None);
+        let started = Instant::now();
+        for _ in 0..3 {
+            telemetry.record(&assigned);
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(50),
+            "recording waited"
+        );
+        while lost.get() < 3 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "lost {}",
+                lost.get()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let state = telemetry
+            .lost
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The first loss was logged; the two after it wait for the next line.
+        assert_eq!((state.failed, state.dropped), (2, 0));
+        assert!(state.warned.is_some());
+        drop(state);
+        let page = metrics.render(crate::metrics::Format::Classic);
+        assert!(
+            page.contains("prosody_telemetry_events_lost_total 3"),
+            "{page}"
+        );
+
+        // More than the queue holds, at once: the rest are dropped on the spot.
+        let burst = QUEUE + 100;
+        for _ in 0..burst {
+            telemetry.record(&assigned);
+        }
+        let dropped = telemetry
+            .lost
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .dropped;
+        assert!(dropped >= 99, "dropped {dropped} of {burst}");
+        assert!(lost.get() >= 3 + dropped);
     }
 
     #[test]
