@@ -628,8 +628,9 @@ const PRODUCER_ONLY: &[&str] = &[
 #[derive(Debug, Default, Clone)]
 pub struct ConfigBuilder {
     values: BTreeMap<String, OptionValue>,
-    /// Options set under an alias ([`OPTION_ALIASES`]), by the option's own name.
-    aliased: BTreeMap<&'static str, &'static str>,
+    /// The name each option was last [`set`](Self::set) under: its own or an
+    /// alias ([`OPTION_ALIASES`]).
+    set_as: BTreeMap<&'static str, String>,
 }
 
 macro_rules! setter {
@@ -650,21 +651,12 @@ impl ConfigBuilder {
         let Some(option) = option_named(name) else {
             return Err(Error::config(name, "unknown option"));
         };
-        let alias = (option != name).then(|| {
-            OPTION_ALIASES
-                .iter()
-                .find(|(alias, _)| *alias == name)
-                .map_or(option, |(alias, _)| *alias)
-        });
-        let earlier = self.aliased.get(option).copied();
-        if self.values.contains_key(option) && alias != earlier {
-            let names = [earlier.unwrap_or(option), alias.unwrap_or(option)];
-            return Err(set_twice(option, names));
+        // Set by a builder method, an option is set under its own name.
+        let earlier = self.set_as.get(option).map_or(option, String::as_str);
+        if self.values.contains_key(option) && earlier != name {
+            return Err(set_twice(option, [earlier, name]));
         }
-        match alias {
-            Some(alias) => self.aliased.insert(option, alias),
-            None => self.aliased.remove(option),
-        };
+        self.set_as.insert(option, name.to_owned());
         self.values.insert(option.to_owned(), value);
         Ok(self)
     }
