@@ -54,6 +54,7 @@ module Prosody
       scheduler_decay: :duration,
       scheduler_failure_share: :fraction,
       scheduler_max_wait: :duration,
+      scheduler_wait_weight: :whole,
       monopolization_enabled: :flag,
       monopolization_window: :duration,
       monopolization_threshold: :fraction,
@@ -100,10 +101,8 @@ module Prosody
     private_constant :SECRET_SETTING
 
     # @param options [Hash{Symbol=>Object}] see the options table in the README
-    # @raise [ConfigurationError] naming the first unknown or ill-typed option
-    #   (an alias in {ALIASES} sets its option)
     # @raise [ConfigurationError] naming the first unknown or ill-typed option,
-    #   or an option given under two names
+    #   or an option given under two names (an alias in {ALIASES} sets its option)
     def initialize(**options)
       @values = {}
       given_as = {}
@@ -215,14 +214,10 @@ module Prosody
       raise invalid(name, "expected true or false, got #{value.inspect}")
     end
 
-    def positive_value(name, value)
-      count_value(name, value, minimum: 1)
-    end
+    def positive_value(name, value) = count_value(name, value, minimum: 1)
 
-    # Retries after the first attempt: zero is allowed (give up at once).
-    def whole_value(name, value)
-      count_value(name, value, minimum: 0)
-    end
+    # Zero is allowed (max_retries: give up at once; scheduler_wait_weight: a linear boost).
+    def whole_value(name, value) = count_value(name, value, minimum: 0)
 
     # An Integer. A String is refused (`max_concurrency: "10"` is a mistake in code);
     # the `PROSODY_*` environment fallback, which is always text, is parsed natively.

@@ -94,9 +94,10 @@ RSpec.describe Prosody::Configuration do
 
   it "accepts the scheduler and monopolization options, shares as Float from above 0 to 1" do
     config = described_class.new(scheduler_decay: "30s", scheduler_failure_share: 0.5, scheduler_max_wait: 10,
-                                 monopolization_window: "1m", monopolization_threshold: 1)
+                                 scheduler_wait_weight: 0, monopolization_window: "1m", monopolization_threshold: 1)
     expect(config.to_native).to eq(
       "scheduler_decay" => "30s", "scheduler_failure_share" => 0.5, "scheduler_max_wait" => 10.0,
+      "scheduler_wait_weight" => 0,
       "monopolization_window" => "1m", "monopolization_threshold" => 1.0
     )
     expect(Prosody::Client.new(mock: true, group_id: "g", scheduler_failure_share: 0.25)).to be_a(Prosody::Client)

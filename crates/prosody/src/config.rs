@@ -340,6 +340,10 @@ options! {
     scheduler_failure_share: f64 = fraction(0.3) -> f64;
     /// How long a call waits for a slot at most before it ranks ahead of every later arrival.
     scheduler_max_wait: Duration = duration(Duration::from_secs(120)) -> Duration, check above_zero;
+    /// How much waiting lowers a call's rank before `scheduler_max_wait`: a call
+    /// that has waited the share `f` of it ranks as if its key had
+    /// `(1 − f) / (1 + weight · f²)` of its virtual time (0: linear).
+    scheduler_wait_weight: u32 = whole(200) -> u32;
     /// `:pipeline`: whether a key that takes more than `monopolization_threshold`
     /// of the handler time is refused for a while.
     monopolization_enabled: bool = flag(true) -> bool;

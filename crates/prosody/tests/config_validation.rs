@@ -198,12 +198,14 @@ fn scheduler_and_monopolization_options_default_parse_and_validate() {
     assert_eq!(config.scheduler_decay(), Duration::from_secs(120));
     assert!((config.scheduler_failure_share() - 0.3).abs() < f64::EPSILON);
     assert_eq!(config.scheduler_max_wait(), Duration::from_secs(120));
+    assert_eq!(config.scheduler_wait_weight(), 200);
     assert_eq!(config.monopolization_window(), Duration::from_secs(300));
     assert!((config.monopolization_threshold() - 0.9).abs() < f64::EPSILON);
     let config = mock()
         .set("scheduler_failure_share", OptionValue::Float(0.5))
         .and_then(|b| b.set("monopolization_threshold", OptionValue::Int(1)))
         .and_then(|b| b.set("scheduler_max_wait", "5s".into()))
+        .and_then(|b| b.set("scheduler_wait_weight", OptionValue::Int(0)))
         .and_then(|b| {
             b.build_with_env(vec![(
                 "PROSODY_SCHEDULER_DECAY".to_owned(),
@@ -214,6 +216,7 @@ fn scheduler_and_monopolization_options_default_parse_and_validate() {
     assert!((config.scheduler_failure_share() - 0.5).abs() < f64::EPSILON);
     assert!((config.monopolization_threshold() - 1.0).abs() < f64::EPSILON);
     assert_eq!(config.scheduler_max_wait(), Duration::from_secs(5));
+    assert_eq!(config.scheduler_wait_weight(), 0);
     assert_eq!(config.scheduler_decay(), Duration::from_secs(30));
     let env = vec![(
         "PROSODY_MONOPOLIZATION_THRESHOLD".to_owned(),
@@ -229,6 +232,8 @@ fn scheduler_and_monopolization_options_default_parse_and_validate() {
         ("monopolization_threshold", OptionValue::Int(-1)),
         ("scheduler_decay", OptionValue::Int(0)),
         ("scheduler_max_wait", OptionValue::Str("0s".into())),
+        ("scheduler_wait_weight", OptionValue::Int(-1)),
+        ("scheduler_wait_weight", OptionValue::Float(2.5)),
         ("monopolization_window", OptionValue::Str("never".into())),
     ] {
         let (named, message) = rejected_option(set(option, value.clone()));

@@ -13,9 +13,12 @@
 //!   `2^(t/half-life)` so that adding run time never touches other keys; the
 //!   sweep rebases it.
 //! - **Waiting boost**: a call's rank is its key's virtual time (when it
-//!   queued, then at each re-ranking), scaled by `1 − waited / max_wait` (never below 0), ties going to
-//!   the earlier arrival. Short waits barely change the order, so fairness
-//!   holds at the scale of single calls; a call that has waited
+//!   queued, then at each re-ranking), scaled by [`boost`]: with `f = waited /
+//!   max_wait`, by `(1 − f) / (1 + wait_weight · f²)`, ties going to the
+//!   earlier arrival. Short waits barely change the order, so fairness holds at
+//!   the scale of single calls; `scheduler_wait_weight` makes long waits count
+//!   (by default a call that has waited a tenth of `max_wait` ranks as if its
+//!   key had under a third of its virtual time); a call that has waited
 //!   `scheduler_max_wait` ranks 0, ahead of everything that arrived after it:
 //!   nothing starves. The queue is a binary heap (O(log n) per call, no
 //!   allocation once grown) whose ranks are recomputed in place from the keys'
@@ -99,6 +102,8 @@ pub(crate) struct QosSettings {
     pub(crate) failure_share: f64,
     /// How long a call waits at most before it ranks ahead of new arrivals.
     pub(crate) max_wait: Duration,
+    /// How strongly waiting lowers a call's rank before `max_wait` (see [`boost`]).
+    pub(crate) wait_weight: f64,
     /// Monopolization detection, in `:pipeline` mode unless `monopolization_enabled` is off.
     pub(crate) monopolization: Option<MonopolySettings>,
 }
@@ -110,6 +115,7 @@ impl QosSettings {
             decay: config.scheduler_decay,
             failure_share: config.scheduler_failure_share,
             max_wait: config.scheduler_max_wait,
+            wait_weight: f64::from(config.scheduler_wait_weight),
             monopolization: (config.mode == Mode::Pipeline && config.monopolization_enabled).then(
                 || {
                     MonopolySettings::new(
@@ -429,6 +435,14 @@ impl Ord for Rank {
     }
 }
 
+/// The factor a waiting call's virtual time is scaled by after it has waited
+/// `waited` (a share of `max_wait`): 1 on arrival, barely lower for short
+/// waits (quadratic in `waited` with `wait_weight`), and 0 from `max_wait` on.
+fn boost(waited: f64, wait_weight: f64) -> f64 {
+    let waited = waited.clamp(0.0, 1.0);
+    (1.0 - waited) / wait_weight.mul_add(waited * waited, 1.0)
+}
+
 /// A queued call's entry in the slab.
 #[derive(Debug)]
 struct Waiter {
@@ -682,8 +696,8 @@ impl Core {
                     .keys
                     .get(&waiter.key)
                     .map_or(0.0, |entry| entry.vt / growth);
-                let left = (1.0 - (now - waiter.since) / self.max_wait).max(0.0);
-                *rank = Rank(vt * left);
+                let waited = (now - waiter.since) / self.max_wait;
+                *rank = Rank(vt * boost(waited, self.settings.wait_weight));
                 true
             });
             self.queues[pool] = BinaryHeap::from(queue);
@@ -866,6 +880,7 @@ mod tests {
             decay: Duration::from_secs(10),
             failure_share: 0.3,
             max_wait: Duration::from_secs(20),
+            wait_weight: 0.0,
             monopolization: None,
         }
     }
@@ -1049,6 +1064,60 @@ mod tests {
         let waited = ran_at.expect("the hot call ran") - 100.0;
         // max_wait is 20 s: the hot call ranks first once it has waited that long.
         assert!((19.0..=21.0).contains(&waited), "waited {waited} s");
+    }
+
+    /// How long a call of a key with ~14 s of virtual time waits for a slot
+    /// while calls of keys with 1 s each keep arriving, one per second.
+    fn hot_call_wait(wait_weight: f64) -> f64 {
+        let mut harness = Harness::new(QosSettings {
+            wait_weight,
+            ..settings(1)
+        });
+        for second in 0..100 {
+            harness
+                .core
+                .release(&Arc::from("hot"), Pool::Fresh, 1.0, None, f64::from(second));
+        }
+        harness.core.free = 0;
+        assert!(!harness.take("hot", Pool::Fresh, 100.0));
+        for second in 1..30 {
+            let now = 100.0 + f64::from(second);
+            let warm = format!("warm{second}");
+            harness.core.charge(
+                &Arc::from(warm.as_str()),
+                1.0,
+                harness.core.growth(now),
+                now,
+            );
+            assert!(!harness.take(&warm, Pool::Fresh, now));
+            if let Some((key, ..)) = harness.finish("other", Pool::Fresh, 1.0, None, now) {
+                if &*key == "hot" {
+                    return f64::from(second);
+                }
+            }
+        }
+        panic!("the hot call never ran");
+    }
+
+    #[test]
+    fn the_wait_weight_lets_a_long_waiting_call_ahead_sooner() {
+        // Scaled by 1 − f alone, ~14 s falls below 1 s at ~16 s of 20.
+        let linear = hot_call_wait(0.0);
+        assert!((14.0..=18.0).contains(&linear), "waited {linear} s");
+        // With weight 200 the factor is 1/9 at a fifth of max_wait.
+        let weighted = hot_call_wait(200.0);
+        assert!((3.0..=6.0).contains(&weighted), "waited {weighted} s");
+    }
+
+    #[test]
+    fn the_boost_is_one_on_arrival_and_zero_from_max_wait_on() {
+        for weight in [0.0, 200.0] {
+            assert!((boost(0.0, weight) - 1.0).abs() < f64::EPSILON);
+            assert!(boost(1.0, weight).abs() < f64::EPSILON);
+            assert!(boost(3.0, weight).abs() < f64::EPSILON);
+        }
+        // Short waits barely move the order: 1% of max_wait is worth 3%.
+        assert!(boost(0.01, 200.0) > 0.97);
     }
 
     #[test]
