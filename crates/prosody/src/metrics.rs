@@ -284,6 +284,14 @@ impl Metrics {
         let _ = self.telemetry.get_or_init(start);
     }
 
+    /// Passes a routine event (one telemetry never sends, such as a filter's
+    /// skip) to the observer, if it wants `kind`; nothing is built otherwise.
+    pub(crate) fn emit_routine(&self, kind: EventKind, build: impl FnOnce() -> Event) {
+        if let Some(observer) = self.observer.get().filter(|observer| observer.wants(kind)) {
+            observer.observe(build());
+        }
+    }
+
     /// Passes the event `build` makes to the observer and to telemetry, if
     /// either wants `kind`; nothing is built otherwise.
     pub(crate) fn emit(&self, kind: EventKind, build: impl FnOnce() -> Event) {

@@ -198,3 +198,66 @@ async fn telemetry_enabled_false_sends_nothing() {
         "the disabled consumer sent {seen:?}"
     );
 }
+
+/// Collects the skips an observer is told of.
+#[derive(Default)]
+struct Skips(std::sync::Mutex<Vec<prosody::Event>>);
+
+impl prosody::Observer for Skips {
+    fn wants(&self, kind: prosody::EventKind) -> bool {
+        kind == prosody::EventKind::MessageSkipped
+    }
+
+    fn observe(&self, event: prosody::Event) {
+        support::lock(&self.0).push(event);
+    }
+}
+
+/// A filter's skip (here of the group's own messages) is routine: the observer
+/// hears of each one, while the telemetry topic, which carries lifecycle
+/// events, gets its assignment and none of the skips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_message_skips_reach_the_observer_and_not_telemetry() {
+    let source = topic("telemetry-own", 1);
+    let telemetry = topic("telemetry-own-events", 1);
+    let group = unique("group");
+    let consumer = client(with(
+        config(&group, &source),
+        &[("telemetry_topic", telemetry.as_str().into())],
+    ));
+    let skips = std::sync::Arc::new(Skips::default());
+    assert!(consumer.set_observer(skips.clone()));
+    let sent = 5;
+    for n in 0..sent {
+        // source_system defaults to the group id: these are the group's own.
+        consumer
+            .send(&source, &format!("k{n}"), &json!({ "n": n }), &[])
+            .await
+            .expect("send");
+    }
+    consumer.subscribe(RefusesBad).expect("subscribe");
+    let mut seen = Vec::new();
+    wait_until("every own message skipped, and the assignment sent", || {
+        seen = records(&telemetry);
+        consumer.skip_counts().own_messages == sent
+            && events_of(&seen, &group)
+                .iter()
+                .any(|event| event["event"] == "partition.assigned")
+    })
+    .await;
+    consumer.unsubscribe().await.expect("unsubscribe");
+
+    let skips = support::lock(&skips.0);
+    assert_eq!(skips.len(), usize::try_from(sent).unwrap(), "{skips:?}");
+    assert!(
+        skips.iter().all(|skip| skip.reason == Some("own_message")),
+        "{skips:?}"
+    );
+    let seen = records(&telemetry);
+    assert!(
+        events_of(&seen, &group)
+            .iter()
+            .all(|event| event["event"] != "message.skipped"),
+        "{seen:?}"
+    );
+}

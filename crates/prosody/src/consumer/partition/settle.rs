@@ -386,11 +386,15 @@ impl PartitionManager {
         }
         self.shared.skips.count(skip);
         self.shared.metrics.skipped(self.labels(), skip.label());
-        self.shared.metrics.emit(EventKind::MessageSkipped, || {
-            Event::new(EventKind::MessageSkipped, Arc::clone(&self.topic))
-                .at(self.partition, Some(offset), Some(&Arc::from(key)))
-                .because(skip.label())
-        });
+        // Routine, not lifecycle: telemetry sends only the skips of failing
+        // messages, so nothing is built for it per filtered message.
+        self.shared
+            .metrics
+            .emit_routine(EventKind::MessageSkipped, || {
+                Event::new(EventKind::MessageSkipped, Arc::clone(&self.topic))
+                    .at(self.partition, Some(offset), Some(&Arc::from(key)))
+                    .because(skip.label())
+            });
         true
     }
 
