@@ -59,7 +59,7 @@ puts format("(b) Ruby no-op, %<messages>d msgs, 4 partitions, 1000 keys; median 
             messages: Integer(ENV.fetch("MESSAGES", "100000")), runs:)
 ["this tree", label].each do |name|
   puts format("  %<name>-12s %<rate>8.0f msg/s  %<cpu>.2f CPU s/100k, processor thread %<processor>.2f " \
-              "(alone at most %<ceiling>.0f msg/s), %<objects>.1f Ruby objects per message",
+              "(100k / its CPU %<ceiling>.0f msg/s), %<objects>.1f Ruby objects per message",
               name:, rate: rate[name], cpu: cpu[name], processor: processor[name], ceiling: 100_000 / processor[name],
               objects: objects[name])
 end
