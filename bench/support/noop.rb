@@ -10,9 +10,10 @@ module Bench
     DEEP = 128
 
     # Runs of the default case, each by a new group over the same messages; the
-    # median run is reported, like the core's (a). One run alone lands ~30% below
-    # the others about one time in three on this 2-core machine (every thread's
-    # CPU per message rises together, GC included; cause not found, see the notes).
+    # median run is reported, like the core's (a). On the 2-core development VM
+    # one run in three or so lands ~30% below the others, the same build too
+    # (every thread's CPU per message rises together): compare builds with
+    # interleaved runs (`--against`), not with one figure each.
     RUNS = 3
 
     module_function
