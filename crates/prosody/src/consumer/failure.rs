@@ -10,8 +10,9 @@ use crate::config::{Config, Mode};
 /// The next step for a message whose attempt just failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Decision {
-    /// Run the handler again after this delay.
-    Retry(Duration),
+    /// Run the handler again: after [`backoff`] in place, after [`defer_backoff`]
+    /// when the message is deferred (each path draws its own delay, when it takes it).
+    Retry,
     /// Write the message to `failure_topic`, then move on.
     DeadLetter,
     /// Log and move on.
@@ -21,7 +22,7 @@ pub(crate) enum Decision {
 /// Applies the mode's policy to the `attempt`-th failure (1-based) of a message.
 pub(crate) fn decide(config: &Config, kind: FailureKind, attempt: u32) -> Decision {
     let exhausted = attempt > config.max_retries;
-    let retry = Decision::Retry(backoff(config, attempt));
+    let retry = Decision::Retry;
     match (config.mode, kind.is_permanent()) {
         (Mode::Pipeline, false) => retry,
         (Mode::Pipeline, true) if config.failure_topic.is_some() => Decision::DeadLetter,
@@ -116,11 +117,11 @@ mod tests {
         let config = config("pipeline");
         assert!(matches!(
             decide(&config, FailureKind::Transient, 1_000),
-            Decision::Retry(_)
+            Decision::Retry
         ));
         assert!(matches!(
             decide(&config, FailureKind::Timeout, 50),
-            Decision::Retry(_)
+            Decision::Retry
         ));
         assert_eq!(
             decide(&config, FailureKind::Permanent, 1),
@@ -137,7 +138,7 @@ mod tests {
         let config = config("low_latency");
         assert!(matches!(
             decide(&config, FailureKind::Transient, 2),
-            Decision::Retry(_)
+            Decision::Retry
         ));
         assert_eq!(
             decide(&config, FailureKind::Transient, 3),
@@ -154,7 +155,7 @@ mod tests {
         let config = config("best_effort");
         assert!(matches!(
             decide(&config, FailureKind::Transient, 1),
-            Decision::Retry(_)
+            Decision::Retry
         ));
         assert_eq!(decide(&config, FailureKind::Transient, 3), Decision::Skip);
         assert_eq!(decide(&config, FailureKind::Permanent, 1), Decision::Skip);

@@ -309,14 +309,15 @@ impl PartitionManager {
                 .metrics
                 .failed(self.labels(), failure.kind.as_str());
             match decide(&self.shared.config, failure.kind, attempt) {
-                Decision::Retry(delay) if rejected => {
+                Decision::Retry if rejected => {
+                    let delay = backoff(&self.shared.config, attempt);
                     // Logged at WARN once per window by `attempt_with_permit`.
                     debug!(topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), attempt, "{}; retrying in {delay:?}", failure.message);
                     if !self.wait_to_retry(delay).await {
                         return Settled::Cancelled;
                     }
                 }
-                Decision::Retry(delay) => {
+                Decision::Retry => {
                     self.shared.metrics.retried(self.labels());
                     if let Some(offset) = call.offset() {
                         self.observe_retry(key, offset, attempt, &failure);
@@ -324,6 +325,7 @@ impl PartitionManager {
                             return Settled::Deferred;
                         }
                     }
+                    let delay = backoff(&self.shared.config, attempt);
                     warn!(
                         topic = %self.topic, partition = self.partition, offset = call.offset(), key = %key, at = call.at(), attempt, kind = failure.kind.as_str(),
                         "{} failed ({}): {}; retrying in {delay:?}", call.handler(), failure.class, failure.message

@@ -201,7 +201,7 @@ impl PartitionManager {
                 .metrics
                 .failed(self.labels(), failure.kind.as_str());
             match decide(config, failure.kind, attempt) {
-                Decision::Retry(_) => {
+                Decision::Retry => {
                     let delay = defer_backoff(config, attempt);
                     self.shared.metrics.retried(self.labels());
                     self.observe_retry(key, offset, attempt, &failure);
