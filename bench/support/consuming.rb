@@ -37,11 +37,11 @@ module Bench
       # 1 unless a real broker auto-created the topic with its own default.
       partitions = cluster.create_topics(topic => 1).fetch(topic)
       fill(cluster, topic, count, 256)
-      rate, = consume(cluster, topic, count, max_concurrency: concurrency, **extra) { sleep(WAIT) }
+      rate, cpu, = consume(cluster, topic, count, max_concurrency: concurrency, **extra) { sleep(WAIT) }
       label = "c#{concurrency}#{extra.map { |name, value| "_#{name}#{value}" }.join}"
       scope = "#{partitions == 1 ? "1 partition" : "#{partitions} partitions"}, 256 keys, " \
               "max_concurrency #{concurrency}#{extra.map { |name, value| ", #{name} #{value}" }.join} (#{count} msgs)"
-      io_report(report, label, scope, rate:, ideal: concurrency / WAIT, sequential:)
+      io_report(report, label, scope, rate:, cpu:, ideal: concurrency / WAIT, sequential:)
     end
 
     def sequential_rate(count = 100)
@@ -51,12 +51,13 @@ module Bench
     end
 
     # Records figures under ruby_io_10ms_<label>_* and a row against each baseline.
-    def io_report(report, label, scope, rate:, ideal:, sequential:)
-      figures = { "msgs_per_sec" => rate.round, "vs_ideal" => (rate / ideal).round(3),
+    def io_report(report, label, scope, rate:, cpu:, ideal:, sequential:)
+      figures = { "msgs_per_sec" => rate.round, "cpu_s_per_100k" => cpu.round(2), "vs_ideal" => (rate / ideal).round(3),
                   "vs_sequential" => (rate / sequential).round(1) }
       figures.each { |name, value| report["ruby_io_10ms_#{label}_#{name}"] = value }
       scenario = "(c) Ruby 10 ms handler, #{scope}"
-      report.row(scenario, Bench.per_second(rate), "ideal #{Bench.per_second(ideal)}", format("%.2f", rate / ideal))
+      report.row(scenario, "#{Bench.per_second(rate)} (#{format("%.2f CPU s/100k", cpu)})",
+                 "ideal #{Bench.per_second(ideal)}", format("%.2f", rate / ideal))
       report.row(scenario, Bench.per_second(rate), format("sequential loop %.0f msg/s", sequential),
                  format("%.1fx", rate / sequential))
     end

@@ -28,17 +28,27 @@ module Bench
     def run(cluster, report, count)
       report["ruby_producer_messages"] = count
       CASES.each do |label, how, flight, measure|
-        rate = measure.call(cluster, count)
+        rate, cpu = measure.call(cluster, count)
         report["ruby_producer_#{label}_msgs_per_sec"] = rate.round
+        report["ruby_producer_#{label}_cpu_s_per_100k"] = cpu.round(2)
         scenario = "(e) Ruby send_message, #{how} (#{count} msgs, #{PARTITIONS} partitions)"
-        shown = Bench.per_second(rate)
-        report.compare(scenario, rate, shown, key: "plain_producer_inflight#{flight}_msgs_per_sec",
-                                              baseline: "FutureProducer, #{flight} in flight",
-                                              ratio_key: "ruby_vs_plain_producer_#{label}_ratio")
-        report.compare(scenario, rate, shown, key: "core_producer_inflight#{flight}_msgs_per_sec",
-                                              baseline: "core Client::send, #{flight} in flight",
-                                              ratio_key: "ruby_vs_core_producer_#{label}_ratio")
+        compare(report, scenario, label, flight, [rate, cpu])
       end
+    end
+
+    # Rows against the core JSON's FutureProducer and Client::send figures.
+    def compare(report, scenario, label, flight, (rate, cpu))
+      shown = Bench.per_second(rate)
+      report.compare(scenario, rate, shown, key: "plain_producer_inflight#{flight}_msgs_per_sec",
+                                            baseline: "FutureProducer, #{flight} in flight",
+                                            ratio_key: "ruby_vs_plain_producer_#{label}_ratio")
+      report.compare(scenario, rate, shown, key: "core_producer_inflight#{flight}_msgs_per_sec",
+                                            baseline: "core Client::send, #{flight} in flight",
+                                            ratio_key: "ruby_vs_core_producer_#{label}_ratio")
+      report.compare("#{scenario}: process CPU", cpu, format("%.2f CPU s/100k", cpu),
+                     key: "core_producer_inflight#{flight}_cpu_s_per_100k",
+                     baseline: "core Client::send, #{flight} in flight",
+                     ratio_key: "ruby_vs_core_producer_#{label}_cpu_ratio")
     end
 
     def payload(number) = { "n" => number, "text" => TEXT }
@@ -76,7 +86,8 @@ module Bench
       end
     end
 
-    # Yields a callable that sends message n; times the block after a warm-up send.
+    # Yields a callable that sends message n; times the block after a warm-up
+    # send: messages per second, and the process's CPU seconds per 100k.
     def timed(cluster, count)
       topic = Bench.unique("producer")
       cluster.create_topics(topic => PARTITIONS)
@@ -84,8 +95,9 @@ module Bench
       send = ->(n) { client.send_message(topic, "key-#{n % KEYS}", payload(n)) }
       send.call(0)
       started = Bench.now
+      cpu_started = Bench.cpu_now
       yield send
-      count / (Bench.now - started)
+      [count / (Bench.now - started), (Bench.cpu_now - cpu_started) * 100_000.0 / count]
     end
   end
 end

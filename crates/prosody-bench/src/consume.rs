@@ -157,15 +157,15 @@ pub(crate) async fn io(cluster: &Cluster, report: &mut Report) -> BenchResult<()
         let shown =
             max_uncommitted.map_or_else(String::new, |max| format!(", max_uncommitted {max}"));
         eprintln!("(c) Prosody, max_concurrency {concurrency}{shown}…");
-        let rate = prosody_rate(cluster, &topic, count, Some(WAIT), &extra)
-            .await?
-            .rate;
+        let Figures { rate, cpu, .. } =
+            prosody_rate(cluster, &topic, count, Some(WAIT), &extra).await?;
         let ideal = crate::report::as_f64(concurrency) / WAIT.as_secs_f64();
         let label = match max_uncommitted {
             Some(max) => format!("c{concurrency}_max_uncommitted{max}"),
             None => format!("c{concurrency}"),
         };
         report.insert(format!("io_10ms_{label}_msgs_per_sec"), round0(rate));
+        report.insert(format!("io_10ms_{label}_cpu_s_per_100k"), round2(cpu));
         report.insert(format!("io_10ms_{label}_vs_ideal"), round3(rate / ideal));
         report.insert(
             format!("io_10ms_{label}_vs_sequential"),
@@ -178,7 +178,7 @@ pub(crate) async fn io(cluster: &Cluster, report: &mut Report) -> BenchResult<()
         );
         report.row(
             &scenario,
-            per_second(rate),
+            format!("{} ({})", per_second(rate), cpu_shown(cpu)),
             format!("ideal {}", per_second(ideal)),
             format!("{:.2}", rate / ideal),
         );

@@ -24,7 +24,10 @@ use tokio::task::JoinSet;
 
 use crate::cluster::Cluster;
 use crate::data::{key, padded_payload, send_plain, unique, PRODUCER_SOURCE};
-use crate::report::{per_second, rate, ratio, round0, round1, round3, Report};
+use crate::report::{
+    cpu_now, cpu_per_100k, cpu_shown, per_second, rate, ratio, round0, round1, round2, round3,
+    Report,
+};
 use crate::BenchResult;
 
 /// Partitions of each run's topic.
@@ -52,9 +55,9 @@ pub(crate) async fn producer(
     );
     for in_flight in IN_FLIGHT {
         eprintln!("(e) plain FutureProducer, {in_flight} in flight…");
-        let plain = plain_rate(cluster, messages, in_flight).await?;
+        let (plain, plain_cpu) = plain_rate(cluster, messages, in_flight).await?;
         eprintln!("(e) Prosody Client::send, {in_flight} in flight…");
-        let core = core_rate(cluster, messages, in_flight).await?;
+        let (core, core_cpu) = core_rate(cluster, messages, in_flight).await?;
         report.insert(
             format!("plain_producer_inflight{in_flight}_msgs_per_sec"),
             round0(plain),
@@ -67,13 +70,28 @@ pub(crate) async fn producer(
             format!("core_vs_plain_producer_inflight{in_flight}_ratio"),
             round3(ratio(core, plain)),
         );
+        report.insert(
+            format!("plain_producer_inflight{in_flight}_cpu_s_per_100k"),
+            round2(plain_cpu),
+        );
+        report.insert(
+            format!("core_producer_inflight{in_flight}_cpu_s_per_100k"),
+            round2(core_cpu),
+        );
+        let scenario = format!(
+            "(e) core Client::send, {in_flight} in flight ({messages} msgs, {PARTITIONS} partitions)"
+        );
         report.row(
-            format!(
-                "(e) core Client::send, {in_flight} in flight ({messages} msgs, {PARTITIONS} partitions)"
-            ),
+            &scenario,
             per_second(core),
             format!("FutureProducer {}", per_second(plain)),
             format!("{:.2}", ratio(core, plain)),
+        );
+        report.row(
+            format!("{scenario}: process CPU"),
+            cpu_shown(core_cpu),
+            format!("FutureProducer {}", cpu_shown(plain_cpu)),
+            format!("{:.2}", ratio(core_cpu, plain_cpu)),
         );
     }
     Ok(())
@@ -96,7 +114,11 @@ pub(crate) fn plain_producer(cluster: &Cluster) -> BenchResult<FutureProducer> {
         .map_err(|error| format!("producer: {error}"))
 }
 
-async fn plain_rate(cluster: &Cluster, messages: usize, in_flight: usize) -> BenchResult<f64> {
+async fn plain_rate(
+    cluster: &Cluster,
+    messages: usize,
+    in_flight: usize,
+) -> BenchResult<(f64, f64)> {
     let topic = unique("producer-plain");
     cluster.create_topic(&topic, PARTITIONS).await?;
     let producer = plain_producer(cluster)?;
@@ -115,7 +137,11 @@ async fn plain_rate(cluster: &Cluster, messages: usize, in_flight: usize) -> Ben
     measure(messages, in_flight, send).await
 }
 
-async fn core_rate(cluster: &Cluster, messages: usize, in_flight: usize) -> BenchResult<f64> {
+async fn core_rate(
+    cluster: &Cluster,
+    messages: usize,
+    in_flight: usize,
+) -> BenchResult<(f64, f64)> {
     let topic = unique("producer-core");
     cluster.create_topic(&topic, PARTITIONS).await?;
     let config = cluster
@@ -137,8 +163,9 @@ async fn core_rate(cluster: &Cluster, messages: usize, in_flight: usize) -> Benc
 }
 
 /// One warm-up send, then messages `0..count` with `in_flight` senders, each
-/// awaiting its acknowledgement before the next; messages per second.
-async fn measure<F, Fut>(count: usize, in_flight: usize, send: F) -> BenchResult<f64>
+/// awaiting its acknowledgement before the next; messages per second and the
+/// process's CPU seconds per 100k messages over the same span.
+async fn measure<F, Fut>(count: usize, in_flight: usize, send: F) -> BenchResult<(f64, f64)>
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = BenchResult<()>> + Send,
@@ -147,6 +174,7 @@ where
     let send = Arc::new(send);
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
+    let cpu_started = cpu_now();
     let mut senders = JoinSet::new();
     for _ in 0..in_flight {
         let (send, next) = (Arc::clone(&send), Arc::clone(&next));
@@ -163,5 +191,7 @@ where
     while let Some(done) = senders.join_next().await {
         done.map_err(|error| error.to_string())??;
     }
-    Ok(rate(count, started.elapsed().max(Duration::from_nanos(1))))
+    let elapsed = started.elapsed().max(Duration::from_nanos(1));
+    let cpu = cpu_now().saturating_sub(cpu_started);
+    Ok((rate(count, elapsed), cpu_per_100k(cpu, count)))
 }
