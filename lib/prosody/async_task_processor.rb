@@ -3,6 +3,7 @@
 require "async"
 require "async/notification"
 require "io/wait"
+require_relative "async_task_processor/intake"
 
 module Prosody
   # Runs handler calls as fibers on one dedicated Ruby thread.
@@ -10,7 +11,10 @@ module Prosody
   # Native handler calls come straight to the processor's thread: tokio tasks
   # queue them on the processor's {#inbox} (a `Native::Inbox`, Rust data only)
   # and wake the thread only when it waits for work, through a socket its
-  # reactor watches. Calls submitted from Ruby ({#submit_batch}, {#submit},
+  # reactor watches. The consumer queues calls there ahead of time (up to twice
+  # `max_concurrency` beyond it); the processor takes only as many as keep at
+  # most `max_concurrency` calls running, so a finished call's successor is
+  # already at hand. Calls submitted from Ruby ({#submit_batch}, {#submit},
   # {#cancel}) go onto a Thread::Queue and wake it the same way. The
   # processor's thread runs an Async reactor whose main task takes calls (the
   # inbox builds their Ruby messages then, under the GVL the thread holds
@@ -101,14 +105,10 @@ module Prosody
     end
 
     # @return [Integer] handlers seen holding the reactor longer than the threshold
-    def blocking_calls
-      @watchdog&.reports || 0
-    end
+    def blocking_calls = @watchdog&.reports || 0
 
     # @return [Native::Inbox] where the native side queues handler calls and cancellations
-    def inbox
-      @intake.inbox
-    end
+    def inbox = @intake.inbox
 
     # Queues a handler call. Never blocks.
     #
@@ -165,9 +165,7 @@ module Prosody
     end
 
     # @return [Boolean] whether the processor thread is running
-    def running?
-      @thread&.alive? || false
-    end
+    def running? = @thread&.alive? || false
 
     # @param thread [Thread]
     # @return [Boolean] whether `thread` is the processor's own thread
@@ -203,8 +201,7 @@ module Prosody
         ForkedChild.end!(where(message), outcome) if forked?
         # Async::Stop (cancellation) skips the branches above and lands here.
         report(completion, UNFINISHED.equal?(outcome) ? cancelled(message) : outcome)
-        # Outside a batch (resumed after waiting, or stopped): send it now.
-        Native.flush_completions unless @pool.dispatching?
+        finished_alone unless @pool.dispatching?
       end
     end
 
@@ -232,7 +229,7 @@ module Prosody
     def serve(root)
       heartbeat = root.async { |task| beat(task) }
       turned = clock
-      until (worked = @intake.take { |command| dispatch(root, command) }).nil?
+      until (worked = @intake.take(@pool.calls_running) { |command| dispatch(root, command) }).nil?
         if !worked
           @intake.wait # in the reactor: waiting handlers run meanwhile
           turned = clock
@@ -253,6 +250,14 @@ module Prosody
       command.is_a?(Integer) ? cancel_call(root, command) : start_calls(root, command)
     end
 
+    # A call finished outside a batch (resumed after waiting, or stopped): send
+    # its outcome now, and wake the main task, which may have left calls queued
+    # while `max_concurrency` of them were running.
+    def finished_alone
+      Native.flush_completions
+      @intake.inbox.wake
+    end
+
     def start_calls(root, calls)
       @pool.start(root, calls)
     ensure
@@ -268,9 +273,7 @@ module Prosody
     end
 
     # @return [Boolean] whether this is a child forked from the process that made the processor
-    def forked?
-      Native.process_generation != @generation
-    end
+    def forked? = Native.process_generation != @generation
 
     # `exit` in a handler asks for a stop; the call itself is not finished, so
     # its message runs again after the restart.
@@ -344,95 +347,6 @@ module Prosody
 
     def where(subject)
       subject.summary
-    end
-
-    # Where the processor's work comes from: the native {Native::Inbox}, fed by
-    # tokio tasks, and a Thread::Queue for calls submitted from Ruby. Both wake
-    # the reactor through the inbox's socket, and only when it waits: taking
-    # from the inbox (first) marks it as waiting, so a command queued after
-    # the queue was found empty wakes it.
-    class Intake
-      # @return [Native::Inbox]
-      attr_reader :inbox
-
-      def initialize
-        @commands = Thread::Queue.new
-        @inbox = Native::Inbox.new
-        @wake = IO.for_fd(@inbox.wake_fd, autoclose: false)
-        @cancels = [] # task ids taken from the inbox
-      end
-
-      # Queues a batch of calls or a task id to cancel, and wakes the reactor.
-      #
-      # @param command [Array, Integer]
-      # @raise [ClosedQueueError] once closed
-      # @return [void]
-      def push(command)
-        @commands.push(command)
-        @inbox.wake
-      end
-
-      # Refuses further work; what is queued can still be taken.
-      #
-      # @return [void]
-      def close
-        @commands.close
-        @inbox.close
-      end
-
-      # Yields what is queued now (up to `Native::Inbox#take`'s limit): batches
-      # of calls (Arrays), and task ids (Integers) to cancel, each after the
-      # calls taken with it.
-      #
-      # @return [Boolean, nil] whether anything was yielded; nil once closed and drained
-      def take(&)
-        calls = @inbox.take(@cancels)
-        worked = take_native(calls, &)
-        # Only what is queued now: commands the handlers of these queue wait
-        # for the next take, so a stream of them cannot hold the reactor.
-        queued = @commands.size
-        queued.times { yield @commands.pop }
-        worked ||= queued.positive?
-        return nil if calls.nil? && !worked && @commands.closed?
-
-        worked
-      end
-
-      # Waits (in the reactor) until the inbox's socket says there may be work.
-      #
-      # @return [void]
-      def wait
-        @wake.wait_readable
-        @wake.read_nonblock(256, exception: false)
-      end
-
-      # Yields every batch of calls still queued, once closed.
-      #
-      # @return [void]
-      def drain
-        while (calls = @inbox.take(@cancels))
-          yield calls unless calls.empty?
-        end
-        while (command = @commands.pop)
-          yield command unless command.is_a?(Integer)
-        end
-      end
-
-      private
-
-      def take_native(calls, &)
-        worked = false
-        if calls && !calls.empty?
-          yield calls
-          worked = true
-        end
-        return worked if @cancels.empty?
-
-        cancels = @cancels
-        @cancels = []
-        cancels.each(&)
-        true
-      end
     end
   end
 end

@@ -37,7 +37,11 @@ module Prosody
       @next = 0 # index in @batch of the next call to start
       @dispatching = false
       @call_finished = nil # an Async::Notification, while draining
+      @calls_running = 0
     end
+
+    # @return [Integer] calls started and not finished (running or waiting in a handler)
+    attr_reader :calls_running
 
     # @return [Boolean] whether {#start} is handing out a batch right now
     def dispatching?
@@ -115,9 +119,11 @@ module Prosody
 
     def perform(worker, index)
       worker.task_id = @batch[index]
+      @calls_running += 1
       @runner.perform(worker, @batch[index + 1], @batch[index + 2], @batch[index + 3])
     ensure
       # Also when the call was stopped (Async::Stop ends this worker).
+      @calls_running -= 1
       worker.task_id = nil
       worker.context = nil
       @call_finished&.signal

@@ -33,8 +33,8 @@ RSpec.describe Prosody::AsyncTaskProcessor do
   # The parent's inbox lock may be held by a thread the child does not have.
   it "never touches the parent's native inbox in a forked child: it reads as closed there" do
     processor = described_class.new(handler { |_context, _msg| nil })
-    expect(processor.inbox.take([])).to eq([])
-    pid = fork { exit!(processor.inbox.take([]).nil? && processor.stop ? 0 : 1) }
+    expect(processor.inbox.take([], 0)).to eq([])
+    pid = fork { exit!(processor.inbox.take([], 0).nil? && processor.stop ? 0 : 1) }
     _, status = Process.wait2(pid)
     expect(status.exitstatus).to eq(0)
   end

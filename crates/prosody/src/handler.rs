@@ -2,9 +2,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -125,6 +125,22 @@ pub trait EventHandler: Send + Sync + 'static {
     fn failure_class(&self, kind: FailureKind) -> String {
         kind.as_str().to_owned()
     }
+
+    /// How many calls beyond `max_concurrency` this handler takes before it
+    /// runs them; none by default (each call it is given runs at once).
+    ///
+    /// For handlers that run calls on a thread of their own, fed by a queue
+    /// (the Ruby gem's processor): with calls already waiting there, a
+    /// finished call's successor starts at once instead of after a round trip
+    /// through the consumer's tasks and a wake-up of that thread. Such a
+    /// handler must itself run at most `max_concurrency` calls at once, and
+    /// call [`Context::start`] as each one starts: the call's timeout and the
+    /// run time charged to its key (fair scheduling, monopolization, the
+    /// handler duration metric) count from there, not from when it was queued.
+    fn queue_ahead(&self, max_concurrency: usize) -> usize {
+        let _ = max_concurrency;
+        0
+    }
 }
 
 /// A boxed future of the timer calls [`Context`] makes.
@@ -187,6 +203,15 @@ struct CallCancellation {
     /// [`Context::take_slot`]). Here rather than in an allocation of its own:
     /// this one is made per call anyway.
     slot: Mutex<Option<Permit>>,
+    /// When a handler that queues calls ahead started this one
+    /// ([`Context::start`]): nanoseconds since [`origin`] plus one; 0 until then.
+    started: AtomicU64,
+}
+
+/// The instant [`CallCancellation::started`] counts from.
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
 }
 
 /// A call's handler slot, one of `max_concurrency`, taken out of its context
@@ -225,6 +250,7 @@ impl Context {
                 stop: Notify::new(),
                 token: OnceLock::new(),
                 slot: Mutex::new(None),
+                started: AtomicU64::new(0),
             }),
             timers,
             trace_parent: crate::traces::current_traceparent().map(Arc::from),
@@ -260,6 +286,34 @@ impl Context {
         self.slot()
             .take()
             .map(|permit| HandlerSlot { _permit: permit })
+    }
+
+    /// Says this call starts running now: for handlers that take calls
+    /// before they run them ([`EventHandler::queue_ahead`]). The call's
+    /// timeout and the run time charged to its key count from the first
+    /// `start`; later ones do nothing. Other handlers need not call it.
+    pub fn start(&self) {
+        let now = Instant::now();
+        // Past u64 nanoseconds after 584 years; saturate rather than wrap.
+        let since = u64::try_from(now.duration_since(origin()).as_nanos()).unwrap_or(u64::MAX - 1);
+        let first = self
+            .call
+            .started
+            .compare_exchange(0, since + 1, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        if first {
+            if let Some(permit) = self.slot().as_mut() {
+                permit.restart();
+            }
+        }
+    }
+
+    /// When [`start`](Self::start) was first called, if it was.
+    pub(crate) fn started_at(&self) -> Option<Instant> {
+        match self.call.started.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(origin() + Duration::from_nanos(since - 1)),
+        }
     }
 
     /// The W3C `traceparent` of this handler attempt's span, when tracing is

@@ -546,9 +546,13 @@ pub(crate) struct HandlerRun<'a> {
 }
 
 impl HandlerRun<'_> {
-    /// Ends the run now (rather than when dropped) and says how long it took.
-    pub(crate) fn finish(self) -> Duration {
-        let took = self.started.elapsed();
+    /// Ends the run now (rather than when dropped) and says how long it took:
+    /// since `started` when the handler started the call later than the run
+    /// began (it queued it, see [`crate::EventHandler::queue_ahead`]).
+    pub(crate) fn finish(self, started: Option<std::time::Instant>) -> Duration {
+        let took = started
+            .map_or(self.started, |started| started.max(self.started))
+            .elapsed();
         self.record(took);
         // Recorded: the drop must not count it again.
         std::mem::forget(self);

@@ -120,7 +120,7 @@ impl NativeClient {
         let client = rb_self.client(ruby)?;
         let alive = Arc::new(AtomicBool::new(true));
         *lock(&rb_self.processor_alive) = Some(Arc::clone(&alive));
-        let handler = RubyHandler::new(ruby, processor, alive)?;
+        let handler = RubyHandler::new(ruby, processor, alive, client.config().max_concurrency())?;
         let queue = RubyOwned::new(ruby, queue);
         runtime().spawn_blocking(move || {
             let _entered = runtime().enter();

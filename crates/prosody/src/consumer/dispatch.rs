@@ -29,6 +29,7 @@ pub(crate) trait DynHandler: Send + Sync + 'static {
     fn on_timer(&self, context: Context, timer: Timer) -> OutcomeFuture<'_>;
     fn is_alive(&self) -> bool;
     fn failure_class(&self, kind: FailureKind) -> String;
+    fn queue_ahead(&self, max_concurrency: usize) -> usize;
 }
 
 impl<H: EventHandler> DynHandler for H {
@@ -46,6 +47,10 @@ impl<H: EventHandler> DynHandler for H {
 
     fn failure_class(&self, kind: FailureKind) -> String {
         EventHandler::failure_class(self, kind)
+    }
+
+    fn queue_ahead(&self, max_concurrency: usize) -> usize {
+        EventHandler::queue_ahead(self, max_concurrency)
     }
 }
 

@@ -94,7 +94,8 @@ const RERANK_PER_WAITER: f64 = 1e-5;
 /// The scheduler's settings, read from the configuration in one place.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct QosSettings {
-    /// Handler slots (`max_concurrency`).
+    /// Handler slots: `max_concurrency`, plus the calls the handler queues
+    /// ahead ([`crate::EventHandler::queue_ahead`]).
     pub(crate) slots: usize,
     /// Virtual time's half-life.
     pub(crate) decay: Duration,
@@ -109,9 +110,9 @@ pub(crate) struct QosSettings {
 }
 
 impl QosSettings {
-    pub(crate) fn new(config: &Config) -> Self {
+    pub(crate) fn new(config: &Config, queue_ahead: usize) -> Self {
         Self {
-            slots: config.max_concurrency,
+            slots: config.max_concurrency.saturating_add(queue_ahead),
             decay: config.scheduler_decay,
             failure_share: config.scheduler_failure_share,
             max_wait: config.scheduler_max_wait,
@@ -306,6 +307,14 @@ pub(crate) struct Permit {
     started: f64,
     /// When granted while both pools had waiters: counts toward the pools' shares.
     shared_at: Option<f64>,
+}
+
+impl Permit {
+    /// The call starts running only now (it was queued by its handler, see
+    /// [`crate::EventHandler::queue_ahead`]): its key is charged from here.
+    pub(crate) fn restart(&mut self) {
+        self.started = self.scheduler.now();
+    }
 }
 
 impl Drop for Permit {
@@ -945,6 +954,34 @@ mod tests {
         let mut settings = settings(32);
         settings.monopolization = Some(MonopolySettings::new(Duration::from_secs(300), 0.9));
         settings
+    }
+
+    /// A call its handler queued before running it is charged from its
+    /// start (`Permit::restart`), not from its grant.
+    #[tokio::test]
+    async fn a_restarted_permit_charges_its_key_from_the_restart() {
+        let scheduler = Arc::new(Scheduler::new(settings(2)));
+        let draining = CancellationToken::new();
+        let (queued, plain): (Arc<str>, Arc<str>) = (Arc::from("queued"), Arc::from("plain"));
+        let mut first = scheduler.acquire(&queued, Pool::Fresh, &draining).await;
+        let second = scheduler.acquire(&plain, Pool::Fresh, &draining).await;
+        // Time passes on the coarse clock (4 ms ticks) while both hold slots.
+        std::thread::sleep(Duration::from_millis(60));
+        if let Some(Ok(permit)) = first.as_mut() {
+            permit.restart();
+        }
+        drop((first, second));
+        let now = scheduler.now();
+        let core = scheduler.core();
+        let (queued, plain) = (
+            core.virtual_time(&queued, now),
+            core.virtual_time(&plain, now),
+        );
+        assert!(plain >= 0.05, "the plain call ran ~60 ms: charged {plain}");
+        assert!(
+            queued < 0.02,
+            "the restarted call ran ~0 ms: charged {queued}"
+        );
     }
 
     /// Uncontended acquire + release against a tokio semaphore permit:

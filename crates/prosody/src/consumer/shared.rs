@@ -44,9 +44,14 @@ pub(crate) struct Shared {
     pub(crate) reloader: Reloader,
     /// The client's metrics.
     pub(crate) metrics: Arc<Metrics>,
-    /// Bounds running handlers across all partitions to `max_concurrency`,
-    /// deciding who runs next when they are all busy.
+    /// Bounds running handlers across all partitions to `max_concurrency`
+    /// (plus the calls the handler queues ahead), deciding who runs next when
+    /// they are all busy.
     pub(crate) scheduler: Arc<Scheduler>,
+    /// The handler queues calls before it runs them
+    /// ([`EventHandler::queue_ahead`](crate::EventHandler::queue_ahead)):
+    /// a call's timeout counts from its [`Context::start`](crate::Context::start).
+    pub(crate) queues_ahead: bool,
     pub(crate) runtime: Handle,
     /// Parent of every partition's cancellation token.
     pub(crate) cancellation: CancellationToken,
@@ -78,13 +83,15 @@ impl Shared {
         let defer_settings = DeferSettings::from_config(&config);
         let deferred = stores.deferred.filter(|_| defer_settings.enabled);
         let reloader = Reloader::new(&config, bootstrap_servers);
+        let queue_ahead = handler.queue_ahead(config.max_concurrency);
         Arc::new(Self {
             deferred,
             defer_settings,
             reloader,
             waker,
             wakeups,
-            scheduler: Arc::new(Scheduler::new(QosSettings::new(&config))),
+            scheduler: Arc::new(Scheduler::new(QosSettings::new(&config, queue_ahead))),
+            queues_ahead: queue_ahead > 0,
             config,
             handler,
             dead_letters,

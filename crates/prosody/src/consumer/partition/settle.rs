@@ -476,12 +476,13 @@ impl PartitionManager {
         };
         tokio::pin!(handler);
         let timeout = self.shared.config.timeout;
+        let queued = self.shared.queues_ahead.then_some(&call.0);
         // Handler first, and the timer built only when polled: a handler that
         // finishes on its first poll never reads the clock or arms a timer.
         let outcome = tokio::select! {
             biased;
             outcome = &mut handler => outcome,
-            () = async { tokio::time::sleep(timeout).await } => {
+            () = overrun(timeout, queued) => {
                 call.0.cancel();
                 // The handler should stop promptly now; one that ignores cancellation
                 // holds its key until the partition is released and abandons it.
@@ -493,8 +494,8 @@ impl PartitionManager {
                 })
             }
         };
+        let took = running.finish(queued.and_then(Context::started_at));
         drop(call);
-        let took = running.finish();
         if let Some(offset) = offset {
             self.observe_attempt(key, offset, &outcome, took);
         }
@@ -632,5 +633,24 @@ impl PartitionManager {
                 .because(reason)
                 .error(&failure.class, &failure.message)
         });
+    }
+}
+
+/// Waits until a call has run for `timeout`: from now, or for a call its
+/// handler queued (`queued`, see [`crate::EventHandler::queue_ahead`]) from
+/// when the handler started it. A queued call not started yet has not begun
+/// to run, so its timeout has not begun either: it is looked at again a
+/// `timeout` later.
+async fn overrun(timeout: Duration, queued: Option<&Context>) {
+    tokio::time::sleep(timeout).await;
+    let Some(context) = queued else { return };
+    loop {
+        let left = context
+            .started_at()
+            .map_or(timeout, |started| timeout.saturating_sub(started.elapsed()));
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left).await;
     }
 }
