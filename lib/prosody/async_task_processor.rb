@@ -84,6 +84,7 @@ module Prosody
       @traced = false
       @thread = nil
       @watchdog = nil
+      @root = nil # the reactor's main task, once running
       @stopping = false
       @exit_requested = false
       @generation = Native.process_generation
@@ -201,8 +202,19 @@ module Prosody
         ForkedChild.end!(where(message), outcome) if forked?
         # Async::Stop (cancellation) skips the branches above and lands here.
         report(completion, UNFINISHED.equal?(outcome) ? cancelled(message) : outcome)
-        finished_alone unless @pool.dispatching?
+        finished_alone(UNFINISHED.equal?(outcome)) unless @pool.dispatching?
       end
+    end
+
+    # Starts the calls queued for the slots that are free now. Called by the
+    # pool when a call finished outside a batch (its handler had waited), in
+    # that call's worker, so they start at once rather than after the
+    # reactor's next turn.
+    #
+    # @api private
+    # @return [void]
+    def refill
+      @intake.take(@pool.calls_running) { |command| dispatch(@root, command) }
     end
 
     private
@@ -227,6 +239,7 @@ module Prosody
 
     # Takes calls until the intake is closed and drained.
     def serve(root)
+      @root = root
       heartbeat = root.async { |task| beat(task) }
       turned = clock
       until (worked = @intake.take(@pool.calls_running) { |command| dispatch(root, command) }).nil?
@@ -250,12 +263,12 @@ module Prosody
       command.is_a?(Integer) ? cancel_call(root, command) : start_calls(root, command)
     end
 
-    # A call finished outside a batch (resumed after waiting, or stopped): send
-    # its outcome now, and wake the main task, which may have left calls queued
-    # while `max_concurrency` of them were running.
-    def finished_alone
+    # A call finished outside a batch (resumed after waiting, or stopped):
+    # send its outcome now. A stopped call's worker ends without a {#refill}:
+    # wake the main task to start what was queued for its slot.
+    def finished_alone(stopped)
       Native.flush_completions
-      @intake.inbox.wake
+      @intake.inbox.wake if stopped
     end
 
     def start_calls(root, calls)
@@ -345,8 +358,6 @@ module Prosody
                   "handler failed for #{where(message)}: #{error.class}: #{error.message}#{" (#{origin})" if origin}")
     end
 
-    def where(subject)
-      subject.summary
-    end
+    def where(subject) = subject.summary
   end
 end

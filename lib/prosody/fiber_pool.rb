@@ -26,9 +26,10 @@ module Prosody
     NO_CALLS = [].freeze
     private_constant :NO_CALLS
 
-    # @param runner [#perform] `perform(worker, context, completion, message)`
-    #   runs a call (sets `worker.context`) and reports its outcome; a method
-    #   call rather than a block, one frame less per call
+    # @param runner [#perform, #refill] `perform(worker, context, completion, message)`
+    #   runs a call (sets `worker.context`) and reports its outcome, a method
+    #   call rather than a block, one frame less per call; `refill` starts the
+    #   calls waiting for a slot, after a call finished outside {#start}
     def initialize(runner)
       @runner = runner
       @workers = [] # every worker, idle or busy
@@ -102,6 +103,9 @@ module Prosody
         while (index = @next) < @batch.size
           @next = index + STRIDE
           perform(worker, index)
+          # Outside a batch its handler had waited: the calls queued for its
+          # slot start now, not after the main task's next turn.
+          @runner.refill unless @dispatching
           # The call left tasks running: they stay with this task, which retires.
           return if task.children?
         end
