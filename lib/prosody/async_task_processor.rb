@@ -170,9 +170,7 @@ module Prosody
 
     # @param thread [Thread]
     # @return [Boolean] whether `thread` is the processor's own thread
-    def processor_thread?(thread = Thread.current)
-      !@thread.nil? && @thread.equal?(thread)
-    end
+    def processor_thread?(thread = Thread.current) = !@thread.nil? && @thread.equal?(thread)
 
     # Runs one call on `worker`'s fiber and reports its outcome. Called by {FiberPool}.
     #
@@ -215,6 +213,9 @@ module Prosody
     # @return [void]
     def refill
       @intake.take(@pool.calls_running) { |command| dispatch(@root, command) }
+    rescue Exception # rubocop:disable Lint/RescueException -- re-raised once the main task is told
+      @intake.inbox.wake # this worker ends: the main task takes what is queued
+      raise
     end
 
     private
