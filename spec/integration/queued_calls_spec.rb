@@ -9,10 +9,6 @@
 RSpec.describe "calls queued on the processor" do
   let(:topic) { unique_name("queued") }
 
-  def now
-    Process.clock_gettime(Process::CLOCK_MONOTONIC)
-  end
-
   it "runs at most max_concurrency handlers at once" do
     total = 300
     client = mock_consumer(topic, max_concurrency: 4)

@@ -10,10 +10,6 @@
 RSpec.describe "handler timeout" do
   let(:topic) { unique_name("timeout") }
 
-  def now
-    Process.clock_gettime(Process::CLOCK_MONOTONIC)
-  end
-
   it "cancels a handler that sleeps past the timeout" do
     client = mock_consumer(topic, mode: :best_effort, max_retries: 0, timeout: 0.3)
     events = Queue.new

@@ -11,6 +11,9 @@ module ProsodySpec
       "#{prefix}-#{SecureRandom.hex(6)}"
     end
 
+    # @return [Float] seconds on the monotonic clock
+    def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+
     # Polls `condition` until it is truthy; fails the example at the deadline.
     #
     # @param timeout [Numeric] seconds
@@ -18,12 +21,12 @@ module ProsodySpec
     # @param description [String, nil] what was awaited, for the failure message
     # @return [Object] the truthy value
     def wait_for(timeout: 15, interval: 0.01, description: nil)
-      deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
+      deadline = now + timeout
       loop do
         result = yield
         return result if result
 
-        if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+        if now > deadline
           raise RSpec::Expectations::ExpectationNotMetError,
                 "timed out after #{timeout}s waiting for #{description || "the condition"}"
         end
