@@ -29,10 +29,10 @@ require_relative "support/latency"
 require_relative "support/producing"
 require_relative "support/memory"
 
-options = { only: "bcdef", messages: 40_000, producer_messages: nil, backlog: Bench::Memory::BACKLOG }
+options = { only: "bcdef", messages: 100_000, producer_messages: nil, backlog: Bench::Memory::BACKLOG }
 OptionParser.new do |parser|
   parser.on("--only LETTERS", /\A[bcdef]+\z/, "scenarios to run (default bcdef)") { |only| options[:only] = only }
-  parser.on("--messages N", Integer, "messages for the no-op scenario (default 40000)") { |n| options[:messages] = n }
+  parser.on("--messages N", Integer, "messages for the no-op scenario (default 100000)") { |n| options[:messages] = n }
   parser.on("--producer-messages N", Integer, "messages per producer run (default: the core's, else 50000)") do |n|
     options[:producer_messages] = n
   end

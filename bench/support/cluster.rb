@@ -1,12 +1,14 @@
 # frozen_string_literal: true
 
+require "json"
 require "open3"
 
 module Bench
   # Where the Ruby benchmarks run: the mock cluster inside this process, or the
   # broker named by PROSODY_BENCH_BOOTSTRAP. The gem has no admin client, so on
   # a real broker topics are created by the Rust bench's `create-topics`
-  # subcommand (PROSODY_BENCH_BIN, default target/release/prosody-bench).
+  # subcommand (PROSODY_BENCH_BIN, default target/release/prosody-bench), which
+  # also fills (b)'s topic and runs the core's consumer over it (`fill`, `noop-once`).
   class Cluster
     BOOTSTRAP_ENV = "PROSODY_BENCH_BOOTSTRAP"
     LOOPBACK_ENV = "PROSODY_BENCH_LOOPBACK"
@@ -47,6 +49,25 @@ module Bench
       raise "#{@tool} create-topics failed (#{status})" unless status.success?
 
       out.lines.to_h { |line| line.split.then { |name, count| [name, Integer(count)] } }
+    end
+
+    # Fills `topic` with `count` messages like the core's (a): a small JSON
+    # payload over 1000 keys, no headers, produced in full batches (the Rust
+    # bench's `fill`).
+    def fill_like_core(topic, count)
+      _, status = Open3.capture2(@tool, "fill", topic, count.to_s)
+      raise "#{@tool} fill failed (#{status})" unless status.success?
+    end
+
+    # The core's no-op consumer over the first `count` messages of `topic`, by
+    # a new group, in a process of its own (the Rust bench's `noop-once`).
+    #
+    # @return [Array(Float, Float)] messages per second, CPU seconds per 100k
+    def core_noop(topic, count)
+      out, status = Open3.capture2(@tool, "noop-once", topic, count.to_s)
+      raise "#{@tool} noop-once failed (#{status})" unless status.success?
+
+      JSON.parse(out).values_at("msgs_per_sec", "cpu_s_per_100k")
     end
 
     private

@@ -11,6 +11,7 @@
 //! handler end, so joining the consumer group is not counted; scenario (a) reports
 //! the median of three interleaved runs, each by a new group over the same messages.
 
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ use rdkafka::message::Message as _;
 use serde_json::Value;
 
 use crate::allocations::{allocations_now, per_message};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, BOOTSTRAP_ENV};
 use crate::data::{fill, unique, Payload};
 use crate::report::{
     cpu_now, cpu_per_100k, cpu_shown, median, per_second, rate, ratio, round0, round1, round2,
@@ -134,6 +135,68 @@ pub(crate) async fn noop(
         format!("{:+.1}", core_allocations - plain_json_allocations),
     );
     Ok(())
+}
+
+/// `prosody-bench noop-once TOPIC COUNT`: the core's no-op consumer over the
+/// first COUNT messages of TOPIC on the broker of `PROSODY_BENCH_BOOTSTRAP`, by
+/// a new group; prints `{"msgs_per_sec":…,"cpu_s_per_100k":…}`. The Ruby
+/// bench's (b) runs it between its own runs over the same messages, so that
+/// Ruby and the core are compared at the same moments of the machine.
+pub(crate) fn noop_once_command(args: &[String]) -> ExitCode {
+    topic_command("noop-once", args, |cluster, topic, count| async move {
+        let figures = prosody_rate(&cluster, &topic, count, None, &[]).await?;
+        Ok(format!(
+            "{{\"msgs_per_sec\":{},\"cpu_s_per_100k\":{}}}",
+            round0(figures.rate),
+            round2(figures.cpu)
+        ))
+    })
+}
+
+/// `prosody-bench fill TOPIC COUNT`: COUNT messages like (a)'s (a small JSON
+/// payload, 1000 keys, no headers, produced in full batches) into TOPIC on
+/// the broker of `PROSODY_BENCH_BOOTSTRAP`: the Ruby bench's (b) data.
+pub(crate) fn fill_command(args: &[String]) -> ExitCode {
+    topic_command("fill", args, |cluster, topic, count| async move {
+        fill(&cluster, &topic, count, NOOP_KEYS, Payload::Small).await?;
+        Ok(String::new())
+    })
+}
+
+/// Runs `work` for a `TOPIC COUNT` subcommand on the external broker, printing
+/// its output (when there is some) or its error.
+fn topic_command<F, Fut>(name: &str, args: &[String], work: F) -> ExitCode
+where
+    F: FnOnce(Cluster, String, usize) -> Fut,
+    Fut: std::future::Future<Output = BenchResult<String>>,
+{
+    let result = (|| {
+        let [topic, count] = args else {
+            return Err(format!("usage: prosody-bench {name} TOPIC COUNT"));
+        };
+        let count: usize = count
+            .parse()
+            .map_err(|_| format!("`{count}` is not a message count"))?;
+        let cluster = Cluster::new(None);
+        if cluster.is_mock() {
+            return Err(format!(
+                "{BOOTSTRAP_ENV} is not set: the topic lives on the caller's broker"
+            ));
+        }
+        crate::runtime()?.block_on(work(cluster, topic.clone(), count))
+    })();
+    match result {
+        Ok(output) => {
+            if !output.is_empty() {
+                println!("{output}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("prosody-bench {name}: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// (c) a handler awaiting 10 ms, 1 partition, 256 keys.

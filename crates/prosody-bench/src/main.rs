@@ -84,7 +84,9 @@ const USAGE: &str = "usage: prosody-bench [--only LETTERS (default acdefp)] \
        prosody-bench timers --help
        prosody-bench hot-key --help
        prosody-bench loopback [COMMAND ARGS…]   (default COMMAND: this program)
-       prosody-bench create-topics TOPIC:PARTITIONS…";
+       prosody-bench create-topics TOPIC:PARTITIONS…
+       prosody-bench fill TOPIC COUNT        ((a)'s kind of messages, on $PROSODY_BENCH_BOOTSTRAP)
+       prosody-bench noop-once TOPIC COUNT   (the core's no-op consumer once; prints JSON)";
 
 fn parse_args(args: &[String]) -> BenchResult<Options> {
     let mut options = Options {
@@ -155,6 +157,9 @@ fn main() -> ExitCode {
         "hot-key" => return hot_key::main(rest),
         "loopback" => return cluster::loopback(rest.to_vec()),
         "create-topics" => return cluster::create_topics_command(rest),
+        // Internal: the Ruby bench's (b) data, and the core's runs interleaved with its own.
+        "fill" => return consume::fill_command(rest),
+        "noop-once" => return consume::noop_once_command(rest),
         // Internal: the consumer process of scenario (f).
         "memory-child" => runtime().and_then(|runtime| runtime.block_on(memory::child(rest))),
         _ => parse_args(&args)
