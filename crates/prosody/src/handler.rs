@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -204,9 +205,15 @@ struct CallCancellation {
     /// this one is made per call anyway.
     slot: Mutex<Option<Permit>>,
     /// When a handler that queues calls ahead started this one
-    /// ([`Context::start`]): nanoseconds since [`origin`] plus one; 0 until then.
+    /// ([`Context::start`]): nanoseconds since [`origin`] plus one; 0 until
+    /// then, [`ENDED`] once the consumer stopped counting the call unstarted.
     started: AtomicU64,
+    /// The running-handlers gauge the call joins when it starts (a queued call).
+    in_flight: OnceLock<Gauge>,
 }
+
+/// [`CallCancellation::started`] of a call that ended before it started.
+const ENDED: u64 = u64::MAX;
 
 /// The instant [`CallCancellation::started`] counts from.
 fn origin() -> Instant {
@@ -251,6 +258,7 @@ impl Context {
                 token: OnceLock::new(),
                 slot: Mutex::new(None),
                 started: AtomicU64::new(0),
+                in_flight: OnceLock::new(),
             }),
             timers,
             trace_parent: crate::traces::current_traceparent().map(Arc::from),
@@ -295,24 +303,51 @@ impl Context {
     pub fn start(&self) {
         let now = Instant::now();
         // Past u64 nanoseconds after 584 years; saturate rather than wrap.
-        let since = u64::try_from(now.duration_since(origin()).as_nanos()).unwrap_or(u64::MAX - 1);
+        let since = u64::try_from(now.duration_since(origin()).as_nanos()).unwrap_or(ENDED - 2);
         let first = self
             .call
             .started
-            .compare_exchange(0, since + 1, Ordering::Relaxed, Ordering::Relaxed)
+            .compare_exchange(0, since + 1, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if first {
             if let Some(permit) = self.slot().as_mut() {
                 permit.restart();
+            }
+            if let Some(in_flight) = self.call.in_flight.get() {
+                in_flight.inc();
             }
         }
     }
 
     /// When [`start`](Self::start) was first called, if it was.
     pub(crate) fn started_at(&self) -> Option<Instant> {
-        match self.call.started.load(Ordering::Relaxed) {
-            0 => None,
+        Self::instant(self.call.started.load(Ordering::Acquire))
+    }
+
+    fn instant(started: u64) -> Option<Instant> {
+        match started {
+            0 | ENDED => None,
             since => Some(origin() + Duration::from_nanos(since - 1)),
+        }
+    }
+
+    /// Makes [`start`](Self::start) add this call to `in_flight` (a call its
+    /// handler queued, counted as running only once it starts).
+    pub(crate) fn count_running_in(&self, in_flight: &Gauge) {
+        let _ = self.call.in_flight.set(in_flight.clone());
+    }
+
+    /// The call ends for the running-handlers count: when it started, if it
+    /// did (its count is then the caller's to take back); a call not started
+    /// by now is never counted, even if its handler starts it later.
+    pub(crate) fn end_running_count(&self) -> Option<Instant> {
+        match self
+            .call
+            .started
+            .compare_exchange(0, ENDED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => None,
+            Err(started) => Self::instant(started),
         }
     }
 

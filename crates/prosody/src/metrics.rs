@@ -12,7 +12,7 @@
 
 use std::fmt::Write as _;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,6 +21,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
+
+use crate::handler::Context;
 
 use crate::events::{Event, EventKind, Observer};
 use crate::telemetry::Telemetry;
@@ -534,7 +536,23 @@ impl PartitionMetrics {
         self.in_flight.inc();
         HandlerRun {
             partition: self,
-            started: std::time::Instant::now(),
+            started: Instant::now(),
+            queued: None,
+            done: false,
+        }
+    }
+
+    /// Like [`handler_running`](Self::handler_running) for a call its handler
+    /// queues before it runs it ([`crate::EventHandler::queue_ahead`]): it
+    /// counts as running, and its run time, from [`Context::start`] on; a call
+    /// that ends without starting counts for neither.
+    pub(crate) fn handler_queued(&self, context: &Context) -> HandlerRun<'_> {
+        context.count_running_in(&self.in_flight);
+        HandlerRun {
+            partition: self,
+            started: Instant::now(),
+            queued: Some(context.clone()),
+            done: false,
         }
     }
 }
@@ -542,32 +560,42 @@ impl PartitionMetrics {
 /// A running handler attempt; see [`PartitionMetrics::handler_running`].
 pub(crate) struct HandlerRun<'a> {
     partition: &'a PartitionMetrics,
-    started: std::time::Instant,
+    started: Instant,
+    /// The call's context, when its handler queued it.
+    queued: Option<Context>,
+    /// Recorded already (by `finish`).
+    done: bool,
 }
 
 impl HandlerRun<'_> {
-    /// Ends the run now (rather than when dropped) and says how long it took:
-    /// since `started` when the handler started the call later than the run
-    /// began (it queued it, see [`crate::EventHandler::queue_ahead`]).
-    pub(crate) fn finish(self, started: Option<std::time::Instant>) -> Duration {
-        let took = started
-            .map_or(self.started, |started| started.max(self.started))
-            .elapsed();
-        self.record(took);
-        // Recorded: the drop must not count it again.
-        std::mem::forget(self);
-        took
+    /// Ends the run now (rather than when dropped) and says how long it took
+    /// (for a queued call, since it started; zero if it never did).
+    pub(crate) fn finish(mut self) -> Duration {
+        self.done = true;
+        self.record()
     }
 
-    fn record(&self, took: Duration) {
+    fn record(&self) -> Duration {
+        let started = match &self.queued {
+            None => self.started,
+            Some(context) => match context.end_running_count() {
+                Some(started) => started.max(self.started),
+                // Never started: it was not counted, and did not run.
+                None => return Duration::ZERO,
+            },
+        };
+        let took = started.elapsed();
         self.partition.in_flight.dec();
         self.partition.handler_seconds.observe(took.as_secs_f64());
+        took
     }
 }
 
 impl Drop for HandlerRun<'_> {
     fn drop(&mut self) {
-        self.record(self.started.elapsed());
+        if !self.done {
+            self.record();
+        }
     }
 }
 

@@ -27,6 +27,8 @@ struct Queuing {
     /// Per started call: its order, whether it saw its cancellation, how long it ran.
     runs: Mutex<Vec<(usize, bool, Duration)>>,
     work: fn(usize) -> Work,
+    /// Permits for the calls that wait to be released.
+    release: Semaphore,
 }
 
 #[derive(Clone, Copy)]
@@ -34,6 +36,8 @@ enum Work {
     Sleep(Duration),
     /// Waits for its cancellation (at most this long).
     UntilCancelled(Duration),
+    /// Waits for a permit of `release`.
+    UntilReleased,
 }
 
 impl Queuing {
@@ -46,6 +50,7 @@ impl Queuing {
             started: AtomicUsize::new(0),
             runs: Mutex::new(Vec::new()),
             work,
+            release: Semaphore::new(0),
         })
     }
 
@@ -80,6 +85,12 @@ impl EventHandler for Handler {
             Work::UntilCancelled(limit) => {
                 let _ = tokio::time::timeout(limit, context.on_cancel()).await;
             }
+            Work::UntilReleased => queuing
+                .release
+                .acquire()
+                .await
+                .expect("never closed")
+                .forget(),
         }
         lock(&queuing.runs).push((order, context.should_cancel(), began.elapsed()));
         queuing.given.fetch_sub(1, Ordering::SeqCst);
@@ -170,4 +181,37 @@ async fn a_queued_calls_timeout_and_run_time_count_from_its_start() {
         (0.7..1.1).contains(&handler_seconds),
         "handler run time {handler_seconds} s: queued time counted as running?"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_calls_count_as_running_only_once_started() {
+    let topic = support::topic("queue-ahead-gauge", 1);
+    produce(&topic, 3);
+    let queuing = Queuing::new(1, 2, |order| match order {
+        0 => Work::UntilReleased,
+        _ => Work::Sleep(Duration::ZERO),
+    });
+    let client = support::client(
+        support::config(&support::unique("queue-ahead-gauge"), &topic).max_concurrency(1),
+    );
+    client
+        .subscribe(Handler(Arc::clone(&queuing)))
+        .expect("subscribe");
+    let in_flight = || {
+        support::metric_sum(
+            &client.metrics_text(prosody::MetricsFormat::Classic),
+            "prosody_handlers_in_flight",
+            &[],
+        )
+    };
+
+    // The first call holds its slot until released; the other two wait queued.
+    support::wait_until("three calls given", || queuing.most_given() >= 3).await;
+    let while_queued = in_flight();
+    queuing.release.add_permits(1);
+    support::wait_until("every message handled", || queuing.runs().len() >= 3).await;
+    support::wait_until("no call running", || in_flight() == 0.0).await;
+    client.unsubscribe().await.expect("unsubscribe");
+
+    assert_eq!(while_queued, 1.0, "queued calls counted as running");
 }

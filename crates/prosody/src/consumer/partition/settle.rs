@@ -468,7 +468,11 @@ impl PartitionManager {
         let context = Context::new(Arc::clone(&self.calls_cancellation), timers);
         context.hold(permit);
         let call = Lent(context.clone());
-        let running = self.metrics.handler_running();
+        let running = if self.shared.queues_ahead {
+            self.metrics.handler_queued(&context)
+        } else {
+            self.metrics.handler_running()
+        };
         let offset = work.offset();
         let handler = match work {
             Call::Message(message) => self.shared.handler.on_message(context, message),
@@ -494,7 +498,7 @@ impl PartitionManager {
                 })
             }
         };
-        let took = running.finish(queued.and_then(Context::started_at));
+        let took = running.finish();
         drop(call);
         if let Some(offset) = offset {
             self.observe_attempt(key, offset, &outcome, took);
