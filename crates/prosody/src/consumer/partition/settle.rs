@@ -468,10 +468,11 @@ impl PartitionManager {
         let context = Context::new(Arc::clone(&self.calls_cancellation), timers);
         context.hold(permit);
         let call = Lent(context.clone());
-        let running = if self.shared.queues_ahead {
-            self.metrics.handler_queued(&context)
-        } else {
-            self.metrics.handler_running()
+        // A call its handler queues counts (and times out) from its start.
+        let queued = self.shared.queues_ahead.then_some(&call.0);
+        let running = match queued {
+            Some(context) => self.metrics.handler_queued(context),
+            None => self.metrics.handler_running(),
         };
         let offset = work.offset();
         let handler = match work {
@@ -480,7 +481,6 @@ impl PartitionManager {
         };
         tokio::pin!(handler);
         let timeout = self.shared.config.timeout;
-        let queued = self.shared.queues_ahead.then_some(&call.0);
         // Handler first, and the timer built only when polled: a handler that
         // finishes on its first poll never reads the clock or arms a timer.
         let outcome = tokio::select! {
